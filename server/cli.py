@@ -1,0 +1,113 @@
+"""`steer`: try a policy from the shell, build a fixture family, serve a deployment."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _alpha_override(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected PAIR=VALUE, got {text!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha for {name!r} is not a number: {value!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    complete = commands.add_parser("complete", help="complete one prompt under one or more policies")
+    complete.add_argument("--config", required=True, type=Path, help="deployment YAML")
+    complete.add_argument(
+        "--policy", action="append", required=True,
+        help="policy name; repeat to compare policies on one engine",
+    )
+    complete.add_argument(
+        "--alpha", action="append", type=_alpha_override, default=[], metavar="PAIR=VALUE",
+        help="override a pair's alpha (within the policy's max_alpha)",
+    )
+    complete.add_argument("--max-tokens", type=int, default=32)
+    complete.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    complete.add_argument("--seed", type=int, default=None)
+    complete.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
+    complete.add_argument("--json", action="store_true", help="print one JSON object per policy")
+    complete.add_argument("prompt")
+
+    fixtures = commands.add_parser("fixtures", help="build a tiny random model family and its deploy.yaml")
+    fixtures.add_argument("--out", required=True, type=Path)
+    fixtures.add_argument("--family", choices=["llama", "qwen2"], default="llama")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from steering.errors import SteeringError
+
+    try:
+        if args.command == "complete":
+            return asyncio.run(_complete(args))
+        if args.command == "fixtures":
+            return _fixtures(args)
+    except SteeringError as error:
+        print(f"steer: {error}", file=sys.stderr)
+        return 2
+    return 1
+
+
+async def _complete(args) -> int:
+    from vllm import SamplingParams
+
+    from steering.config import load_deployment
+    from steering.engine import SteeringEngine
+
+    deployment = load_deployment(args.config)
+    override = dict(args.alpha)
+    runs = [(name, deployment.policy(name).alpha_for(override, deployment.pair_names)) for name in args.policy]
+    engine = SteeringEngine.start(deployment)
+    try:
+        prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        for name, alpha in runs:
+            output = await engine.complete(prompt, params, alpha=alpha)
+            completion = output.outputs[0]
+            if args.json:
+                print(json.dumps({
+                    "policy": name,
+                    "alpha": alpha,
+                    "text": completion.text,
+                    "token_ids": list(completion.token_ids),
+                    "prompt_token_ids": list(output.prompt_token_ids),
+                    "finish_reason": completion.finish_reason,
+                }))
+            else:
+                shown = ", ".join(f"{pair}={value:g}" for pair, value in alpha.items()) or "unsteered"
+                print(f"[{name}: {shown}]\n{completion.text}\n")
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _fixtures(args) -> int:
+    from steering.fixtures import LLAMA_FAMILY, QWEN2_FAMILY, build_family, write_deployment
+
+    spec = {"llama": LLAMA_FAMILY, "qwen2": QWEN2_FAMILY}[args.family]
+    family = build_family(spec, args.out)
+    path = write_deployment(family, args.out / "deploy.yaml")
+    print(f"wrote the {args.family} fixture family and {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

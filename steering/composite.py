@@ -1,0 +1,194 @@
+"""The composite vLLM model: a frozen base and expert pairs run as one model on the same tokens.
+
+vLLM sees one model. `forward` runs every sub-model (each its own vLLM implementation, with its
+own paged KV cache layers) on the same `input_ids/positions` and concatenates their hidden
+states; `compute_logits` splits them, returns the base logits to the sampler and hands each
+pair's `tuned - untuned` logits to the steering logits processor through `DeltaHandoff`.
+
+Every sub-model runs on every token, always: a prefix-cached block must hold expert KV too.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+from vllm.compilation.backends import set_model_tag
+from vllm.config import VllmConfig
+from vllm.model_executor.models.utils import init_vllm_registered_model
+from vllm.transformers_utils.config import get_config
+
+ARCHITECTURE = "ProxyTunedForCausalLM"
+ROLES = ("tuned", "untuned")
+
+
+@dataclass(frozen=True)
+class ExpertPairSpec:
+    name: str
+    tuned: str
+    untuned: str
+
+
+@dataclass(frozen=True)
+class CompositeSpec:
+    """What the composite is made of; travels to engine processes inside the HF config."""
+
+    base_architectures: tuple[str, ...]
+    pairs: tuple[ExpertPairSpec, ...]
+
+    def hf_overrides(self) -> dict:
+        return {
+            "architectures": [ARCHITECTURE],
+            "proxy_tuning": {
+                "base_architectures": list(self.base_architectures),
+                "pairs": [asdict(pair) for pair in self.pairs],
+            },
+        }
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> CompositeSpec:
+        raw = hf_config.proxy_tuning
+        return cls(
+            base_architectures=tuple(raw["base_architectures"]),
+            pairs=tuple(ExpertPairSpec(**pair) for pair in raw["pairs"]),
+        )
+
+    @property
+    def pair_names(self) -> tuple[str, ...]:
+        return tuple(pair.name for pair in self.pairs)
+
+
+class DeltaHandoff:
+    """Carries expert deltas from `compute_logits` to the logits processor of the same step.
+
+    vLLM gives the logits processor no reference to the model, and both live in the same
+    worker process, so a per-process slot is the channel. `take` empties it: a processor call
+    that finds no fresh deltas of the right height fails loudly instead of steering with stale
+    or missing ones.
+    """
+
+    def __init__(self) -> None:
+        self._deltas: torch.Tensor | None = None
+
+    def put(self, deltas: torch.Tensor) -> None:
+        self._deltas = deltas  # [P, N, V]
+
+    def take(self, num_rows: int) -> torch.Tensor:
+        deltas, self._deltas = self._deltas, None
+        if deltas is None or deltas.shape[1] != num_rows:
+            got = "none" if deltas is None else f"{deltas.shape[1]} rows"
+            raise RuntimeError(f"steering deltas out of step with the sampler: want {num_rows} rows, got {got}")
+        return deltas
+
+
+HANDOFF = DeltaHandoff()
+
+
+def _sub_model(vllm_config: VllmConfig, hf_config, name: str, architectures: list[str]) -> nn.Module:
+    # A distinct model tag per sub-model keeps torch.compile caches from colliding.
+    with set_model_tag(name):
+        return init_vllm_registered_model(
+            vllm_config, hf_config=hf_config, prefix=name, architectures=architectures
+        )
+
+
+def _text_config(hf_config):
+    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
+
+
+class ProxyTunedForCausalLM(nn.Module):
+    """`base` plus `experts.<pair>.tuned/untuned`, each built with its own architecture's class."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
+        super().__init__()
+        hf_config = vllm_config.model_config.hf_config
+        self.spec = CompositeSpec.from_hf_config(hf_config)
+        base_config = hf_config
+        self.base = _sub_model(vllm_config, base_config, "base", list(self.spec.base_architectures))
+        self.experts = nn.ModuleDict()
+        expert_configs = {}
+        for pair in self.spec.pairs:
+            self.experts[pair.name] = nn.ModuleDict()
+            for role, path in (("tuned", pair.tuned), ("untuned", pair.untuned)):
+                config = get_config(path, trust_remote_code=False)
+                expert_configs[(pair.name, role)] = config
+                self.experts[pair.name][role] = _sub_model(
+                    vllm_config, config, f"experts.{pair.name}.{role}", config.architectures
+                )
+        self.vocab_size = _text_config(base_config).vocab_size
+        # [H_base, H_tuned_0, H_untuned_0, ...]: widths of the concatenated hidden states.
+        self.hidden_widths = [_text_config(base_config).hidden_size] + [
+            _text_config(expert_configs[(pair.name, role)]).hidden_size
+            for pair in self.spec.pairs
+            for role in ("tuned", "untuned")
+        ]
+        # The base checkpoint is vLLM's primary weight source; experts load from their own folders.
+        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+        self.secondary_weights = [
+            DefaultModelLoader.Source(path, revision=None, prefix=f"experts.{pair.name}.{role}.")
+            for pair in self.spec.pairs
+            for role, path in (("tuned", pair.tuned), ("untuned", pair.untuned))
+        ]
+
+    def _sub_models(self) -> list[nn.Module]:
+        return [self.base] + [
+            self.experts[pair.name][role]
+            for pair in self.spec.pairs
+            for role in ("tuned", "untuned")
+        ]
+
+    def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("proxy-tuning runs every sub-model on token ids, not embeddings")
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None,
+        positions: torch.Tensor,
+        intermediate_tensors=None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if inputs_embeds is not None or intermediate_tensors is not None:
+            raise NotImplementedError("proxy-tuning supports neither prompt embeddings nor pipeline parallelism")
+        # input_ids, positions: [T] -> hidden: [T, sum(hidden_widths)]
+        return torch.cat([model(input_ids, positions) for model in self._sub_models()], dim=-1)
+
+    def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # hidden_states: [N, sum(hidden_widths)] -> base logits [N, V]; deltas [P, N, V] handed off.
+        parts = hidden_states.split(self.hidden_widths, dim=-1)
+        models = self._sub_models()
+        base_logits = models[0].compute_logits(parts[0])
+        deltas = [
+            _fit_vocab(tuned.compute_logits(h_tuned), self.vocab_size)
+            - _fit_vocab(untuned.compute_logits(h_untuned), self.vocab_size)
+            for tuned, untuned, h_tuned, h_untuned in zip(
+                models[1::2], models[2::2], parts[1::2], parts[2::2]
+            )
+        ]
+        HANDOFF.put(torch.stack(deltas) if deltas else base_logits.new_zeros(0, *base_logits.shape))
+        return base_logits
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Route each source's weights to its sub-model; sources arrive one after another."""
+        loaded: set[str] = set()
+        for prefix, group in itertools.groupby(weights, key=lambda item: self._route(item[0])):
+            model = self.get_submodule(prefix.rstrip("."))
+            names = model.load_weights((name.removeprefix(prefix), tensor) for name, tensor in group)
+            loaded |= {prefix + name for name in names}
+        return loaded
+
+    def _route(self, name: str) -> str:
+        if name.startswith("experts."):
+            return ".".join(name.split(".")[:3]) + "."
+        return "base."
+
+
+def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Slice padded expert vocabularies to the base's (or zero-pad a shorter one)."""
+    if logits.shape[-1] >= vocab_size:
+        return logits[..., :vocab_size]
+    return torch.nn.functional.pad(logits, (0, vocab_size - logits.shape[-1]))
+

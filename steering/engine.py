@@ -1,0 +1,135 @@
+"""The engine facade: one vLLM `AsyncLLM` running the composite model, steered per request."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+
+from transformers import AutoConfig, AutoTokenizer
+from vllm import SamplingParams
+from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.outputs import RequestOutput
+from vllm.v1.engine.async_llm import AsyncLLM
+
+from steering.composite import CompositeSpec, ExpertPairSpec
+from steering.config import Deployment
+from steering.errors import InvalidRequest, InvalidSteering
+from steering.logits import ALPHA_KEY
+
+V1_PROCESSOR = "steering.logits:AlphaLogitsProcessor"
+V2_PROCESSOR = "steering.logits:AlphaLogitsProcessorV2"
+
+
+def composite_spec(deployment: Deployment) -> CompositeSpec:
+    base_architectures = AutoConfig.from_pretrained(deployment.base).architectures
+    return CompositeSpec(
+        base_architectures=tuple(base_architectures),
+        pairs=tuple(
+            ExpertPairSpec(name, pair.tuned, pair.untuned) for name, pair in deployment.experts.items()
+        ),
+    )
+
+
+def engine_args(deployment: Deployment) -> AsyncEngineArgs:
+    """vLLM engine arguments: the base checkpoint as the primary model, the composite on top.
+
+    Logprobs are `processed_logprobs`: taken after the steering processor, so they describe the
+    steered distribution (at the request's temperature, after top-k/top-p).
+    """
+    options = {"disable_log_stats": True, **deployment.engine.engine_kwargs()}
+    return AsyncEngineArgs(
+        model=deployment.base,
+        hf_overrides=composite_spec(deployment).hf_overrides(),
+        logprobs_mode="processed_logprobs",
+        **options,
+    )
+
+
+def pin_model_runner() -> None:
+    """Use vLLM's V1 model runner unless the operator chose otherwise.
+
+    The V2 processor class exists but has only been checked where a GPU was lent; CPUs run V1
+    anyway (Model Runner V2 needs Triton).
+    """
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+
+
+class SteeringEngine:
+    """Async generation with per-request alphas over one deployment."""
+
+    def __init__(self, deployment: Deployment, llm: AsyncLLM):
+        self.deployment = deployment
+        self.llm = llm
+        self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
+        self.max_model_len: int = llm.model_config.max_model_len
+
+    @classmethod
+    def start(cls, deployment: Deployment) -> SteeringEngine:
+        """Build the composite engine (spawns vLLM's engine processes; takes tens of seconds)."""
+        pin_model_runner()
+        args = engine_args(deployment)
+        vllm_config = args.create_engine_config()
+        processor = V2_PROCESSOR if vllm_config.use_v2_model_runner else V1_PROCESSOR
+        vllm_config.model_config.logits_processors = [processor]
+        return cls(deployment, AsyncLLM.from_vllm_config(vllm_config))
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text)
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the base tokenizer's chat template."""
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        *,
+        alpha: Mapping[str, float],
+        request_id: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream outputs of one request; `alpha` maps pair name to weight (absent pairs: 0)."""
+        unknown = set(alpha) - set(self.deployment.pair_names)
+        if unknown:
+            raise InvalidSteering(f"unknown expert pair(s) {sorted(unknown)}", param="steering.alpha")
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        self._check_length(prompt_ids, params)
+        params = params.clone()
+        params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: dict(alpha)}
+        async for output in self.llm.generate(
+            {"prompt_token_ids": prompt_ids}, params, request_id or uuid.uuid4().hex
+        ):
+            yield output
+
+    async def complete(
+        self, prompt: str | Sequence[int], params: SamplingParams, *, alpha: Mapping[str, float]
+    ) -> RequestOutput:
+        """The finished output of one request."""
+        final = None
+        async for final in self.generate(prompt, params, alpha=alpha):
+            pass
+        return final
+
+    def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        if not prompt_ids:
+            raise InvalidRequest("the prompt is empty", param="prompt")
+        room = self.max_model_len - len(prompt_ids)
+        if room <= 0:
+            raise InvalidRequest(
+                f"the prompt has {len(prompt_ids)} tokens; this model's context is {self.max_model_len}",
+                param="prompt",
+            )
+        if params.max_tokens is not None and params.max_tokens > room:
+            raise InvalidRequest(
+                f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed "
+                f"the context of {self.max_model_len}",
+                param="max_tokens",
+            )
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return self.llm.get_num_unfinished_requests()
+
+    def shutdown(self) -> None:
+        self.llm.shutdown()

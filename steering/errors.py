@@ -1,0 +1,45 @@
+"""One error hierarchy for the steering library; the server maps it to HTTP once.
+
+    SteeringError
+    ├── ConfigError              bad deployment config, found at start-up (names the field)
+    └── RequestError             a request that must not be served as asked
+        ├── UnknownPolicy        `model` names no policy
+        ├── InvalidSteering      an unknown pair or field, a non-finite or out-of-bounds value
+        └── InvalidRequest       bad generation input (e.g. longer than the context)
+"""
+
+from __future__ import annotations
+
+
+class SteeringError(Exception):
+    """Base of every error this library raises on purpose."""
+
+
+class ConfigError(SteeringError):
+    """The deployment config is unusable; `field` is its dotted path, e.g. `policies.chat.alpha`."""
+
+    def __init__(self, field: str, reason: str):
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+class RequestError(SteeringError):
+    """A request asked for something this deployment must refuse; `param` names the input."""
+
+    def __init__(self, message: str, *, param: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class UnknownPolicy(RequestError):
+    """The requested policy (the OpenAI `model`) does not exist."""
+
+
+class InvalidSteering(RequestError):
+    """A steering override names an unknown pair or field, or a value outside the policy's bounds."""
+
+
+class InvalidRequest(RequestError):
+    """Generation input the engine cannot serve (e.g. longer than the context)."""

@@ -1,0 +1,117 @@
+"""Live engines shared across the engine tests: few start-ups, each reused by many tests."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Mapping, Sequence
+
+import pytest
+from vllm import SamplingParams
+
+from steering.config import parse_deployment
+from steering.engine import SteeringEngine
+from steering.reference import ReferenceSteerer
+
+
+class LiveEngine:
+    """A `SteeringEngine` on its own event-loop thread, driven synchronously by tests."""
+
+    def __init__(self, config: dict):
+        self.deployment = parse_deployment(config)
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.engine: SteeringEngine = self.run(self._start())
+
+    async def _start(self) -> SteeringEngine:
+        return SteeringEngine.start(self.deployment)
+
+    def run(self, coro, timeout: float = 600):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def outputs(self, prompts: Sequence, alphas: Sequence[Mapping[str, float]], params: SamplingParams):
+        """Final RequestOutputs of requests submitted together (one batch in the engine)."""
+
+        async def gather():
+            return await asyncio.gather(
+                *(self.engine.complete(p, params, alpha=a) for p, a in zip(prompts, alphas))
+            )
+
+        return self.run(gather())
+
+    def greedy(self, prompts, alphas, max_tokens: int = 24) -> list[list[int]]:
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+        return [list(o.outputs[0].token_ids) for o in self.outputs(prompts, alphas, params)]
+
+    def close(self) -> None:
+        self.run(self._shutdown())
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(timeout=30)
+
+    async def _shutdown(self) -> None:
+        self.engine.shutdown()
+        pending = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+def _config(family: dict, **engine) -> dict:
+    return {
+        "base": family["base"],
+        "experts": family["experts"],
+        "policies": {"base": {}},
+        "engine": {"dtype": "float32", "max_model_len": 256, **engine},
+    }
+
+
+@pytest.fixture(scope="session")
+def llama_engine(llama_family):
+    """vLLM's default (compiled) path, prefix caching, and chunked prefill in 32-token chunks."""
+    engine = LiveEngine(
+        _config(llama_family, enable_prefix_caching=True, max_num_batched_tokens=32, block_size=32)
+    )
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def qwen2_engine(qwen2_family):
+    engine = LiveEngine(_config(qwen2_family, enforce_eager=True))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="session")
+def tight_engine(llama_family):
+    """A KV cache of 8 blocks x 32 tokens: a handful of concurrent requests forces preemption."""
+    engine = LiveEngine(
+        _config(
+            llama_family,
+            enforce_eager=True,
+            max_model_len=128,
+            block_size=32,
+            num_gpu_blocks_override=8,
+            max_num_batched_tokens=64,
+            disable_log_stats=False,
+        )
+    )
+    yield engine
+    engine.close()
+
+
+def _reference(family: dict) -> ReferenceSteerer:
+    return ReferenceSteerer(
+        family["base"], {name: (p["tuned"], p["untuned"]) for name, p in family["experts"].items()}
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_reference(llama_family) -> ReferenceSteerer:
+    return _reference(llama_family)
+
+
+@pytest.fixture(scope="session")
+def qwen2_reference(qwen2_family) -> ReferenceSteerer:
+    return _reference(qwen2_family)

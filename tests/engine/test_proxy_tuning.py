@@ -1,0 +1,141 @@
+"""The vLLM composite path against the transformers reference: greedy tokens equal, float32."""
+
+from __future__ import annotations
+
+import pytest
+from vllm import SamplingParams
+from vllm.sampling_params import RequestOutputKind
+
+from steering.errors import InvalidRequest, InvalidSteering
+
+TEXTS = [
+    "the model answers the question",
+    "every cat reads a long story before noon.",
+    "our team",
+]
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    return [tokenizer.encode(text) for text in TEXTS]
+
+
+def long_prompt(tokenizer, repeats: int) -> list[int]:
+    """Longer than the 32-token prefill budget of `llama_engine`: it is prefilled in chunks."""
+    return tokenizer.encode(" ".join(["the moon paints green tea in silence."] * repeats))
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 2.5, -1.0])
+def test_alpha_matches_reference(llama_engine, llama_reference, tokenizer, alpha):
+    batch = prompts(tokenizer)
+    alphas = [{"chat": alpha}] * len(batch)
+    got = llama_engine.greedy(batch, alphas)
+    assert got == llama_reference.generate(batch, alphas, max_tokens=24)
+    if alpha != 0.0:
+        assert got != llama_engine.greedy(batch, [{}] * len(batch)), "steering changed nothing"
+
+
+def test_two_pairs_with_different_alphas(llama_engine, llama_reference, tokenizer):
+    batch = prompts(tokenizer)
+    alphas = [{"chat": 1.5, "code": -0.5}] * len(batch)
+    got = llama_engine.greedy(batch, alphas)
+    assert got == llama_reference.generate(batch, alphas, max_tokens=24)
+    assert got != llama_engine.greedy(batch, [{"chat": 1.5}] * len(batch)), "the second pair did nothing"
+
+
+def test_mixed_batch_each_request_its_own_alpha(llama_engine, llama_reference, tokenizer):
+    batch = prompts(tokenizer) * 2
+    alphas = [{}, {"chat": 1.0}, {"code": 2.5}, {"chat": -1.0, "code": 1.0}, {"chat": 0.0}, {"chat": 2.5}]
+    got = llama_engine.greedy(batch, alphas)
+    assert got == llama_reference.generate(batch, alphas, max_tokens=24)
+    # The same prompt under different alphas in one batch must not share a steering row.
+    assert got[0] != got[3]
+
+
+def test_qwen2_base_with_llama_experts(qwen2_engine, qwen2_reference, tokenizer):
+    batch = prompts(tokenizer)
+    alphas = [{}, {"chat": 1.0}, {"chat": 2.5}]
+    got = qwen2_engine.greedy(batch, alphas)
+    assert got == qwen2_reference.generate(batch, alphas, max_tokens=24)
+    assert got[2] != qwen2_engine.greedy(batch[2:], [{}])[0]
+
+
+def test_chunked_prefill(llama_engine, llama_reference, tokenizer):
+    batch = [long_prompt(tokenizer, 6), long_prompt(tokenizer, 9)]
+    assert all(len(p) > 32 for p in batch)
+    alphas = [{"chat": 2.5}, {"code": -1.0}]
+    assert llama_engine.greedy(batch, alphas) == llama_reference.generate(batch, alphas, max_tokens=24)
+
+
+def test_prefix_cache_hit_serves_other_alphas(llama_engine, llama_reference, tokenizer):
+    """Prompt KV is alpha-independent, so a cached prefix must steer correctly under new alphas."""
+    prompt = long_prompt(tokenizer, 12)
+    params = SamplingParams(max_tokens=16, temperature=0.0)
+    for alpha in ({}, {"chat": 2.5}, {"chat": -1.0, "code": 1.0}):
+        (output,) = llama_engine.outputs([prompt], [alpha], params)
+        assert list(output.outputs[0].token_ids) == llama_reference.generate([prompt], [alpha], max_tokens=16)[0]
+    assert output.num_cached_tokens > 0, "the repeated prompt did not hit the prefix cache"
+
+
+def test_preemption_keeps_steering(tight_engine, llama_reference, tokenizer):
+    from vllm.v1.metrics.reader import Counter, get_metrics_snapshot
+
+    def preemptions() -> float:
+        return sum(m.value for m in get_metrics_snapshot() if isinstance(m, Counter) and m.name == "vllm:num_preemptions")
+
+    before = preemptions()
+    batch = [long_prompt(tokenizer, 2)[: 20 + 3 * i] for i in range(8)]
+    alphas = [{"chat": (i % 4) - 1.0, "code": 0.5 * (i % 3)} for i in range(8)]
+    got = tight_engine.greedy(batch, alphas, max_tokens=48)
+    assert preemptions() > before, "the tight KV cache forced no preemption"
+    assert got == llama_reference.generate(batch, alphas, max_tokens=48)
+
+
+def test_seeded_sampling_is_reproducible(llama_engine, tokenizer):
+    batch = prompts(tokenizer)
+    alphas = [{"chat": 1.0}] * len(batch)
+
+    def sample(seed: int, alpha=alphas):
+        params = SamplingParams(max_tokens=24, temperature=1.0, seed=seed)
+        return [list(o.outputs[0].token_ids) for o in llama_engine.outputs(batch, alpha, params)]
+
+    first = sample(7)
+    assert sample(7) == first
+    assert sample(8) != first
+    assert sample(7, [{}] * len(batch)) != first, "sampling ignored the alpha"
+
+
+def test_logprobs_are_of_the_steered_distribution(llama_engine, llama_reference, tokenizer):
+    prompt = prompts(tokenizer)[0]
+    alpha = {"chat": 2.5, "code": 1.0}
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    (output,) = llama_engine.outputs([prompt], [alpha], params)
+    logprobs = output.outputs[0].logprobs[0]
+    want = llama_reference.next_token_logprobs([prompt], [alpha])[0]
+    assert len(logprobs) >= 5
+    for token_id, logprob in logprobs.items():
+        assert logprob.logprob == pytest.approx(want[token_id].item(), abs=1e-4)
+
+
+def test_streamed_deltas_add_up(llama_engine, llama_reference, tokenizer):
+    prompt = prompts(tokenizer)[1]
+    alpha = {"chat": 2.5}
+    params = SamplingParams(max_tokens=12, temperature=0.0, output_kind=RequestOutputKind.DELTA)
+
+    async def stream():
+        return [list(o.outputs[0].token_ids) async for o in llama_engine.engine.generate(prompt, params, alpha=alpha)]
+
+    chunks = llama_engine.run(stream())
+    assert len(chunks) > 1
+    assert sum(chunks, []) == llama_reference.generate([prompt], [alpha], max_tokens=12)[0]
+
+
+def test_unknown_pair_is_refused(llama_engine, tokenizer):
+    with pytest.raises(InvalidSteering, match="unknown expert pair"):
+        llama_engine.greedy(prompts(tokenizer)[:1], [{"poetry": 1.0}])
+
+
+def test_prompt_beyond_context_is_refused(llama_engine):
+    with pytest.raises(InvalidRequest, match="context"):
+        llama_engine.greedy([[5] * 300], [{}])
+    with pytest.raises(InvalidRequest, match="max_tokens"):
+        llama_engine.greedy([[5] * 200], [{}], max_tokens=100)
