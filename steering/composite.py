@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from vllm.compilation.backends import set_model_tag
 from vllm.config import VllmConfig
+from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model
 from vllm.transformers_utils.config import get_config
 
@@ -60,6 +61,11 @@ class CompositeSpec:
     def pair_names(self) -> tuple[str, ...]:
         return tuple(pair.name for pair in self.pairs)
 
+    @property
+    def expert_checkpoints(self) -> list[tuple[str, str]]:
+        """(module name, checkpoint path) of every expert model: pair by pair, tuned first."""
+        return [(f"experts.{pair.name}.{role}", getattr(pair, role)) for pair in self.pairs for role in ROLES]
+
 
 class DeltaHandoff:
     """Carries expert deltas from `compute_logits` to the logits processor of the same step.
@@ -95,10 +101,6 @@ def _sub_model(vllm_config: VllmConfig, hf_config, name: str, architectures: lis
         )
 
 
-def _text_config(hf_config):
-    return hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
-
-
 class ProxyTunedForCausalLM(nn.Module):
     """`base` plus `experts.<pair>.tuned/untuned`, each built with its own architecture's class."""
 
@@ -106,40 +108,24 @@ class ProxyTunedForCausalLM(nn.Module):
         super().__init__()
         hf_config = vllm_config.model_config.hf_config
         self.spec = CompositeSpec.from_hf_config(hf_config)
-        base_config = hf_config
-        self.base = _sub_model(vllm_config, base_config, "base", list(self.spec.base_architectures))
-        self.experts = nn.ModuleDict()
-        expert_configs = {}
-        for pair in self.spec.pairs:
-            self.experts[pair.name] = nn.ModuleDict()
-            for role, path in (("tuned", pair.tuned), ("untuned", pair.untuned)):
-                config = get_config(path, trust_remote_code=False)
-                expert_configs[(pair.name, role)] = config
-                self.experts[pair.name][role] = _sub_model(
-                    vllm_config, config, f"experts.{pair.name}.{role}", config.architectures
-                )
-        self.vocab_size = _text_config(base_config).vocab_size
+        self.vocab_size = hf_config.get_text_config().vocab_size
+        self.base = _sub_model(vllm_config, hf_config, "base", list(self.spec.base_architectures))
+        self.experts = nn.ModuleDict({pair.name: nn.ModuleDict() for pair in self.spec.pairs})
         # [H_base, H_tuned_0, H_untuned_0, ...]: widths of the concatenated hidden states.
-        self.hidden_widths = [_text_config(base_config).hidden_size] + [
-            _text_config(expert_configs[(pair.name, role)]).hidden_size
-            for pair in self.spec.pairs
-            for role in ("tuned", "untuned")
-        ]
+        self.hidden_widths = [hf_config.get_text_config().hidden_size]
+        for module_name, path in self.spec.expert_checkpoints:
+            config = get_config(path, trust_remote_code=False)
+            _, pair, role = module_name.split(".")
+            self.experts[pair][role] = _sub_model(vllm_config, config, module_name, config.architectures)
+            self.hidden_widths.append(config.get_text_config().hidden_size)
         # The base checkpoint is vLLM's primary weight source; experts load from their own folders.
-        from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-
         self.secondary_weights = [
-            DefaultModelLoader.Source(path, revision=None, prefix=f"experts.{pair.name}.{role}.")
-            for pair in self.spec.pairs
-            for role, path in (("tuned", pair.tuned), ("untuned", pair.untuned))
+            DefaultModelLoader.Source(path, revision=None, prefix=f"{module_name}.")
+            for module_name, path in self.spec.expert_checkpoints
         ]
 
     def _sub_models(self) -> list[nn.Module]:
-        return [self.base] + [
-            self.experts[pair.name][role]
-            for pair in self.spec.pairs
-            for role in ("tuned", "untuned")
-        ]
+        return [self.base] + [self.get_submodule(name) for name, _ in self.spec.expert_checkpoints]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("proxy-tuning runs every sub-model on token ids, not embeddings")

@@ -174,50 +174,45 @@ def load_deployment(path: str | Path) -> Deployment:
 
 def check_checkpoints(deployment: Deployment) -> None:
     """Every checkpoint loads, its architecture runs in vLLM, and experts share the base's tokenizer."""
-    base_vocab = _tokenizer_vocab("base", deployment.base)
-    _check_architecture("base", deployment.base)
+    base_vocab = _open_checkpoint("base", deployment.base)
     for name, pair in deployment.experts.items():
         for role in ("tuned", "untuned"):
-            field, path = f"experts.{name}.{role}", getattr(pair, role)
-            _check_architecture(field, path)
-            _compare_vocab(field, _tokenizer_vocab(field, path), base_vocab)
+            field = f"experts.{name}.{role}"
+            _compare_vocab(field, _open_checkpoint(field, getattr(pair, role)), base_vocab)
 
 
-def _check_architecture(field: str, path: str) -> None:
-    from transformers import AutoConfig
+def _open_checkpoint(field: str, path: str) -> dict[str, int]:
+    """Check that `path` holds a vLLM-supported model; return its tokenizer's vocabulary."""
+    from transformers import AutoConfig, AutoTokenizer
     from vllm import ModelRegistry
-
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise ConfigError(field, f"cannot load a model config from {path!r}: {error}") from None
-    architectures = getattr(config, "architectures", None) or []
-    supported = set(ModelRegistry.get_supported_archs())
-    if not any(arch in supported for arch in architectures):
-        raise ConfigError(field, f"architecture {architectures} of {path!r} is not supported by vLLM")
-
-
-def _tokenizer_vocab(field: str, path: str) -> dict[str, int]:
-    from transformers import AutoTokenizer
 
     if not Path(path).exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", path):
         raise ConfigError(field, f"path {path!r} does not exist")
     try:
-        return AutoTokenizer.from_pretrained(path).get_vocab()
+        config = AutoConfig.from_pretrained(path)
+        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
     except (OSError, ValueError) as error:
-        raise ConfigError(field, f"cannot load a tokenizer from {path!r}: {error}") from None
+        raise ConfigError(field, f"cannot load a model and tokenizer from {path!r}: {error}") from None
+    architectures = getattr(config, "architectures", None) or []
+    if not set(architectures) & set(ModelRegistry.get_supported_archs()):
+        raise ConfigError(field, f"architecture {architectures} of {path!r} is not supported by vLLM")
+    return vocab
 
 
 def _compare_vocab(field: str, vocab: dict[str, int], base_vocab: dict[str, int]) -> None:
-    if vocab == base_vocab:
-        return
-    differing = sorted(set(vocab.items()) ^ set(base_vocab.items()), key=lambda item: item[1])
-    token, index = differing[0]
-    raise ConfigError(
-        field,
-        f"tokenizer differs from the base's ({len(vocab)} vs {len(base_vocab)} tokens; "
-        f"first difference at id {index}: {token!r}); proxy-tuning needs a shared vocabulary",
+    """Every base token must mean the same id to the expert; extra expert tokens are sliced away."""
+    differing = sorted(
+        ((token, index) for token, index in base_vocab.items() if vocab.get(token) != index),
+        key=lambda item: item[1],
     )
+    if differing:
+        token, index = differing[0]
+        raise ConfigError(
+            field,
+            f"tokenizer differs from the base's ({len(differing)} of the base's {len(base_vocab)} "
+            f"tokens differ, first {token!r} (id {index}) -> {vocab.get(token)}); "
+            "proxy-tuning needs a shared vocabulary",
+        )
 
 
 def _config_error(error: ValidationError) -> ConfigError:

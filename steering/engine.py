@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -10,6 +11,7 @@ from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.outputs import RequestOutput
+from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from steering.composite import CompositeSpec, ExpertPairSpec
@@ -97,9 +99,9 @@ class SteeringEngine:
         self._check_length(prompt_ids, params)
         params = params.clone()
         params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: dict(alpha)}
-        async for output in self.llm.generate(
-            {"prompt_token_ids": prompt_ids}, params, request_id or uuid.uuid4().hex
-        ):
+        parsed = parse_model_prompt(self.llm.model_config, {"prompt_token_ids": prompt_ids})
+        (engine_input,) = self.llm.renderer.render_cmpl([parsed])
+        async for output in self.llm.generate(engine_input, params, request_id or uuid.uuid4().hex):
             yield output
 
     async def complete(
@@ -133,3 +135,7 @@ class SteeringEngine:
 
     def shutdown(self) -> None:
         self.llm.shutdown()
+        # AsyncLLM sits in reference cycles; collect it now, not during interpreter teardown,
+        # where its __del__ would call shutdown again with module globals already gone.
+        del self.llm
+        gc.collect()

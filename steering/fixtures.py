@@ -27,7 +27,7 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
-SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
 
 _SUBJECTS = ["the model", "a river", "my friend", "the server", "every cat", "our team", "the moon"]
 _VERBS = ["answers", "reads", "builds", "follows", "decodes", "paints", "measures", "steers"]
@@ -62,7 +62,8 @@ def train_tokenizer(vocab_size: int = 512, *, lowercase_only: bool = False) -> P
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
-        additional_special_tokens=SPECIAL_TOKENS[3:],
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
     )
     tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
@@ -123,7 +124,7 @@ QWEN2_FAMILY = FamilySpec(
 )
 
 
-def _save_model(shape: Shape, tokenizer, path: Path, seed: int, *, start: Path | None = None,
+def save_model(shape: Shape, tokenizer, path: Path, seed: int, *, start: Path | None = None,
                 noise: float = 0.0) -> None:
     torch.manual_seed(seed)
     if start is None:
@@ -146,12 +147,12 @@ def build_family(spec: FamilySpec, root: Path, *, tokenizer=None) -> dict:
     tokenizer = tokenizer or train_tokenizer()
     seeds = itertools.count(spec.seed * 1000)
     base = root / "base"
-    _save_model(spec.base, tokenizer, base, next(seeds))
+    save_model(spec.base, tokenizer, base, next(seeds))
     experts = {}
     for name, shape in spec.experts.items():
         untuned, tuned = root / f"{name}-untuned", root / f"{name}-tuned"
-        _save_model(shape, tokenizer, untuned, next(seeds))
-        _save_model(shape, tokenizer, tuned, next(seeds), start=untuned, noise=0.1)
+        save_model(shape, tokenizer, untuned, next(seeds))
+        save_model(shape, tokenizer, tuned, next(seeds), start=untuned, noise=0.1)
         experts[name] = {"tuned": str(tuned), "untuned": str(untuned)}
     family = {"base": str(base), "experts": experts}
     (root / "family.json").write_text(json.dumps(family, indent=2))
