@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams
 from vllm.engine.arg_utils import AsyncEngineArgs
+from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
 from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -96,13 +97,20 @@ class SteeringEngine:
         if unknown:
             raise InvalidSteering(f"unknown expert pair(s) {sorted(unknown)}", param="steering.alpha")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self._check_length(prompt_ids, params)
+        self.check_request(prompt_ids, params)
         params = params.clone()
         params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: dict(alpha)}
         parsed = parse_model_prompt(self.llm.model_config, {"prompt_token_ids": prompt_ids})
         (engine_input,) = self.llm.renderer.render_cmpl([parsed])
-        async for output in self.llm.generate(engine_input, params, request_id or uuid.uuid4().hex):
-            yield output
+        stream = self.llm.generate(engine_input, params, request_id or uuid.uuid4().hex)
+        try:
+            async for output in stream:
+                yield output
+        except VLLMClientError as error:
+            raise InvalidRequest(str(error), param=getattr(error, "parameter", None)) from None
+        finally:
+            # Closing vLLM's generator is what aborts the request when our caller goes away.
+            await stream.aclose()
 
     async def complete(
         self, prompt: str | Sequence[int], params: SamplingParams, *, alpha: Mapping[str, float]
@@ -113,7 +121,8 @@ class SteeringEngine:
             pass
         return final
 
-    def _check_length(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Refuse a prompt that leaves no room in the context, or a max_tokens that overflows it."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         room = self.max_model_len - len(prompt_ids)

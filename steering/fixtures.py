@@ -47,12 +47,9 @@ def train_tokenizer(vocab_size: int = 512, *, lowercase_only: bool = False) -> P
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
+    # Only the corpus's own (ASCII) characters, no full byte alphabet: every token then decodes
+    # to whole characters, so streamed and one-shot detokenization agree on random outputs.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
     text = corpus()
     if lowercase_only:
         text = [line.replace(" ", "") for line in text]
@@ -168,7 +165,7 @@ def write_deployment(family: dict, path: Path, *, engine: dict | None = None) ->
         "base": family["base"],
         "experts": family["experts"],
         "policies": policies,
-        "engine": {"dtype": "float32", "max_model_len": 512, **(engine or {})},
+        "engine": {"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.1, **(engine or {})},
     }
     path = Path(path)
     path.write_text(yaml.safe_dump(config, sort_keys=False))

@@ -9,6 +9,7 @@ import pytest
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from steering.fixtures import LLAMA_FAMILY, QWEN2_FAMILY, build_family, train_tokenizer  # noqa: E402
+from steering.reference import ReferenceSteerer  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,22 @@ def llama_family(tmp_path_factory, tokenizer) -> dict:
 def qwen2_family(tmp_path_factory, tokenizer) -> dict:
     """Qwen2 base; `chat` a Llama pair with other head counts and a padded vocabulary."""
     return build_family(QWEN2_FAMILY, tmp_path_factory.mktemp("qwen2-family"), tokenizer=tokenizer)
+
+
+def _reference(family: dict) -> ReferenceSteerer:
+    return ReferenceSteerer(
+        family["base"], {name: (p["tuned"], p["untuned"]) for name, p in family["experts"].items()}
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_reference(llama_family) -> ReferenceSteerer:
+    return _reference(llama_family)
+
+
+@pytest.fixture(scope="session")
+def qwen2_reference(qwen2_family) -> ReferenceSteerer:
+    return _reference(qwen2_family)
 
 
 def pytest_sessionfinish(session, exitstatus):

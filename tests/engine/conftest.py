@@ -1,4 +1,6 @@
-"""Live engines shared across the engine tests: few start-ups, each reused by many tests."""
+"""Live engines shared across the engine tests: few start-ups, each reused by many tests.
+
+Package-scoped, so they are shut down before the server tests start theirs."""
 
 from __future__ import annotations
 
@@ -11,7 +13,10 @@ from vllm import SamplingParams
 
 from steering.config import parse_deployment
 from steering.engine import SteeringEngine
-from steering.reference import ReferenceSteerer
+
+
+# Fraction of the machine's memory each test engine reserves for KV cache (tiny models need little).
+TEST_MEMORY = 0.05
 
 
 class LiveEngine:
@@ -62,11 +67,11 @@ def _config(family: dict, **engine) -> dict:
         "base": family["base"],
         "experts": family["experts"],
         "policies": {"base": {}},
-        "engine": {"dtype": "float32", "max_model_len": 256, **engine},
+        "engine": {"dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": TEST_MEMORY, **engine},
     }
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def llama_engine(llama_family):
     """vLLM's default (compiled) path, prefix caching, and chunked prefill in 32-token chunks."""
     engine = LiveEngine(
@@ -76,14 +81,14 @@ def llama_engine(llama_family):
     engine.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def qwen2_engine(qwen2_family):
     engine = LiveEngine(_config(qwen2_family, enforce_eager=True))
     yield engine
     engine.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tight_engine(llama_family):
     """A KV cache of 8 blocks x 32 tokens: a handful of concurrent requests forces preemption."""
     engine = LiveEngine(
@@ -99,19 +104,3 @@ def tight_engine(llama_family):
     )
     yield engine
     engine.close()
-
-
-def _reference(family: dict) -> ReferenceSteerer:
-    return ReferenceSteerer(
-        family["base"], {name: (p["tuned"], p["untuned"]) for name, p in family["experts"].items()}
-    )
-
-
-@pytest.fixture(scope="session")
-def llama_reference(llama_family) -> ReferenceSteerer:
-    return _reference(llama_family)
-
-
-@pytest.fixture(scope="session")
-def qwen2_reference(qwen2_family) -> ReferenceSteerer:
-    return _reference(qwen2_family)
