@@ -42,6 +42,13 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--json", action="store_true", help="print one JSON object per policy")
     complete.add_argument("prompt")
 
+    serve = commands.add_parser("serve", help="serve a deployment over an OpenAI-compatible HTTP API")
+    serve.add_argument("--config", required=True, type=Path, help="deployment YAML")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STEER_API_KEY)")
+
     fixtures = commands.add_parser("fixtures", help="build a tiny random model family and its deploy.yaml")
     fixtures.add_argument("--out", required=True, type=Path)
     fixtures.add_argument("--family", choices=["llama", "qwen2"], default="llama")
@@ -62,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             return asyncio.run(_complete(args))
         if args.command == "fixtures":
             return _fixtures(args)
+        if args.command == "serve":
+            return _serve(args)
     except SteeringError as error:
         print(f"steer: {error}", file=sys.stderr)
         return 2
@@ -99,6 +108,31 @@ async def _complete(args) -> int:
     finally:
         engine.shutdown()
     return 0
+
+
+def _serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from server.app import ServerSettings, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key)
+    logging.getLogger("steer.server").info("loading the deployment from %s", args.config)
+    failures: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:
+        failures.append(error)
+        server.should_exit = True
+
+    app = create_app(settings, on_engine_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="info",
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+    ))
+    server.run()
+    return 1 if failures else 0
 
 
 def _fixtures(args) -> int:

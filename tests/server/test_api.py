@@ -1,0 +1,314 @@
+"""The OpenAI-compatible API, driven with the official `openai` package and raw httpx."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+
+import httpx
+import pytest
+
+from tests.server.conftest import API_KEY, MAX_MODEL_LEN
+
+MESSAGES = [{"role": "user", "content": "the model answers the question"}]
+PROMPT = "every cat reads a long story"
+GREEDY = {"temperature": 0.0, "max_tokens": 16}
+
+
+def chat_ids(tokenizer, messages=MESSAGES) -> list[int]:
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def expected_text(reference, tokenizer, prompt_ids, alpha, max_tokens=16) -> str:
+    (ids,) = reference.generate([prompt_ids], [alpha], max_tokens=max_tokens)
+    return tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_health_is_503_while_loading_then_200(server):
+    assert server.health_seen[0] == 503
+    assert server.health_seen[-1] == 200
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ready"}
+
+
+def test_models_lists_every_policy(server, llama_family):
+    assert [m.id for m in server.openai().models.list()] == ["base", "chat", "mix"]
+    with server.http() as http:
+        cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
+    assert cards["mix"]["base"] == llama_family["base"]
+    assert cards["mix"]["alpha"] == {"chat": 1.5, "code": -0.5}
+    assert cards["mix"]["experts"]["code"] == llama_family["experts"]["code"]
+    assert (cards["chat"]["max_alpha"], cards["base"]["max_alpha"]) == (4.0, None)
+    assert cards["base"]["experts"] == {}
+
+
+@pytest.mark.parametrize(("policy", "alpha"), [("base", {}), ("chat", {"chat": 1.0}), ("mix", {"chat": 1.5, "code": -0.5})])
+def test_chat_equals_the_reference(server, llama_reference, tokenizer, policy, alpha):
+    response = server.openai().chat.completions.create(model=policy, messages=MESSAGES, **GREEDY)
+    assert response.model == policy
+    assert response.choices[0].message.content == expected_text(llama_reference, tokenizer, chat_ids(tokenizer), alpha)
+    assert response.choices[0].finish_reason in {"length", "stop"}
+    assert response.usage.prompt_tokens == len(chat_ids(tokenizer))
+    assert response.usage.completion_tokens == 16 or response.choices[0].finish_reason == "stop"
+    assert response.steering == {"policy": policy, "alpha": alpha, "abstained": None, "confidence": None, "decision": None}
+
+
+@pytest.mark.parametrize(("policy", "alpha"), [("base", {}), ("chat", {"chat": 1.0})])
+def test_completions_equal_the_reference(server, llama_reference, tokenizer, policy, alpha):
+    client = server.openai()
+    text = client.completions.create(model=policy, prompt=PROMPT, **GREEDY)
+    ids = client.completions.create(model=policy, prompt=tokenizer.encode(PROMPT), **GREEDY)
+    want = expected_text(llama_reference, tokenizer, tokenizer.encode(PROMPT), alpha)
+    assert text.choices[0].text == ids.choices[0].text == want
+    assert text.steering["alpha"] == alpha
+
+
+def test_steering_changes_the_answer(server):
+    client = server.openai()
+    base = client.chat.completions.create(model="base", messages=MESSAGES, **GREEDY)
+    chat = client.chat.completions.create(model="chat", messages=MESSAGES, **GREEDY)
+    assert base.choices[0].message.content != chat.choices[0].message.content
+
+
+def test_alpha_override_equals_the_reference_at_that_alpha(server, llama_reference, tokenizer):
+    client = server.openai()
+    default = client.chat.completions.create(model="chat", messages=MESSAGES, **GREEDY)
+    override = client.chat.completions.create(
+        model="chat", messages=MESSAGES, extra_body={"steering": {"alpha": {"chat": 2.5, "code": 1.0}}}, **GREEDY
+    )
+    alpha = {"chat": 2.5, "code": 1.0}
+    assert override.steering["alpha"] == alpha
+    assert override.choices[0].message.content != default.choices[0].message.content
+    assert override.choices[0].message.content == expected_text(llama_reference, tokenizer, chat_ids(tokenizer), alpha)
+
+
+def test_a_batch_of_prompts_answers_each_as_alone(server, tokenizer):
+    client = server.openai()
+    prompts = [PROMPT, "our team builds"]
+    batch = client.completions.create(model="chat", prompt=prompts, temperature=0.0, max_tokens=8)
+    singles = [client.completions.create(model="chat", prompt=p, temperature=0.0, max_tokens=8) for p in prompts]
+    assert [c.text for c in batch.choices] == [s.choices[0].text for s in singles]
+    assert batch.usage.prompt_tokens == sum(len(tokenizer.encode(p)) for p in prompts)
+    assert batch.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+
+
+def test_n_choices_are_indexed_per_prompt(server):
+    batch = server.openai().completions.create(
+        model="chat", prompt=[PROMPT, "our team builds"], n=2, temperature=1.0, seed=1, max_tokens=8
+    )
+    assert [c.index for c in batch.choices] == [0, 1, 2, 3]
+    assert batch.choices[0].text != batch.choices[1].text
+
+
+def test_seeded_sampling_is_reproducible_through_the_api(server):
+    client = server.openai()
+    run = lambda seed: client.chat.completions.create(  # noqa: E731
+        model="chat", messages=MESSAGES, temperature=1.0, max_tokens=16, seed=seed, n=2
+    )
+    first = [c.message.content for c in run(3).choices]
+    assert [c.message.content for c in run(3).choices] == first
+    assert first[0] != first[1]
+
+
+def test_chat_logprobs_are_steered(server, llama_reference, tokenizer):
+    alpha = {"chat": 1.5, "code": -0.5}
+    response = server.openai().chat.completions.create(
+        model="mix", messages=MESSAGES, temperature=0.0, max_tokens=1, logprobs=True, top_logprobs=3
+    )
+    (token,) = response.choices[0].logprobs.content
+    want = llama_reference.next_token_logprobs([chat_ids(tokenizer)], [alpha])[0]
+    best = want.topk(3)
+    assert token.logprob == pytest.approx(best.values[0].item(), abs=1e-4)
+    assert [t.logprob for t in token.top_logprobs] == pytest.approx(best.values.tolist(), abs=1e-4)
+    assert [t.token for t in token.top_logprobs][0] == token.token
+
+
+def test_completion_logprobs(server):
+    response = server.openai().completions.create(model="chat", prompt=PROMPT, max_tokens=4, temperature=0.0, logprobs=2)
+    logprobs = response.choices[0].logprobs
+    assert len(logprobs.tokens) == len(logprobs.token_logprobs) == len(logprobs.top_logprobs) == 4
+    assert "".join(logprobs.tokens) == response.choices[0].text
+    assert all(len(top) <= 2 and max(top.values()) == lp for top, lp in zip(logprobs.top_logprobs, logprobs.token_logprobs))
+    assert logprobs.text_offset[1] == len(logprobs.tokens[0])
+
+
+def test_chat_stream(server):
+    client = server.openai()
+    full = client.chat.completions.create(model="chat", messages=MESSAGES, **GREEDY)
+    chunks = list(client.chat.completions.create(
+        model="chat", messages=MESSAGES, stream=True, stream_options={"include_usage": True}, **GREEDY
+    ))
+    assert len(chunks) > 3
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == full.choices[0].message.content
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == full.choices[0].finish_reason
+    last = chunks[-1]
+    assert last.choices == []
+    assert last.usage.model_dump() == full.usage.model_dump()
+    assert last.steering == full.steering
+    assert all(getattr(c, "steering", None) is None for c in chunks[:-1])
+
+
+def test_completion_stream_over_raw_http(server):
+    body = {"model": "mix", "prompt": PROMPT, "stream": True, **GREEDY}
+    with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    events = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert events[-1]["steering"]["alpha"] == {"chat": 1.5, "code": -0.5}
+    assert events[-1]["usage"] is None, "usage only when stream_options.include_usage"
+    text = "".join(choice["text"] for event in events for choice in event["choices"])
+    with server.http() as http:
+        full = http.post("/v1/completions", json={**body, "stream": False}).json()
+    assert text == full["choices"][0]["text"]
+
+
+def test_concurrent_requests_each_equal_their_single_result(server):
+    policies = ["base", "chat", "mix", "chat"]
+    overrides = [None, {"chat": -1.0}, {"chat": 2.5, "code": 1.0}, None]
+    cases = [
+        (policies[i % 4], overrides[(i // 4) % 4] if policies[i % 4] != "base" else None, f"{PROMPT} {i % 5}")
+        for i in range(16)
+    ]
+
+    def request(policy, alpha, prompt):
+        extra = {"steering": {"alpha": alpha}} if alpha else {}
+        return dict(model=policy, prompt=prompt, extra_body=extra, temperature=0.0, max_tokens=12)
+
+    client = server.openai()
+    singles = [client.completions.create(**request(*case)).choices[0].text for case in cases]
+
+    async def together():
+        async with server.async_openai() as aclient:
+            return await asyncio.gather(*(aclient.completions.create(**request(*case)) for case in cases))
+
+    started = time.perf_counter()
+    results = asyncio.run(together())
+    assert [r.choices[0].text for r in results] == singles
+    assert len(set(singles)) > 4
+    assert time.perf_counter() - started > 0
+
+
+def scrape(server, name: str, **labels) -> float:
+    text = httpx.get(f"{server.url}/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_disconnect_mid_stream_aborts_the_engine_request(server):
+    aborted = scrape(server, "steer_aborted_requests_total")
+    body = {"model": "chat", "prompt": PROMPT, "stream": True, "max_tokens": MAX_MODEL_LEN - 20,
+            "ignore_eos": True, "temperature": 0.0}
+    with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
+        lines = response.iter_lines()
+        for _ in range(5):
+            next(lines)
+        assert scrape(server, "steer_engine_unfinished_requests") == 1
+    deadline = time.monotonic() + 5
+    while scrape(server, "steer_engine_unfinished_requests") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert scrape(server, "steer_engine_unfinished_requests") == 0
+    assert scrape(server, "steer_aborted_requests_total") == aborted + 1
+
+
+def test_metrics_count_per_policy(server):
+    before = scrape(server, "steer_requests_total", policy="mix", endpoint="chat", status="200")
+    tokens = scrape(server, "steer_generation_tokens_total", policy="mix")
+    server.openai().chat.completions.create(model="mix", messages=MESSAGES, temperature=0.0, max_tokens=5, extra_body={"ignore_eos": True}
+    )
+    assert scrape(server, "steer_requests_total", policy="mix", endpoint="chat", status="200") == before + 1
+    assert scrape(server, "steer_generation_tokens_total", policy="mix") == tokens + 5
+    assert scrape(server, "steer_request_latency_seconds_count", policy="mix", endpoint="chat") >= 1
+    assert scrape(server, "steer_errors_total") >= 0
+
+
+def test_openapi_documents_the_steering_extension(server):
+    spec = httpx.get(f"{server.url}/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    assert "steering" in schemas["ChatCompletionRequest"]["properties"]
+    assert "alpha" in schemas["SteeringRequest"]["properties"]
+    assert "steering" in schemas["ChatCompletion"]["properties"]
+    assert {"/v1/chat/completions", "/v1/completions", "/v1/models"} <= set(spec["paths"])
+
+
+# Fail closed: every refusal is a 4xx in the OpenAI error envelope.
+
+
+def envelope(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+CHAT = {"model": "chat", "messages": MESSAGES, "max_tokens": 4}
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param", "text"),
+    [
+        ({**CHAT, "model": "nope"}, 404, "model", "does not exist"),
+        ({**CHAT, "steering": {"alpha": {"poetry": 1.0}}}, 400, "steering.alpha.poetry", "unknown expert pair"),
+        ({**CHAT, "steering": {"alpha": {"chat": 4.5}}}, 400, "steering.alpha.chat", "max_alpha"),
+        ({**CHAT, "model": "base", "steering": {"alpha": {"chat": 1.0}}}, 400, "steering.alpha.chat", "does not allow"),
+        ({**CHAT, "steering": {"alpha": {"chat": 1.0}, "temperature": 3}}, 400, "steering.temperature", "Extra inputs"),
+        ({**CHAT, "steering": {"alhpa": {"chat": 1.0}}}, 400, "steering.alhpa", "Extra inputs"),
+        ({**CHAT, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "exceed the context"),
+        ({**CHAT, "temperature": 9}, 400, "temperature", "less than or equal to 2"),
+        ({**CHAT, "tools": []}, 400, "tools", "Extra inputs"),
+        ({**CHAT, "messages": []}, 400, "messages", "at least 1"),
+        ({**CHAT, "n": 2, "temperature": 0}, 400, "n", "greedy"),
+    ],
+)
+def test_refusals(server, body, status, param, text):
+    with server.http() as http:
+        error = envelope(http.post("/v1/chat/completions", json=body), status)
+    assert error["param"] == param
+    assert text in error["message"]
+    assert error["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity"])
+def test_non_finite_numbers_are_refused(server, value):
+    raw = '{"model": "chat", "prompt": "hi", "max_tokens": 2, "steering": {"alpha": {"chat": %s}}}' % value
+    with server.http() as http:
+        response = http.post("/v1/completions", content=raw, headers={"content-type": "application/json"})
+    error = envelope(response, 400)
+    assert error["param"] == "steering.alpha.chat"
+    assert "finite" in error["message"]
+    assert not math.isfinite(float(value))
+
+
+def test_an_override_refused_is_never_answered_unsteered(server):
+    with server.http() as http:
+        response = http.post("/v1/completions", json={"model": "chat", "prompt": PROMPT, "stream": True,
+                                                      "steering": {"alpha": {"chat": 99}}})
+    envelope(response, 400)
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": API_KEY}])
+def test_api_key_is_required(server, headers):
+    response = httpx.post(f"{server.url}/v1/chat/completions", json=CHAT, headers=headers)
+    error = envelope(response, 401)
+    assert error["type"] == "authentication_error"
+    assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 401
+
+
+def test_the_openai_sdk_sees_typed_errors(server):
+    import openai
+
+    with pytest.raises(openai.NotFoundError):
+        server.openai().chat.completions.create(model="nope", messages=MESSAGES)
+    with pytest.raises(openai.BadRequestError) as caught:
+        server.openai().chat.completions.create(model="chat", messages=MESSAGES, extra_body={"steering": {"alpha": {"chat": 5}}})
+    assert caught.value.body["param"] == "steering.alpha.chat"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0).models.list()
