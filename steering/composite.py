@@ -2,8 +2,8 @@
 
 vLLM sees one model. `forward` runs every sub-model (each its own vLLM implementation, with its
 own paged KV cache layers) on the same `input_ids/positions` and concatenates their hidden
-states; `compute_logits` splits them, returns the base logits to the sampler and hands each
-pair's `tuned - untuned` logits to the steering logits processor through `DeltaHandoff`.
+states; `compute_logits` splits them, computes each pair's `tuned - untuned` logits and steers
+the base logits with each request's alphas through `steering.logits.LINK`.
 
 Every sub-model runs on every token, always: a prefix-cached block must hold expert KV too.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
@@ -22,75 +21,8 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model
 from vllm.transformers_utils.config import get_config
 
-ARCHITECTURE = "ProxyTunedForCausalLM"
-ROLES = ("tuned", "untuned")
-
-
-@dataclass(frozen=True)
-class ExpertPairSpec:
-    name: str
-    tuned: str
-    untuned: str
-
-
-@dataclass(frozen=True)
-class CompositeSpec:
-    """What the composite is made of; travels to engine processes inside the HF config."""
-
-    base_architectures: tuple[str, ...]
-    pairs: tuple[ExpertPairSpec, ...]
-
-    def hf_overrides(self) -> dict:
-        return {
-            "architectures": [ARCHITECTURE],
-            "proxy_tuning": {
-                "base_architectures": list(self.base_architectures),
-                "pairs": [asdict(pair) for pair in self.pairs],
-            },
-        }
-
-    @classmethod
-    def from_hf_config(cls, hf_config) -> CompositeSpec:
-        raw = hf_config.proxy_tuning
-        return cls(
-            base_architectures=tuple(raw["base_architectures"]),
-            pairs=tuple(ExpertPairSpec(**pair) for pair in raw["pairs"]),
-        )
-
-    @property
-    def pair_names(self) -> tuple[str, ...]:
-        return tuple(pair.name for pair in self.pairs)
-
-    @property
-    def expert_checkpoints(self) -> list[tuple[str, str]]:
-        """(module name, checkpoint path) of every expert model: pair by pair, tuned first."""
-        return [(f"experts.{pair.name}.{role}", getattr(pair, role)) for pair in self.pairs for role in ROLES]
-
-
-class DeltaHandoff:
-    """Carries expert deltas from `compute_logits` to the logits processor of the same step.
-
-    vLLM gives the logits processor no reference to the model, and both live in the same
-    worker process, so a per-process slot is the channel. `take` empties it: a processor call
-    that finds no fresh deltas of the right height fails loudly instead of steering with stale
-    or missing ones.
-    """
-
-    def __init__(self) -> None:
-        self._deltas: torch.Tensor | None = None
-
-    def put(self, deltas: torch.Tensor) -> None:
-        self._deltas = deltas  # [P, N, V]
-
-    def take(self, num_rows: int) -> torch.Tensor:
-        deltas, self._deltas = self._deltas, None
-        if deltas is None or deltas.shape[1] != num_rows:
-            got = "none" if deltas is None else f"{deltas.shape[1]} rows"
-            raise RuntimeError(f"steering deltas out of step with the sampler: want {num_rows} rows, got {got}")
-        return deltas
-
-
-HANDOFF = DeltaHandoff()
+from steering.logits import LINK
+from steering.spec import CompositeSpec
 
 
 def _sub_model(vllm_config: VllmConfig, hf_config, name: str, architectures: list[str]) -> nn.Module:
@@ -143,7 +75,7 @@ class ProxyTunedForCausalLM(nn.Module):
         return torch.cat([model(input_ids, positions) for model in self._sub_models()], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [N, sum(hidden_widths)] -> base logits [N, V]; deltas [P, N, V] handed off.
+        # hidden_states: [N, sum(hidden_widths)] -> steered logits [N, V] (deltas: [P, N, V]).
         parts = hidden_states.split(self.hidden_widths, dim=-1)
         models = self._sub_models()
         base_logits = models[0].compute_logits(parts[0])
@@ -154,8 +86,7 @@ class ProxyTunedForCausalLM(nn.Module):
                 models[1::2], models[2::2], parts[1::2], parts[2::2]
             )
         ]
-        HANDOFF.put(torch.stack(deltas) if deltas else base_logits.new_zeros(0, *base_logits.shape))
-        return base_logits
+        return LINK.steer(base_logits, torch.stack(deltas) if deltas else base_logits.new_zeros(0, *base_logits.shape))
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Route each source's weights to its sub-model; sources arrive one after another."""

@@ -15,7 +15,7 @@ from vllm.outputs import RequestOutput
 from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from steering.composite import CompositeSpec, ExpertPairSpec
+from steering.spec import CompositeSpec, ExpertPairSpec
 from steering.config import Deployment
 from steering.errors import InvalidRequest, InvalidSteering
 from steering.logits import ALPHA_KEY
@@ -35,17 +35,10 @@ def composite_spec(deployment: Deployment) -> CompositeSpec:
 
 
 def engine_args(deployment: Deployment) -> AsyncEngineArgs:
-    """vLLM engine arguments: the base checkpoint as the primary model, the composite on top.
-
-    Logprobs are `processed_logprobs`: taken after the steering processor, so they describe the
-    steered distribution (at the request's temperature, after top-k/top-p).
-    """
+    """vLLM engine arguments: the base checkpoint as the primary model, the composite on top."""
     options = {"disable_log_stats": True, **deployment.engine.engine_kwargs()}
     return AsyncEngineArgs(
-        model=deployment.base,
-        hf_overrides=composite_spec(deployment).hf_overrides(),
-        logprobs_mode="processed_logprobs",
-        **options,
+        model=deployment.base, hf_overrides=composite_spec(deployment).hf_overrides(), **options
     )
 
 
@@ -64,6 +57,8 @@ class SteeringEngine:
     def __init__(self, deployment: Deployment, llm: AsyncLLM):
         self.deployment = deployment
         self.llm = llm
+        # True on the V1 runner: logprobs are of the steered distribution at temperature 1.
+        self.logprobs_at_temperature_one = llm.model_config.logprobs_mode == "raw_logprobs"
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
         self.max_model_len: int = llm.model_config.max_model_len
 
@@ -73,8 +68,13 @@ class SteeringEngine:
         pin_model_runner()
         args = engine_args(deployment)
         vllm_config = args.create_engine_config()
-        processor = V2_PROCESSOR if vllm_config.use_v2_model_runner else V1_PROCESSOR
-        vllm_config.model_config.logits_processors = [processor]
+        model_config = vllm_config.model_config
+        if vllm_config.use_v2_model_runner:
+            # Steering happens inside the sampler: only processed logprobs see it.
+            model_config.logits_processors, model_config.logprobs_mode = [V2_PROCESSOR], "processed_logprobs"
+        else:
+            # Steering happens in compute_logits: raw logprobs are steered, at temperature 1.
+            model_config.logits_processors, model_config.logprobs_mode = [V1_PROCESSOR], "raw_logprobs"
         return cls(deployment, AsyncLLM.from_vllm_config(vllm_config))
 
     def encode(self, text: str) -> list[int]:
@@ -125,6 +125,9 @@ class SteeringEngine:
         """Refuse a prompt that leaves no room in the context, or a max_tokens that overflows it."""
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
+        if params.prompt_logprobs is not None:
+            raise InvalidRequest("prompt logprobs are not served: vLLM computes them from the base alone",
+                                 param="prompt_logprobs")
         room = self.max_model_len - len(prompt_ids)
         if room <= 0:
             raise InvalidRequest(

@@ -4,7 +4,7 @@
 def register() -> None:
     from vllm import ModelRegistry
 
-    from steering.composite import ARCHITECTURE
+    from steering.spec import ARCHITECTURE
 
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(ARCHITECTURE, f"steering.composite:{ARCHITECTURE}")

@@ -1,4 +1,4 @@
-"""The alpha arithmetic and the processors' per-request bookkeeping, without an engine.
+"""The alpha arithmetic, the link, and the processors' per-request bookkeeping, without an engine.
 
 End-to-end coverage of the V1 class is in test_proxy_tuning.py; the V2 class cannot run on a
 CPU (Model Runner V2 needs Triton), so its row mapping is checked here.
@@ -13,14 +13,23 @@ import torch
 from vllm import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, MoveDirectionality
 
-from steering.composite import HANDOFF, CompositeSpec, ExpertPairSpec
-from steering.logits import ALPHA_KEY, AlphaLogitsProcessor, AlphaLogitsProcessorV2, apply_alpha
+from steering import logits
+from steering.logits import ALPHA_KEY, AlphaLogitsProcessor, AlphaLogitsProcessorV2, SteeringLink, apply_alpha
+from steering.spec import CompositeSpec, ExpertPairSpec
 
 SPEC = CompositeSpec(("LlamaForCausalLM",), (ExpertPairSpec("chat", "t", "u"), ExpertPairSpec("code", "t2", "u2")))
 HF_CONFIG = SimpleNamespace(**SPEC.hf_overrides())
 VLLM_CONFIG = SimpleNamespace(
     model_config=SimpleNamespace(hf_config=HF_CONFIG), scheduler_config=SimpleNamespace(max_num_seqs=8)
 )
+
+
+@pytest.fixture(autouse=True)
+def link(monkeypatch) -> SteeringLink:
+    """A fresh per-process link for each test (processors attach themselves to it)."""
+    fresh = SteeringLink()
+    monkeypatch.setattr(logits, "LINK", fresh)
+    return fresh
 
 
 def params(**alpha) -> SamplingParams:
@@ -51,30 +60,36 @@ def test_v1_processor_follows_batch_updates():
     assert processor.alpha[3].tolist() == [0.0, 0.0]
 
 
-def test_v1_processor_applies_each_rows_alpha():
+def test_v1_compute_logits_steers_with_the_processors_table(link):
     processor = AlphaLogitsProcessor(VLLM_CONFIG, torch.device("cpu"), False)
     processor.update_state(BatchUpdate(2, [], [(0, params(chat=2.0), [], []), (1, params(code=-1.0), [], [])], []))
     deltas = torch.arange(12, dtype=torch.float32).reshape(2, 2, 3)  # [P=2, N=2, V=3]
-    HANDOFF.put(deltas)
-    out = processor.apply(torch.zeros(2, 3))
+    out = link.steer(torch.zeros(2, 3), deltas)
     assert out.tolist() == [(2 * deltas[0, 0]).tolist(), (-deltas[1, 1]).tolist()]
+    assert processor.apply(out) is out, "the sampler-side apply must not steer twice"
 
 
-def test_the_handoff_refuses_stale_or_missing_deltas():
-    processor = AlphaLogitsProcessor(VLLM_CONFIG, torch.device("cpu"), False)
-    HANDOFF.put(torch.zeros(2, 3, 5))
+def test_without_a_processor_nothing_is_sampled_unsteered(link):
+    with pytest.raises(RuntimeError, match="refusing to sample unsteered"):
+        link.steer(torch.zeros(2, 3), torch.ones(1, 2, 3))
+
+
+def test_v2_deltas_are_taken_once_and_must_match(link):
+    AlphaLogitsProcessorV2(VLLM_CONFIG, SimpleNamespace(max_num_reqs=4, device=torch.device("cpu")))
+    base = torch.zeros(2, 5)
+    assert link.steer(base, torch.ones(2, 3, 5)) is base
     with pytest.raises(RuntimeError, match="want 2 rows, got 3 rows"):
-        processor.apply(torch.zeros(2, 5))
+        link.take_deltas(2)
     with pytest.raises(RuntimeError, match="got none"):
-        processor.apply(torch.zeros(2, 5))
+        link.take_deltas(2)
 
 
-def test_v2_processor_maps_rows_to_request_slots():
+def test_v2_processor_maps_rows_to_request_slots(link):
     req_states = SimpleNamespace(max_num_reqs=4, device=torch.device("cpu"))
     processor = AlphaLogitsProcessorV2(VLLM_CONFIG, req_states)
     assert processor.add_request(3, params(chat=1.0)) is True
     assert processor.add_request(1, SamplingParams()) is False
-    HANDOFF.put(torch.ones(2, 2, 3))
+    link.steer(torch.zeros(2, 3), torch.ones(2, 2, 3))
     ctx = SimpleNamespace(expanded_idx_mapping=torch.tensor([1, 3]))  # row 0 -> slot 1, row 1 -> slot 3
     out = processor.apply(torch.zeros(2, 3), ctx)
     assert out.tolist() == [[0.0] * 3, [1.0] * 3]

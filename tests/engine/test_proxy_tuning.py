@@ -104,16 +104,31 @@ def test_seeded_sampling_is_reproducible(llama_engine, tokenizer):
     assert sample(7, [{}] * len(batch)) != first, "sampling ignored the alpha"
 
 
-def test_logprobs_are_of_the_steered_distribution(llama_engine, llama_reference, tokenizer):
+@pytest.mark.parametrize("temperature", [0.0, 0.7])
+def test_logprobs_are_of_the_steered_distribution_at_temperature_one(
+    llama_engine, llama_reference, tokenizer, temperature
+):
     prompt = prompts(tokenizer)[0]
     alpha = {"chat": 2.5, "code": 1.0}
-    params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
+    params = SamplingParams(max_tokens=1, temperature=temperature, seed=3, logprobs=5)
     (output,) = llama_engine.outputs([prompt], [alpha], params)
     logprobs = output.outputs[0].logprobs[0]
     want = llama_reference.next_token_logprobs([prompt], [alpha])[0]
     assert len(logprobs) >= 5
     for token_id, logprob in logprobs.items():
         assert logprob.logprob == pytest.approx(want[token_id].item(), abs=1e-4)
+
+
+def test_logprobs_of_chosen_token_ids(llama_engine, llama_reference, tokenizer):
+    prompt = prompts(tokenizer)[2]
+    alpha = {"chat": -1.0}
+    labels = [5, 17, 40]
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=labels)
+    (output,) = llama_engine.outputs([prompt], [alpha], params)
+    got = output.outputs[0].logprobs[0]
+    want = llama_reference.next_token_logprobs([prompt], [alpha])[0]
+    assert set(labels) <= set(got)
+    assert [got[t].logprob for t in labels] == pytest.approx([want[t].item() for t in labels], abs=1e-4)
 
 
 def test_streamed_deltas_add_up(llama_engine, llama_reference, tokenizer):

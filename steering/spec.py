@@ -1,0 +1,53 @@
+"""What a composite engine is made of: the base's architecture and the expert pairs.
+
+Plain data with no vLLM import: the facade writes it into vLLM's `hf_overrides`, and every
+engine process reads it back from the HF config.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+ARCHITECTURE = "ProxyTunedForCausalLM"  # the name vLLM knows the composite model by
+ROLES = ("tuned", "untuned")
+
+
+@dataclass(frozen=True)
+class ExpertPairSpec:
+    name: str
+    tuned: str
+    untuned: str
+
+
+@dataclass(frozen=True)
+class CompositeSpec:
+    """What the composite is made of; travels to engine processes inside the HF config."""
+
+    base_architectures: tuple[str, ...]
+    pairs: tuple[ExpertPairSpec, ...]
+
+    def hf_overrides(self) -> dict:
+        return {
+            "architectures": [ARCHITECTURE],
+            "proxy_tuning": {
+                "base_architectures": list(self.base_architectures),
+                "pairs": [asdict(pair) for pair in self.pairs],
+            },
+        }
+
+    @classmethod
+    def from_hf_config(cls, hf_config) -> CompositeSpec:
+        raw = hf_config.proxy_tuning
+        return cls(
+            base_architectures=tuple(raw["base_architectures"]),
+            pairs=tuple(ExpertPairSpec(**pair) for pair in raw["pairs"]),
+        )
+
+    @property
+    def pair_names(self) -> tuple[str, ...]:
+        return tuple(pair.name for pair in self.pairs)
+
+    @property
+    def expert_checkpoints(self) -> list[tuple[str, str]]:
+        """(module name, checkpoint path) of every expert model: pair by pair, tuned first."""
+        return [(f"experts.{pair.name}.{role}", getattr(pair, role)) for pair in self.pairs for role in ROLES]
