@@ -150,14 +150,14 @@ async def _generate(request: Request, service: GenerationService, body) -> Respo
     plan = service.plan(body)
     metrics = service.metrics
     if body.stream:
-        metrics.requests.labels(plan.policy, service.endpoint, "200").inc()
+        metrics.requests.labels(plan.name, service.endpoint, "200").inc()
         return StreamingResponse(_sse(request, service, service.chunks(body, plan)), media_type="text/event-stream")
-    finals = await until_disconnected(request, service.run(plan))
-    if finals is None:
-        metrics.aborted.labels(plan.policy).inc()
+    answered = await until_disconnected(request, service.answer(plan))
+    if answered is None:
+        metrics.aborted.labels(plan.name).inc()
         return Response(status_code=CLIENT_CLOSED_REQUEST)
-    metrics.requests.labels(plan.policy, service.endpoint, "200").inc()
-    return JSONResponse(service.response(body, plan, finals).model_dump())
+    metrics.requests.labels(plan.name, service.endpoint, "200").inc()
+    return JSONResponse(service.response(body, plan, *answered).model_dump())
 
 
 def create_app(

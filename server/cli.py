@@ -49,6 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STEER_API_KEY)")
 
+    calibrate = commands.add_parser(
+        "calibrate", help="fit a decision or abstention policy's calibration from labelled JSONL"
+    )
+    calibrate.add_argument("--config", required=True, type=Path, help="deployment YAML")
+    calibrate.add_argument("--policy", required=True)
+    calibrate.add_argument("--data", required=True, type=Path,
+                           help='JSONL rows: {"prompt" | "messages", "label" | "answer"}')
+    calibrate.add_argument("--out", type=Path, help="calibration file (default: <config dir>/<policy>.calibration.json)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    calibrate.add_argument("--fit-fraction", type=float, default=0.5)
+    calibrate.add_argument("--max-tokens", type=int, default=32, help="answer length for abstention policies")
+    calibrate.add_argument("--bins", type=int, default=10, help="confidence bins for ECE and the reliability plot")
+
     fixtures = commands.add_parser("fixtures", help="build a tiny random model family and its deploy.yaml")
     fixtures.add_argument("--out", required=True, type=Path)
     fixtures.add_argument("--family", choices=["llama", "qwen2"], default="llama")
@@ -71,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
             return _fixtures(args)
         if args.command == "serve":
             return _serve(args)
+        if args.command == "calibrate":
+            return asyncio.run(_calibrate(args))
     except SteeringError as error:
         print(f"steer: {error}", file=sys.stderr)
         return 2
@@ -133,6 +148,19 @@ def _serve(args) -> int:
     ))
     server.run()
     return 1 if failures else 0
+
+
+async def _calibrate(args) -> int:
+    from steering.calibrate import calibrate, summary
+    from steering.config import load_deployment
+
+    deployment = load_deployment(args.config)
+    out = args.out or args.config.parent / f"{args.policy}.calibration.json"
+    result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed,
+                             fit_fraction=args.fit_fraction, max_tokens=args.max_tokens, bins=args.bins)
+    print(summary(result))
+    print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}")
+    return 0
 
 
 def _fixtures(args) -> int:

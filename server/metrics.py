@@ -42,6 +42,14 @@ class ServerMetrics:
             "steer_aborted_requests", "Requests whose client went away before the end.", ["policy"],
             registry=self.registry,
         )
+        self.abstentions = Counter(
+            "steer_abstentions", "Answers replaced by the policy's abstention message.", ["policy"],
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "steer_decisions", "Decisions made, by policy and chosen action.", ["policy", "action"],
+            registry=self.registry,
+        )
         self.unfinished = Gauge(
             "steer_engine_unfinished_requests", "Requests inside the engine, running or waiting.",
             registry=self.registry,

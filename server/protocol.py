@@ -25,6 +25,13 @@ class SteeringRequest(_Request):
         default=None,
         description="Alpha per expert pair, e.g. {\"chat\": 1.5}; |alpha| must stay within the policy's max_alpha.",
     )
+    abstain_threshold: FiniteFloat | None = Field(
+        default=None, description="Abstention policies: the confidence threshold, within the policy's bounds."
+    )
+    costs: list[list[FiniteFloat]] | None = Field(
+        default=None, description="Decision policies: the cost matrix (rows: actions, columns: true labels)."
+    )
+    abstain_cost: FiniteFloat | None = Field(default=None, description="Decision policies: the cost of abstaining.")
 
 
 class StreamOptions(_Request):
@@ -111,9 +118,16 @@ class SteeringInfo(BaseModel):
 
     policy: str
     alpha: dict[str, float] = Field(description="The alpha applied per expert pair.")
-    abstained: bool | None = None
-    confidence: float | None = None
-    decision: dict | None = None
+    abstained: bool | None = Field(default=None, description="Whether the answer was replaced by abstaining.")
+    confidence: float | None = Field(default=None, description="Calibrated confidence of the answer or decision.")
+    decision: dict | None = Field(
+        default=None,
+        description="Decision policies: labels, raw and calibrated probabilities, label_mass, costs, "
+        "expected_costs per action, and the chosen action.",
+    )
+    abstention: dict | None = Field(
+        default=None, description="Abstention policies: the score, its raw and calibrated values, the threshold."
+    )
 
 
 class Usage(BaseModel):

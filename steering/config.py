@@ -7,16 +7,18 @@ Relative paths are relative to the YAML file.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -24,9 +26,21 @@ from pydantic import (
     model_validator,
 )
 
+from steering.calibration import Calibration
+from steering.decisions import (
+    SCORES,
+    Abstention,
+    CostMatrix,
+    Decision,
+    confidence_score,
+    decide,
+    label_first_tokens,
+)
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0)]
+Probability = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
 PairName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
 PolicyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 
@@ -59,6 +73,85 @@ class ExpertPair(_Strict):
     untuned: ModelPath
 
 
+def _load_calibration(value: Any, info: ValidationInfo) -> Any:
+    """A calibration file path (relative to the YAML file) becomes its parsed contents."""
+    if not isinstance(value, str):
+        return value
+    path = Path(_resolve_path(value, info))
+    try:
+        return json.loads(path.read_text())
+    except OSError as error:
+        raise ValueError(f"cannot read calibration file {str(path)!r}: {error.strerror}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"calibration file {str(path)!r} is not JSON: {error}") from None
+
+
+class AbstainConfig(_Strict):
+    """Replace an answer by `message` when its calibrated confidence is below `threshold`."""
+
+    score: Literal[SCORES] = "mean_prob"
+    threshold: Probability | None = Field(
+        default=None, description="Abstain below this calibrated confidence; else the calibration file's."
+    )
+    message: str = "I don't know."
+    threshold_bounds: tuple[Probability, Probability] | None = Field(
+        default=None, description="Per-request thresholds allowed within [low, high]; none if unset."
+    )
+    cost_wrong: NonNegative = Field(default=1.0, description="Cost of a wrong answer (for `steer calibrate`).")
+    cost_abstain: NonNegative = Field(default=0.5, description="Cost of abstaining (for `steer calibrate`).")
+
+    @model_validator(mode="after")
+    def _ordered_bounds(self) -> AbstainConfig:
+        if self.threshold_bounds and self.threshold_bounds[0] > self.threshold_bounds[1]:
+            raise ValueError("threshold_bounds must be [low, high] with low <= high")
+        return self
+
+
+class DecisionConfig(_Strict):
+    """Answer with the Bayes action over `labels` under a cost matrix (rows: actions, columns: truth)."""
+
+    labels: Annotated[list[Annotated[str, Field(min_length=1)]], Field(min_length=2)]
+    costs: list[list[FiniteFloat]] | None = None
+    cost_fp: NonNegative | None = Field(default=None, description="Binary shorthand: labels[0] is positive.")
+    cost_fn: NonNegative | None = None
+    abstain_cost: FiniteFloat | None = Field(default=None, description="Adds abstaining as an action of this cost.")
+    abstain_message: str = "I don't know."
+    max_cost: NonNegative | None = Field(
+        default=None, description="Per-request cost overrides allowed with entries in [0, max_cost]; none if unset."
+    )
+
+    @model_validator(mode="after")
+    def _one_cost_form(self) -> DecisionConfig:
+        k = len(self.labels)
+        if len(set(self.labels)) != k:
+            raise ValueError("labels must be distinct")
+        shorthand = (self.cost_fp, self.cost_fn)
+        if self.costs is None and None in shorthand:
+            raise ValueError("give either costs (a matrix) or both cost_fp and cost_fn")
+        if self.costs is not None and shorthand != (None, None):
+            raise ValueError("give either costs or cost_fp/cost_fn, not both")
+        if self.costs is None and k != 2:
+            raise ValueError(f"cost_fp/cost_fn need exactly 2 labels (positive, negative); got {k}")
+        if self.costs is not None:
+            _check_shape(self.costs, k)
+        return self
+
+    def cost_matrix(self) -> CostMatrix:
+        if self.costs is not None:
+            costs = self.costs
+        else:  # acting positive on a negative is a false positive, and the other way round
+            costs = [[0.0, self.cost_fp], [self.cost_fn, 0.0]]
+        return CostMatrix(tuple(self.labels), tuple(tuple(row) for row in costs), self.abstain_cost)
+
+
+def _check_shape(costs: list[list[float]], k: int) -> None:
+    if len(costs) != k or any(len(row) != k for row in costs):
+        got = f"{len(costs)} rows of lengths {[len(row) for row in costs]}"
+        raise ValueError(
+            f"costs must be a {k} x {k} matrix (a row per label acted on, a column per true label); got {got}"
+        )
+
+
 class Policy(_Strict):
     """What a request that names this policy gets; overrides stay within its bounds."""
 
@@ -66,6 +159,11 @@ class Policy(_Strict):
     alpha: dict[PairName, FiniteFloat] = Field(default_factory=dict)
     max_alpha: Annotated[FiniteFloat, Field(ge=0)] | None = Field(
         default=None, description="Bound on |alpha| for per-request overrides; none allowed if unset."
+    )
+    abstain: AbstainConfig | None = None
+    decision: DecisionConfig | None = None
+    calibration: Annotated[Calibration | None, BeforeValidator(_load_calibration)] = Field(
+        default=None, description="Path to a calibration file written by `steer calibrate`."
     )
 
     def alpha_for(self, override: Mapping[str, float] | None, pair_names: tuple[str, ...]) -> dict[str, float]:
@@ -77,8 +175,7 @@ class Policy(_Strict):
                 raise InvalidSteering(
                     f"unknown expert pair {name!r}; this deployment has {list(pair_names)}", param=param
                 )
-            if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-                raise InvalidSteering(f"alpha for {name!r} must be a finite number", param=param)
+            _check_finite(value, param)
             if self.max_alpha is None:
                 raise InvalidSteering("this policy does not allow alpha overrides", param=param)
             if abs(value) > self.max_alpha:
@@ -88,6 +185,74 @@ class Policy(_Strict):
                 )
             alpha[name] = float(value)
         return alpha
+
+    @property
+    def temperature(self) -> float:
+        """The decision calibration temperature (1: uncalibrated)."""
+        return self.calibration.temperature if self.calibration else 1.0
+
+    def decide(self, label_logprobs: list[float], costs: CostMatrix) -> Decision:
+        """The Bayes action from the labels' steered log-probabilities, calibrated."""
+        return decide(label_logprobs, costs, self.temperature)
+
+    def assess(self, token_logprobs: list[float], threshold: float) -> Abstention:
+        """An answer's calibrated confidence (from its tokens' steered logprobs) against `threshold`."""
+        raw = confidence_score(self.abstain.score, token_logprobs)
+        confidence = self.calibration.confidence(raw) if self.calibration else raw
+        return Abstention(self.abstain.score, raw, confidence, threshold)
+
+    def threshold_for(self, override: float | None) -> float:
+        """The abstention threshold a request runs with."""
+        param = "steering.abstain_threshold"
+        if self.abstain is None:
+            raise InvalidSteering("this policy does not abstain", param=param)
+        if override is None:
+            return self.abstain.threshold if self.abstain.threshold is not None else self.calibration.threshold
+        _check_finite(override, param)
+        bounds = self.abstain.threshold_bounds
+        if bounds is None:
+            raise InvalidSteering("this policy does not allow threshold overrides", param=param)
+        if not bounds[0] <= override <= bounds[1]:
+            raise InvalidSteering(f"threshold {override} is outside this policy's bounds {list(bounds)}", param=param)
+        return float(override)
+
+    def costs_for(self, costs: list[list[float]] | None, abstain_cost: float | None) -> CostMatrix:
+        """The cost matrix a request decides with: the policy's, or the request's within bounds."""
+        if self.decision is None:
+            param = "steering.costs" if costs is not None else "steering.abstain_cost"
+            raise InvalidSteering("this policy makes no decisions", param=param)
+        matrix = self.decision.cost_matrix()
+        if costs is None and abstain_cost is None:
+            return matrix
+        if self.decision.max_cost is None:
+            raise InvalidSteering("this policy does not allow cost overrides",
+                                  param="steering.costs" if costs is not None else "steering.abstain_cost")
+        if costs is not None:
+            try:
+                _check_shape(costs, len(matrix.labels))
+            except ValueError as error:
+                raise InvalidSteering(str(error), param="steering.costs") from None
+            self._check_cost_bounds([c for row in costs for c in row], "steering.costs")
+            matrix = CostMatrix(matrix.labels, tuple(tuple(float(c) for c in row) for row in costs), matrix.abstain_cost)
+        if abstain_cost is not None:
+            if matrix.abstain_cost is None:
+                raise InvalidSteering("this policy has no abstain action", param="steering.abstain_cost")
+            self._check_cost_bounds([abstain_cost], "steering.abstain_cost")
+            matrix = CostMatrix(matrix.labels, matrix.costs, float(abstain_cost))
+        return matrix
+
+    def _check_cost_bounds(self, values: list[float], param: str) -> None:
+        for value in values:
+            _check_finite(value, param)
+            if not 0 <= value <= self.decision.max_cost:
+                raise InvalidSteering(
+                    f"cost {value} is outside this policy's bounds [0, {self.decision.max_cost}]", param=param
+                )
+
+
+def _check_finite(value: Any, param: str) -> None:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidSteering(f"{param} must be a finite number", param=param)
 
 
 class EngineOptions(BaseModel):
@@ -125,7 +290,7 @@ class Deployment(_Strict):
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @model_validator(mode="after")
-    def _policies_name_known_pairs(self) -> Deployment:
+    def _policies_are_consistent(self) -> Deployment:
         for name, policy in self.policies.items():
             for pair in policy.alpha:
                 if pair not in self.experts:
@@ -133,6 +298,7 @@ class Deployment(_Strict):
                         f"policies.{name}.alpha.{pair}",
                         f"unknown expert pair; defined pairs: {sorted(self.experts)}",
                     )
+            _check_rules(name, policy)
         return self
 
     @property
@@ -146,6 +312,29 @@ class Deployment(_Strict):
             raise UnknownPolicy(
                 f"the policy {name!r} does not exist; policies: {sorted(self.policies)}", param="model"
             ) from None
+
+
+def _check_rules(name: str, policy: Policy) -> None:
+    """A policy abstains or decides (not both), with a calibration file fitted for exactly that."""
+    field = f"policies.{name}"
+    if policy.abstain and policy.decision:
+        raise ConfigError(field, "a policy either abstains or decides; a decision can abstain via abstain_cost")
+    calibration = policy.calibration
+    if calibration is None:
+        if policy.abstain and policy.abstain.threshold is None:
+            raise ConfigError(f"{field}.abstain.threshold", "required (or a calibration file with a threshold)")
+        return
+    if policy.decision is None and policy.abstain is None:
+        raise ConfigError(f"{field}.calibration", "only abstention and decision policies are calibrated")
+    if policy.decision and (calibration.kind != "decision" or calibration.labels != policy.decision.labels):
+        raise ConfigError(f"{field}.calibration", f"was fitted for a {calibration.kind} policy with labels "
+                          f"{calibration.labels}, not for labels {policy.decision.labels}")
+    if policy.abstain:
+        if calibration.kind != "abstention" or calibration.score != policy.abstain.score:
+            raise ConfigError(f"{field}.calibration", f"was fitted for a {calibration.kind} policy with score "
+                              f"{calibration.score!r}, not for score {policy.abstain.score!r}")
+        if policy.abstain.threshold is None and calibration.threshold is None:
+            raise ConfigError(f"{field}.abstain.threshold", "required: the calibration file has no threshold")
 
 
 def parse_deployment(raw: Any, *, root: Path | None = None) -> Deployment:
@@ -173,16 +362,24 @@ def load_deployment(path: str | Path) -> Deployment:
 
 
 def check_checkpoints(deployment: Deployment) -> None:
-    """Every checkpoint loads, its architecture runs in vLLM, and experts share the base's tokenizer."""
-    base_vocab = _open_checkpoint("base", deployment.base)
+    """Every checkpoint loads and runs in vLLM, experts share the base's tokenizer, labels are separable."""
+    base_tokenizer = _open_checkpoint("base", deployment.base)
+    base_vocab = base_tokenizer.get_vocab()
     for name, pair in deployment.experts.items():
         for role in ("tuned", "untuned"):
             field = f"experts.{name}.{role}"
-            _compare_vocab(field, _open_checkpoint(field, getattr(pair, role)), base_vocab)
+            _compare_vocab(field, _open_checkpoint(field, getattr(pair, role)).get_vocab(), base_vocab)
+    for name, policy in deployment.policies.items():
+        if policy.decision:
+            try:
+                label_first_tokens(lambda text: base_tokenizer.encode(text, add_special_tokens=False),
+                                   policy.decision.labels)
+            except ValueError as error:
+                raise ConfigError(f"policies.{name}.decision.labels", str(error)) from None
 
 
-def _open_checkpoint(field: str, path: str) -> dict[str, int]:
-    """Check that `path` holds a vLLM-supported model; return its tokenizer's vocabulary."""
+def _open_checkpoint(field: str, path: str):
+    """Check that `path` holds a vLLM-supported model; return its tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
     from vllm import ModelRegistry
 
@@ -190,13 +387,13 @@ def _open_checkpoint(field: str, path: str) -> dict[str, int]:
         raise ConfigError(field, f"path {path!r} does not exist")
     try:
         config = AutoConfig.from_pretrained(path)
-        vocab = AutoTokenizer.from_pretrained(path).get_vocab()
+        tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as error:
         raise ConfigError(field, f"cannot load a model and tokenizer from {path!r}: {error}") from None
     architectures = getattr(config, "architectures", None) or []
     if not set(architectures) & set(ModelRegistry.get_supported_archs()):
         raise ConfigError(field, f"architecture {architectures} of {path!r} is not supported by vLLM")
-    return vocab
+    return tokenizer
 
 
 def _compare_vocab(field: str, vocab: dict[str, int], base_vocab: dict[str, int]) -> None:

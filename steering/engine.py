@@ -17,7 +17,8 @@ from vllm.v1.engine.async_llm import AsyncLLM
 
 from steering.spec import CompositeSpec, ExpertPairSpec
 from steering.config import Deployment
-from steering.errors import InvalidRequest, InvalidSteering
+from steering.decisions import label_first_tokens
+from steering.errors import ConfigError, InvalidRequest, InvalidSteering
 from steering.logits import ALPHA_KEY
 
 V1_PROCESSOR = "steering.logits:AlphaLogitsProcessor"
@@ -51,6 +52,21 @@ def pin_model_runner() -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
+def answer_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | None) -> list[float]:
+    """The steered log-probability of each generated token (the request must ask for logprobs)."""
+    return [step[token].logprob for step, token in zip(logprobs or (), token_ids)]
+
+
+def _refuse_rules_without_temperature_one(deployment: Deployment) -> None:
+    for name, policy in deployment.policies.items():
+        if policy.abstain or policy.decision:
+            raise ConfigError(
+                f"policies.{name}",
+                "abstention and decisions need steered logprobs at temperature 1, which only vLLM's "
+                "V1 model runner gives here: unset VLLM_USE_V2_MODEL_RUNNER",
+            )
+
+
 class SteeringEngine:
     """Async generation with per-request alphas over one deployment."""
 
@@ -70,6 +86,7 @@ class SteeringEngine:
         vllm_config = args.create_engine_config()
         model_config = vllm_config.model_config
         if vllm_config.use_v2_model_runner:
+            _refuse_rules_without_temperature_one(deployment)
             # Steering happens inside the sampler: only processed logprobs see it.
             model_config.logits_processors, model_config.logprobs_mode = [V2_PROCESSOR], "processed_logprobs"
         else:
@@ -113,13 +130,36 @@ class SteeringEngine:
             await stream.aclose()
 
     async def complete(
-        self, prompt: str | Sequence[int], params: SamplingParams, *, alpha: Mapping[str, float]
+        self,
+        prompt: str | Sequence[int],
+        params: SamplingParams,
+        *,
+        alpha: Mapping[str, float],
+        request_id: str | None = None,
     ) -> RequestOutput:
         """The finished output of one request."""
         final = None
-        async for final in self.generate(prompt, params, alpha=alpha):
+        async for final in self.generate(prompt, params, alpha=alpha, request_id=request_id):
             pass
         return final
+
+    def label_token_ids(self, labels: Sequence[str]) -> tuple[int, ...]:
+        """Each label's first token id, by which the label is scored."""
+        return label_first_tokens(lambda text: self.tokenizer.encode(text, add_special_tokens=False), labels)
+
+    async def label_logprobs(
+        self,
+        prompt: str | Sequence[int],
+        label_token_ids: Sequence[int],
+        *,
+        alpha: Mapping[str, float],
+        request_id: str | None = None,
+    ) -> list[float]:
+        """Steered log-probabilities, at temperature 1, of each label token coming next."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(label_token_ids))
+        final = await self.complete(prompt, params, alpha=alpha, request_id=request_id)
+        step = final.outputs[0].logprobs[0]
+        return [step[token].logprob for token in label_token_ids]
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
         """Refuse a prompt that leaves no room in the context, or a max_tokens that overflows it."""

@@ -85,6 +85,16 @@ class ReferenceSteerer:
         logits = next(self.steered_logits(prompts, alphas, [[] for _ in prompts], 1))
         return logits.log_softmax(dim=-1)
 
+    @torch.inference_mode()
+    def completion_logprobs(self, prompt: Sequence[int], completion: Sequence[int], alpha: Mapping[str, float]) -> list[float]:
+        """Steered log-probabilities at temperature 1 of each `completion` token, teacher-forced."""
+        outputs: list[list[int]] = [[]]
+        logprobs = []
+        for step, logits in enumerate(self.steered_logits([prompt], [alpha], outputs, len(completion))):
+            logprobs.append(logits.log_softmax(dim=-1)[0, completion[step]].item())
+            outputs[0].append(completion[step])
+        return logprobs
+
     def steered_logits(self, prompts, alphas, outputs, max_steps):
         """Yield [B, V] steered logits per step; `outputs` must be extended by the caller."""
         alpha = torch.tensor(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import sys
@@ -45,7 +46,16 @@ class Server:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
 
 
+LABELS = ["yes", "no", "cat"]  # first tokens 'y', 'n', 'ca' in the fixture tokenizer
+ZERO_ONE = [[0, 1, 1], [1, 0, 1], [1, 1, 0]]
+CALIBRATED_TEMPERATURE = 2.5
+
+
 def write_config(family: dict, path: Path, **engine) -> Path:
+    calibration = {"kind": "decision", "policy": "triage-calibrated", "temperature": CALIBRATED_TEMPERATURE,
+                   "labels": LABELS}
+    (path.parent / "triage.json").write_text(json.dumps(calibration))
+    decision = {"labels": LABELS, "costs": ZERO_ONE, "max_cost": 100}
     config = {
         "base": family["base"],
         "experts": family["experts"],
@@ -53,11 +63,17 @@ def write_config(family: dict, path: Path, **engine) -> Path:
             "base": {"description": "the frozen base"},
             "chat": {"description": "the chat pair", "alpha": {"chat": 1.0}, "max_alpha": 4.0},
             "mix": {"alpha": {"chat": 1.5, "code": -0.5}, "max_alpha": 3.0},
+            "triage": {"alpha": {"chat": 1.0}, "decision": {**decision, "abstain_cost": 0.9}},
+            "triage-calibrated": {"alpha": {"chat": 1.0}, "decision": decision, "calibration": "triage.json"},
+            "qa": {"alpha": {"chat": 1.0}, "abstain": {"score": "mean_prob", "threshold": 0.0,
+                                                        "threshold_bounds": [0.0, 1.0]}},
+            "qa-first": {"alpha": {"chat": 1.0}, "abstain": {"score": "first_prob", "threshold": 0.0,
+                                                              "threshold_bounds": [0.0, 1.0], "message": "Pass."}},
         },
         "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "enforce_eager": True,
                    "gpu_memory_utilization": 0.05, **engine},
     }
-    path.write_text(yaml.safe_dump(config))
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
 
 

@@ -33,7 +33,8 @@ def test_health_is_503_while_loading_then_200(server):
 
 
 def test_models_lists_every_policy(server, llama_family):
-    assert [m.id for m in server.openai().models.list()] == ["base", "chat", "mix"]
+    assert [m.id for m in server.openai().models.list()] == ["base", "chat", "mix", "triage", "triage-calibrated",
+                                                             "qa", "qa-first"]
     with server.http() as http:
         cards = {card["id"]: card for card in http.get("/v1/models").json()["data"]}
     assert cards["mix"]["base"] == llama_family["base"]
@@ -51,7 +52,8 @@ def test_chat_equals_the_reference(server, llama_reference, tokenizer, policy, a
     assert response.choices[0].finish_reason in {"length", "stop"}
     assert response.usage.prompt_tokens == len(chat_ids(tokenizer))
     assert response.usage.completion_tokens == 16 or response.choices[0].finish_reason == "stop"
-    assert response.steering == {"policy": policy, "alpha": alpha, "abstained": None, "confidence": None, "decision": None}
+    assert response.steering == {"policy": policy, "alpha": alpha, "abstained": None, "confidence": None,
+                                 "decision": None, "abstention": None}
 
 
 @pytest.mark.parametrize(("policy", "alpha"), [("base", {}), ("chat", {"chat": 1.0})])

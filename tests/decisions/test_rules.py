@@ -1,0 +1,86 @@
+"""The decision rules against hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from steering.decisions import (
+    ABSTAIN,
+    Abstention,
+    CostMatrix,
+    bayes_action,
+    confidence_score,
+    decide,
+    expected_costs,
+    label_first_tokens,
+)
+
+
+@pytest.mark.parametrize(
+    ("probs", "costs", "expected", "action"),
+    [
+        # 0-1 costs: the Bayes action is the argmax.
+        ([0.7, 0.3], [[0, 1], [1, 0]], [0.3, 0.7], 0),
+        # A missed positive costs 10x a false alarm: act "positive" from p = 1/11 on.
+        ([0.2, 0.8], [[0, 1], [10, 0]], [0.8, 2.0], 0),
+        # ...and the other way round: acting on the likelier label is the costlier choice.
+        ([0.7, 0.3], [[0, 10], [1, 0]], [3.0, 0.7], 1),
+        # Three labels, a costly first action: the second wins although the first is likelier.
+        ([0.5, 0.3, 0.2], [[0, 5, 5], [1, 0, 1], [1, 1, 0]], [2.5, 0.7, 0.8], 1),
+        # With an abstain row of cost 0.5 (Chow's rule), abstaining beats both labels.
+        ([0.6, 0.4], [[0, 1], [1, 0], [0.5, 0.5]], [0.4, 0.6, 0.5], 0),
+        ([0.55, 0.45], [[0, 2], [2, 0], [0.5, 0.5]], [0.9, 1.1, 0.5], 2),
+    ],
+)
+def test_bayes_action_by_hand(probs, costs, expected, action):
+    assert expected_costs(np.array(costs), np.array(probs)).tolist() == pytest.approx(expected)
+    assert bayes_action(np.array(costs), np.array(probs)) == action
+
+
+def test_decide_reports_raw_calibrated_mass_and_costs():
+    logprobs = [math.log(0.3), math.log(0.1)]  # 40% of the next-token mass on the labels
+    costs = CostMatrix(("yes", "no"), ((0.0, 10.0), (1.0, 0.0)), abstain_cost=0.5)
+    decision = decide(logprobs, costs, temperature=2.0)
+    assert decision.probabilities == pytest.approx((0.75, 0.25))
+    # softmax(log p / 2) = sqrt(p) renormalised: sqrt(.3) / (sqrt(.3) + sqrt(.1))
+    yes = math.sqrt(0.3) / (math.sqrt(0.3) + math.sqrt(0.1))
+    assert decision.calibrated == pytest.approx((yes, 1 - yes))
+    assert decision.label_mass == pytest.approx(0.4)
+    assert decision.expected_costs == pytest.approx((10 * (1 - yes), yes, 0.5))  # yes ~ .634
+    assert decision.action == ABSTAIN and decision.abstained
+    assert decision.confidence == pytest.approx(yes)
+    report = decision.report()
+    assert report["expected_costs"] == pytest.approx({"yes": 10 * (1 - yes), "no": yes, "abstain": 0.5})
+    assert report["action"] == "abstain"
+
+
+def test_binary_rule_switches_at_cost_ratio():
+    # positive iff p >= c_fp / (c_fp + c_fn) = 1 / 4
+    costs = CostMatrix(("pos", "neg"), ((0.0, 1.0), (3.0, 0.0)))
+    assert decide([math.log(0.26), math.log(0.74)], costs).action == "pos"
+    assert decide([math.log(0.24), math.log(0.76)], costs).action == "neg"
+
+
+@pytest.mark.parametrize(
+    ("kind", "want"), [("mean_prob", (0.5 + 0.25 + 1.0) / 3), ("min_prob", 0.25), ("first_prob", 0.5)]
+)
+def test_confidence_scores(kind, want):
+    assert confidence_score(kind, [math.log(0.5), math.log(0.25), 0.0]) == pytest.approx(want)
+    assert confidence_score(kind, []) == 0.0
+
+
+def test_abstention_switches_exactly_at_the_threshold():
+    assert not Abstention("mean_prob", raw=0.4, confidence=0.4, threshold=0.4).abstained
+    assert Abstention("mean_prob", raw=0.4, confidence=0.4, threshold=0.4000001).abstained
+
+
+def test_labels_must_differ_in_their_first_token():
+    encode = {"yes": [5], "yesterday": [5, 9], "no": [7], "": []}.__getitem__
+    assert label_first_tokens(encode, ["yes", "no"]) == (5, 7)
+    with pytest.raises(ValueError, match="share their first token"):
+        label_first_tokens(encode, ["yes", "no", "yesterday"])
+    with pytest.raises(ValueError, match="no tokens"):
+        label_first_tokens(encode, ["yes", ""])

@@ -1,0 +1,185 @@
+"""Decision and abstention policies through the API, checked by hand and against the reference."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from tests.server.conftest import CALIBRATED_TEMPERATURE, LABELS, ZERO_ONE
+
+MESSAGES = [{"role": "user", "content": "every cat reads a long story"}]
+ALPHA = {"chat": 1.0}
+
+
+def chat_ids(tokenizer) -> list[int]:
+    return tokenizer.apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True, return_dict=False)
+
+
+def label_ids(tokenizer) -> list[int]:
+    return [tokenizer.encode(label, add_special_tokens=False)[0] for label in LABELS]
+
+
+def ask(server, policy: str, steering: dict | None = None, extra: dict | None = None, **fields):
+    body = (extra or {}) | ({"steering": steering} if steering else {})
+    return server.openai().chat.completions.create(model=policy, messages=MESSAGES, extra_body=body, **fields)
+
+
+def softmax(z):
+    e = np.exp(np.asarray(z) - np.max(z))
+    return e / e.sum()
+
+
+def test_label_probabilities_equal_the_reference(server, llama_reference, tokenizer):
+    decision = ask(server, "triage").steering["decision"]
+    logprobs = llama_reference.next_token_logprobs([chat_ids(tokenizer)], [ALPHA])[0][label_ids(tokenizer)].numpy()
+    assert [decision["probabilities"][label] for label in LABELS] == pytest.approx(softmax(logprobs).tolist(), abs=1e-4)
+    assert decision["label_mass"] == pytest.approx(float(np.exp(logprobs).sum()), abs=1e-4)
+
+
+def test_calibration_temperature_is_applied(server):
+    decision = ask(server, "triage-calibrated").steering["decision"]
+    raw = np.array([decision["probabilities"][label] for label in LABELS])
+    want = softmax(np.log(raw) / CALIBRATED_TEMPERATURE)
+    assert [decision["calibrated"][label] for label in LABELS] == pytest.approx(want.tolist(), abs=1e-9)
+    assert decision["temperature"] == CALIBRATED_TEMPERATURE
+
+
+def by_hand(decision: dict, costs, abstain_cost=None) -> tuple[dict, str]:
+    p = np.array([decision["calibrated"][label] for label in LABELS])
+    rows = [list(row) for row in costs] + ([[abstain_cost] * len(LABELS)] if abstain_cost is not None else [])
+    expected = np.array(rows) @ p
+    actions = LABELS + (["abstain"] if abstain_cost is not None else [])
+    return dict(zip(actions, expected.tolist())), actions[int(np.argmin(expected))]
+
+
+def test_the_action_is_the_hand_computed_bayes_action(server):
+    plain = ask(server, "triage-calibrated")
+    decision = plain.steering["decision"]
+    p = [decision["calibrated"][label] for label in LABELS]
+    top = int(np.argmax(p))
+    # Acting on the likeliest label is made ruinous when wrong, so Bayes must pick another one.
+    ruinous = [row[:] for row in ZERO_ONE]
+    ruinous[top] = [0 if j == top else 100 for j in range(3)]
+    # Under 0-1 costs every label's expected cost is at least 1 - max p: half that makes abstaining win.
+    cheap = (1 - max(ask(server, "triage").steering["decision"]["calibrated"].values())) / 2
+    matrices = [(ZERO_ONE, None), (ruinous, None), (ZERO_ONE, cheap), ([[0, 5, 2], [3, 0, 4], [1, 1, 0]], 50)]
+    actions = []
+    for costs, abstain_cost in matrices:
+        steering = {"costs": costs} | ({"abstain_cost": abstain_cost} if abstain_cost is not None else {})
+        response = ask(server, "triage" if abstain_cost is not None else "triage-calibrated", steering)
+        reported = response.steering["decision"]
+        expected, action = by_hand(reported, costs, abstain_cost)
+        assert reported["expected_costs"] == pytest.approx(expected)
+        assert reported["action"] == action
+        assert response.steering["abstained"] == (action == "abstain")
+        want_text = "I don't know." if action == "abstain" else action
+        assert response.choices[0].message.content == want_text
+        actions.append(action)
+    assert actions[0] == LABELS[top], "with 0-1 costs the Bayes action is the argmax"
+    assert actions[1] != LABELS[top], "the ruinous matrix must move the decision off the argmax"
+    assert actions[2] == "abstain", "cheap abstaining beats every label under 0-1 costs"
+    assert plain.steering["confidence"] == pytest.approx(max(p))
+
+
+def test_a_decision_streams_as_one_answer(server):
+    plain = ask(server, "triage")
+    chunks = list(ask(server, "triage", stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == plain.choices[0].message.content
+    assert chunks[-1].steering["decision"] == plain.steering["decision"]
+
+
+def test_abstention_switches_exactly_at_the_threshold(server, llama_reference, tokenizer):
+    answer = ask(server, "qa", max_tokens=12, temperature=0.0)
+    report = answer.steering["abstention"]
+    assert answer.steering["abstained"] is False
+    # The score is known from the reference: the mean steered probability of the answer's tokens.
+    (tokens,) = llama_reference.generate([chat_ids(tokenizer)], [ALPHA], max_tokens=12)
+    reference_score = float(np.mean(np.exp(llama_reference.completion_logprobs(chat_ids(tokenizer), tokens, ALPHA))))
+    assert report["raw"] == pytest.approx(reference_score, abs=1e-4)
+    assert report["confidence"] == report["raw"], "uncalibrated: confidence is the raw score"
+    at = ask(server, "qa", {"abstain_threshold": report["confidence"]}, max_tokens=12, temperature=0.0)
+    above = ask(server, "qa", {"abstain_threshold": math.nextafter(report["confidence"], 1.0)}, max_tokens=12,
+                temperature=0.0)
+    assert at.steering["abstained"] is False
+    assert at.choices[0].message.content == answer.choices[0].message.content
+    assert above.steering["abstained"] is True
+    assert above.choices[0].message.content == "I don't know."
+    assert above.steering["abstention"]["threshold"] == math.nextafter(report["confidence"], 1.0)
+
+
+def test_the_score_is_at_temperature_one_whatever_the_sampling_temperature(server):
+    hot = ask(server, "qa-first", max_tokens=1, temperature=1.7, seed=5, logprobs=True)
+    first = hot.choices[0].logprobs.content[0]
+    assert hot.steering["abstention"]["raw"] == pytest.approx(math.exp(first.logprob), abs=1e-6)
+    # The logprob itself is of the steered distribution at temperature 1 (see the engine tests).
+
+
+def stream_text(chunks) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def test_abstaining_in_a_stream_sends_only_the_message(server):
+    chunks = list(ask(server, "qa", {"abstain_threshold": 1.0}, max_tokens=12, temperature=0.0, stream=True,
+                      stream_options={"include_usage": True}))
+    assert stream_text(chunks) == "I don't know."
+    assert chunks[-1].steering["abstained"] is True
+
+
+def test_mean_prob_holds_the_answer_until_the_end(server):
+    full = ask(server, "qa", max_tokens=12, temperature=0.0)
+    chunks = list(ask(server, "qa", max_tokens=12, temperature=0.0, stream=True))
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(content) == 1, "the answer is released in one piece once its score is known"
+    assert stream_text(chunks) == full.choices[0].message.content
+    assert chunks[-1].steering["abstention"] == full.steering["abstention"]
+
+
+def test_first_prob_decides_early_then_streams_or_stops(server):
+    usage = {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0}
+    live = list(ask(server, "qa-first", extra={"ignore_eos": True}, max_tokens=12, **usage))
+    assert len([c for c in live if c.choices and c.choices[0].delta.content]) > 1, "streams live after token one"
+    assert live[-1].usage.completion_tokens == 12
+    stopped = list(ask(server, "qa-first", {"abstain_threshold": 1.0}, extra={"ignore_eos": True}, max_tokens=200,
+                       **usage))
+    assert stream_text(stopped) == "Pass."
+    assert stopped[-1].usage.completion_tokens < 200, "abstaining after the first token stops the generation"
+
+
+@pytest.mark.parametrize(
+    ("policy", "steering", "fields", "param", "text"),
+    [
+        ("qa", {"abstain_threshold": 1.5}, {}, "steering.abstain_threshold", "outside this policy's bounds"),
+        ("chat", {"abstain_threshold": 0.5}, {}, "steering.abstain_threshold", "does not abstain"),
+        ("triage", {"costs": [[0, 1], [1, 0]]}, {}, "steering.costs", "3 x 3"),
+        ("triage", {"costs": [[0, 1, 1], [1, 0, 1], [1, 1, 101]]}, {}, "steering.costs", "outside this policy's bounds"),
+        ("chat", {"costs": ZERO_ONE}, {}, "steering.costs", "makes no decisions"),
+        ("triage-calibrated", {"abstain_cost": 0.5}, {}, "steering.abstain_cost", "no abstain action"),
+        ("triage", None, {"n": 2, "temperature": 1.0}, "n", "one choice"),
+        ("triage", None, {"logprobs": True}, "logprobs", "decision policies"),
+    ],
+)
+def test_rule_overrides_are_refused_out_of_bounds(server, policy, steering, fields, param, text):
+    body = {"model": policy, "messages": MESSAGES, **fields} | ({"steering": steering} if steering else {})
+    with server.http() as http:
+        response = http.post("/v1/chat/completions", json=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["param"] == param
+    assert text in error["message"]
+
+
+def test_decisions_and_abstentions_are_counted(server):
+    from tests.server.test_api import scrape
+
+    abstained = scrape(server, "steer_abstentions_total", policy="qa")
+    ask(server, "qa", {"abstain_threshold": 1.0}, max_tokens=4)
+    assert scrape(server, "steer_abstentions_total", policy="qa") == abstained + 1
+    decided = scrape(server, "steer_decisions_total", policy="triage")
+    response = ask(server, "triage")
+    action = response.steering["decision"]["action"]
+    assert scrape(server, "steer_decisions_total", policy="triage", action=action) >= 1
+    assert scrape(server, "steer_decisions_total", policy="triage") == decided + 1
+    assert json.dumps(response.steering)  # the block is plain JSON
