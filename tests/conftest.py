@@ -10,6 +10,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 from steering.fixtures import LLAMA_FAMILY, QWEN2_FAMILY, build_family, train_tokenizer  # noqa: E402
 from steering.reference import ReferenceSteerer  # noqa: E402
+from tests.live_server import Server, start_server, stop_server, write_config  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -43,6 +44,15 @@ def llama_reference(llama_family) -> ReferenceSteerer:
 @pytest.fixture(scope="session")
 def qwen2_reference(qwen2_family) -> ReferenceSteerer:
     return _reference(qwen2_family)
+
+
+@pytest.fixture(scope="session")
+def server(llama_family, tmp_path_factory) -> Server:
+    """One `steer serve` on the Llama family for the whole session (server and client tests)."""
+    root = tmp_path_factory.mktemp("server")
+    running = start_server(write_config(llama_family, root / "deploy.yaml"), root / "server.log")
+    yield running
+    stop_server(running)
 
 
 def pytest_sessionfinish(session, exitstatus):

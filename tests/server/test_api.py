@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import API_KEY, MAX_MODEL_LEN
+from tests.live_server import API_KEY, MAX_MODEL_LEN
 
 MESSAGES = [{"role": "user", "content": "the model answers the question"}]
 PROMPT = "every cat reads a long story"

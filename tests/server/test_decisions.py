@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tests.server.conftest import CALIBRATED_TEMPERATURE, LABELS, ZERO_ONE
+from tests.live_server import CALIBRATED_TEMPERATURE, LABELS, ZERO_ONE
 
 MESSAGES = [{"role": "user", "content": "every cat reads a long story"}]
 ALPHA = {"chat": 1.0}

@@ -11,7 +11,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.server.conftest import API_KEY, STEER, start_server, stop_server, write_config
+from tests.live_server import API_KEY, STEER, start_server, stop_server, write_config
 
 
 def test_bad_config_fails_at_start_up_naming_the_field(llama_family, tmp_path):

@@ -1,4 +1,4 @@
-"""A real `steer serve` subprocess (real vLLM CPU engine) shared by the server tests."""
+"""A real `steer serve` subprocess (real vLLM CPU engine): what the server and client tests drive."""
 
 from __future__ import annotations
 
@@ -12,7 +12,6 @@ from pathlib import Path
 
 import httpx
 import openai
-import pytest
 import yaml
 
 STEER = str(Path(sys.executable).parent / "steer")
@@ -108,11 +107,3 @@ def stop_server(server: Server) -> None:
             server.process.wait(timeout=60)
         except subprocess.TimeoutExpired:
             server.process.kill()
-
-
-@pytest.fixture(scope="session")
-def server(llama_family, tmp_path_factory) -> Server:
-    root = tmp_path_factory.mktemp("server")
-    running = start_server(write_config(llama_family, root / "deploy.yaml"), root / "server.log")
-    yield running
-    stop_server(running)
