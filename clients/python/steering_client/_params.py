@@ -1,0 +1,64 @@
+"""What `create()` accepts besides `model`, the prompt and `steering`: the standard fields, typed.
+
+They are for type checkers and editors; at run time the fields pass through as given, and the
+server refuses (400) any it does not know.
+"""
+
+from typing import TypedDict, Union
+
+
+class SteeringParams(TypedDict, total=False):
+    """Per-request overrides of the policy, within the bounds it sets."""
+
+    alpha: dict[str, float]
+    abstain_threshold: float
+    costs: list[list[float]]
+    abstain_cost: float
+
+
+class StreamOptions(TypedDict, total=False):
+    include_usage: bool
+
+
+class TextPart(TypedDict):
+    type: str
+    text: str
+
+
+class _Message(TypedDict):
+    role: str
+    content: Union[str, list[TextPart]]
+
+
+class ChatMessage(_Message, total=False):
+    name: str
+
+
+class _GenerationFields(TypedDict, total=False):
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    n: int
+    stop: Union[str, list[str]]
+    seed: int
+    presence_penalty: float
+    frequency_penalty: float
+    logit_bias: dict[str, float]
+    min_tokens: int
+    ignore_eos: bool
+    user: str
+    stream_options: StreamOptions
+
+
+class ChatFields(_GenerationFields, total=False):
+    max_completion_tokens: int
+    logprobs: bool
+    top_logprobs: int
+
+
+class CompletionFields(_GenerationFields, total=False):
+    logprobs: int
+
+
+Prompt = Union[str, list[int], list[str], list[list[int]]]

@@ -1,0 +1,172 @@
+"""Typed responses. Fields the server adds later are kept: as attributes and in `model_extra`."""
+
+from typing import Iterator, Optional
+
+from pydantic import BaseModel, ConfigDict
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Decision(_Model):
+    """Decision policies: the label probabilities, the expected cost of each action, the action chosen."""
+
+    labels: list[str]
+    probabilities: dict[str, float]
+    calibrated: dict[str, float]
+    label_mass: float
+    temperature: float
+    costs: list[list[float]]
+    abstain_cost: Optional[float] = None
+    expected_costs: dict[str, float]
+    action: str
+
+
+class Abstention(_Model):
+    """Abstention policies: the answer's score, raw and calibrated, against the threshold."""
+
+    score: str
+    raw: float
+    confidence: float
+    threshold: float
+
+
+class Steering(_Model):
+    """What steering did for a response: the policy, the alpha applied per pair, and any decision."""
+
+    policy: str
+    alpha: dict[str, float]
+    abstained: Optional[bool] = None
+    confidence: Optional[float] = None
+    decision: Optional[Decision] = None
+    abstention: Optional[Abstention] = None
+
+
+class Usage(_Model):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(_Model):
+    token: str
+    logprob: float
+    bytes: Optional[list[int]] = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(_Model):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(_Model):
+    tokens: list[str]
+    token_logprobs: list[Optional[float]]
+    top_logprobs: list[Optional[dict[str, float]]]
+    text_offset: list[int]
+
+
+class _Response(_Model):
+    id: str
+    object: str
+    created: int
+    model: str
+
+
+class Chunk(_Response):
+    """One streamed event; the last one has no choices and carries `steering` (and `usage` if asked)."""
+
+    usage: Optional[Usage] = None
+    steering: Optional[Steering] = None
+
+
+class ChatCompletionMessage(_Model):
+    role: str
+    content: Optional[str] = None
+
+
+class ChatChoice(_Model):
+    index: int
+    message: ChatCompletionMessage
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletion(_Response):
+    choices: list[ChatChoice]
+    usage: Usage
+    steering: Steering
+
+
+class ChatDelta(_Model):
+    role: Optional[str] = None
+    content: Optional[str] = None
+
+
+class ChatChunkChoice(_Model):
+    index: int
+    delta: ChatDelta
+    logprobs: Optional[ChatLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class ChatCompletionChunk(Chunk):
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChoice(_Model):
+    index: int
+    text: str
+    logprobs: Optional[CompletionLogprobs] = None
+    finish_reason: Optional[str] = None
+
+
+class Completion(_Response):
+    choices: list[CompletionChoice]
+    usage: Usage
+    steering: Steering
+
+
+class CompletionChunk(Chunk):
+    choices: list[CompletionChoice]
+
+
+class ExpertPair(_Model):
+    tuned: str
+    untuned: str
+
+
+class Policy(_Model):
+    """A policy, served as a model: its base, expert pairs, default alphas and the bound on overrides."""
+
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    description: str
+    base: str
+    experts: dict[str, ExpertPair]
+    alpha: dict[str, float]
+    max_alpha: Optional[float] = None
+
+    @property
+    def pairs(self) -> list[str]:
+        """The expert pairs this policy steers with."""
+        return list(self.experts)
+
+
+class PolicyList(_Model):
+    """`GET /v1/models`; iterating it yields the policies."""
+
+    object: str
+    data: list[Policy]
+
+    def __iter__(self) -> Iterator[Policy]:  # type: ignore[override]
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)
