@@ -6,7 +6,6 @@ STAMP := $(VENV)/.installed
 # vLLM's GPU build where an NVIDIA driver answers, its CPU build elsewhere.
 EXTRA := $(if $(shell nvidia-smi -L 2>/dev/null),gpu,cpu)
 CPU_TORCH_INDEX := https://download.pytorch.org/whl/cpu
-DEMO_DIR := runs/fixture-family
 
 .PHONY: install test demo clean
 
@@ -27,8 +26,7 @@ test: install
 	$(PY) -m pytest tests
 
 demo: install
-	test -f $(DEMO_DIR)/deploy.yaml || $(STEER) fixtures --out $(DEMO_DIR)
-	$(STEER) complete --config $(DEMO_DIR)/deploy.yaml --policy base --policy chat "the model answers"
+	$(STEER) demo run
 
 clean:
 	rm -rf $(VENV) runs

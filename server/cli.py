@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("prompt")
 
     serve = commands.add_parser("serve", help="serve a deployment over an OpenAI-compatible HTTP API")
-    serve.add_argument("--config", required=True, type=Path, help="deployment YAML")
+    serve.add_argument("--config", type=Path, help="deployment YAML (default: the demo family, built if missing)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
@@ -61,6 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--fit-fraction", type=float, default=0.5)
     calibrate.add_argument("--max-tokens", type=int, default=32, help="answer length for abstention policies")
     calibrate.add_argument("--bins", type=int, default=10, help="confidence bins for ECE and the reliability plot")
+
+    demo = commands.add_parser("demo", help="the demo family: build it, or serve it and show each policy")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    demo_build = demo_commands.add_parser("build", help="train and calibrate the demo family (cached)")
+    demo_build.add_argument("--out", type=Path, help="folder (default: a cache folder named by the recipe)")
+    demo_build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    demo_run = demo_commands.add_parser("run", help="build if missing, serve in the background, send examples")
+    demo_run.add_argument("--port", type=int, default=8000)
+
+    bench = commands.add_parser("bench", help="measure quality (demo family) or speed (random models)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    quality = bench_commands.add_parser("quality", help="skill transfer, abstention and decisions on the demo family")
+    quality.add_argument("--family", type=Path, help="a built demo family (default: build or reuse the cached one)")
+    perf = bench_commands.add_parser("perf", help="tokens/s and latency: vllm serve, steer serve, the reference")
+    perf.add_argument("--preset", choices=["cpu", "tiny", "gpu"], default="cpu", help="model sizes (base ~10x experts)")
+    perf.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    perf.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    perf.add_argument("--prompt-tokens", type=int, default=64)
+    perf.add_argument("--max-tokens", type=int, default=64)
+    perf.add_argument("--no-vllm-serve", dest="vllm_serve", action="store_false")
+    perf.add_argument("--no-reference", dest="reference", action="store_false")
+    perf.add_argument("--eager", action="store_true", help="no torch.compile (faster start, slower steps)")
+    for command in (quality, perf):
+        command.add_argument("--json", action="store_true", help="print the report as JSON")
+        command.add_argument("--out", type=Path, help="write the JSON report and PNG plots into this folder")
 
     fixtures = commands.add_parser("fixtures", help="build a tiny random model family and its deploy.yaml")
     fixtures.add_argument("--out", required=True, type=Path)
@@ -86,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
             return _serve(args)
         if args.command == "calibrate":
             return asyncio.run(_calibrate(args))
+        if args.command == "demo":
+            return _demo(args)
+        if args.command == "bench":
+            return _bench(args)
     except SteeringError as error:
         print(f"steer: {error}", file=sys.stderr)
         return 2
@@ -133,8 +162,9 @@ def _serve(args) -> int:
     from server.app import ServerSettings, create_app
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key)
-    logging.getLogger("steer.server").info("loading the deployment from %s", args.config)
+    config = args.config or _demo_family() / "deploy.yaml"
+    settings = ServerSettings(config=config, host=args.host, port=args.port, api_key=args.api_key)
+    logging.getLogger("steer.server").info("loading the deployment from %s", config)
     failures: list[BaseException] = []
 
     def stop(error: BaseException) -> None:
@@ -160,6 +190,45 @@ async def _calibrate(args) -> int:
                              fit_fraction=args.fit_fraction, max_tokens=args.max_tokens, bins=args.bins)
     print(summary(result))
     print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}")
+    return 0
+
+
+def _demo_family(out: Path | None = None, force: bool = False) -> Path:
+    from steering.demo_family import Recipe, build, default_dir, is_built
+
+    recipe = Recipe()
+    folder = out or default_dir(recipe)
+    if force or not is_built(folder, recipe):
+        print(f"building the demo family in {folder} (minutes on a CPU; cached afterwards)", flush=True)
+    return asyncio.run(build(folder, recipe=recipe, force=force))
+
+
+def _demo(args) -> int:
+    if args.demo_command == "build":
+        print(f"the demo family is ready in {_demo_family(args.out, args.force)}")
+        return 0
+    from server.demo import run
+
+    return run(_demo_family(), args.port)
+
+
+def _bench(args) -> int:
+    if args.bench_command == "quality":
+        from bench import quality as job
+
+        report = asyncio.run(job.run(args.family or _demo_family()))
+    else:
+        from bench import perf as job
+
+        report = job.run(preset=args.preset, concurrency=tuple(args.concurrency), requests=args.requests,
+                         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                         vllm_serve=args.vllm_serve, reference=args.reference, eager=args.eager)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.bench_command}.json").write_text(json.dumps(report, indent=2))
+        if hasattr(job, "plot"):
+            job.plot(report, args.out)
+    print(json.dumps(report, indent=2) if args.json else job.summary(report))
     return 0
 
 

@@ -42,15 +42,17 @@ def corpus() -> list[str]:
     return [" ".join(words) for words in itertools.product(_SUBJECTS, _VERBS, _OBJECTS, _TAILS)]
 
 
-def train_tokenizer(vocab_size: int = 512, *, lowercase_only: bool = False) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with a chat template, trained on `corpus()`."""
+def train_tokenizer(
+    vocab_size: int = 512, *, lowercase_only: bool = False, texts: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a chat template, trained on `texts` (default `corpus()`)."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     # Only the corpus's own (ASCII) characters, no full byte alphabet: every token then decodes
     # to whole characters, so streamed and one-shot detokenization agree on random outputs.
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
-    text = corpus()
+    text = texts if texts is not None else corpus()
     if lowercase_only:
         text = [line.replace(" ", "") for line in text]
     bpe.train_from_iterator(text, trainer=trainer)
