@@ -1,4 +1,4 @@
-"""`steer`: try a policy from the shell, build a fixture family, serve a deployment."""
+"""`steer`: try a policy, serve a deployment, calibrate a policy, run the demo and the benchmarks."""
 
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
     complete.add_argument("--json", action="store_true", help="print one JSON object per policy")
     complete.add_argument("prompt")
+    complete.set_defaults(handler=lambda args: asyncio.run(_complete(args)))
 
     serve = commands.add_parser("serve", help="serve a deployment over an OpenAI-compatible HTTP API")
     serve.add_argument("--config", type=Path, help="deployment YAML (default: the demo family, built if missing)")
@@ -48,6 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STEER_API_KEY)")
+    serve.set_defaults(handler=_serve)
 
     calibrate = commands.add_parser(
         "calibrate", help="fit a decision or abstention policy's calibration from labelled JSONL"
@@ -61,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--fit-fraction", type=float, default=0.5)
     calibrate.add_argument("--max-tokens", type=int, default=32, help="answer length for abstention policies")
     calibrate.add_argument("--bins", type=int, default=10, help="confidence bins for ECE and the reliability plot")
+    calibrate.set_defaults(handler=lambda args: asyncio.run(_calibrate(args)))
 
     demo = commands.add_parser("demo", help="the demo family: build it, or serve it and show each policy")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)
@@ -69,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
     demo_run = demo_commands.add_parser("run", help="build if missing, serve in the background, send examples")
     demo_run.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(handler=_demo)
 
     bench = commands.add_parser("bench", help="measure quality (demo family) or speed (random models)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
@@ -86,10 +90,12 @@ def build_parser() -> argparse.ArgumentParser:
     for command in (quality, perf):
         command.add_argument("--json", action="store_true", help="print the report as JSON")
         command.add_argument("--out", type=Path, help="write the JSON report and PNG plots into this folder")
+    bench.set_defaults(handler=_bench)
 
     fixtures = commands.add_parser("fixtures", help="build a tiny random model family and its deploy.yaml")
     fixtures.add_argument("--out", required=True, type=Path)
     fixtures.add_argument("--family", choices=["llama", "qwen2"], default="llama")
+    fixtures.set_defaults(handler=_fixtures)
     return parser
 
 
@@ -103,22 +109,10 @@ def main(argv: list[str] | None = None) -> int:
     from steering.errors import SteeringError
 
     try:
-        if args.command == "complete":
-            return asyncio.run(_complete(args))
-        if args.command == "fixtures":
-            return _fixtures(args)
-        if args.command == "serve":
-            return _serve(args)
-        if args.command == "calibrate":
-            return asyncio.run(_calibrate(args))
-        if args.command == "demo":
-            return _demo(args)
-        if args.command == "bench":
-            return _bench(args)
+        return args.handler(args)
     except SteeringError as error:
         print(f"steer: {error}", file=sys.stderr)
         return 2
-    return 1
 
 
 async def _complete(args) -> int:

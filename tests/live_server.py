@@ -44,6 +44,14 @@ class Server:
     def async_openai(self) -> openai.AsyncOpenAI:
         return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0)
 
+    def metric(self, name: str, **labels) -> float:
+        """The sum of a Prometheus sample over the series whose labels include `labels`."""
+        total = 0.0
+        for line in httpx.get(f"{self.url}/metrics").text.splitlines():
+            if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+                total += float(line.rsplit(" ", 1)[1])
+        return total
+
 
 LABELS = ["yes", "no", "cat"]  # first tokens 'y', 'n', 'ca' in the fixture tokenizer
 ZERO_ONE = [[0, 1, 1], [1, 0, 1], [1, 1, 0]]

@@ -18,7 +18,6 @@ from steering_client import (
     SteeringClient,
 )
 from tests.live_server import API_KEY, LABELS, MAX_MODEL_LEN
-from tests.server.test_api import scrape
 
 MESSAGES = [{"role": "user", "content": "the model answers the question"}]
 PROMPT = "every cat reads a long story"
@@ -107,20 +106,20 @@ def test_a_completion_stream_keeps_the_steering_block(client):
 
 def wait_for_no_unfinished_requests(server) -> None:
     deadline = time.monotonic() + 5
-    while scrape(server, "steer_engine_unfinished_requests") and time.monotonic() < deadline:
+    while server.metric("steer_engine_unfinished_requests") and time.monotonic() < deadline:
         time.sleep(0.1)
 
 
 def test_closing_a_stream_early_closes_the_connection_and_aborts(client, server):
-    aborted = scrape(server, "steer_aborted_requests_total", policy="chat")
+    aborted = server.metric("steer_aborted_requests_total", policy="chat")
     with client.completions.create(model="chat", prompt=PROMPT, stream=True, **ENDLESS) as stream:
         for _, _chunk in zip(range(3), stream):
             pass
-        assert scrape(server, "steer_engine_unfinished_requests") == 1
+        assert server.metric("steer_engine_unfinished_requests") == 1
     assert stream.response.is_closed
     wait_for_no_unfinished_requests(server)
-    assert scrape(server, "steer_engine_unfinished_requests") == 0
-    assert scrape(server, "steer_aborted_requests_total", policy="chat") == aborted + 1
+    assert server.metric("steer_engine_unfinished_requests") == 0
+    assert server.metric("steer_aborted_requests_total", policy="chat") == aborted + 1
     assert client.completions.create(model="chat", prompt=PROMPT, max_tokens=2).choices, "the client still works"
 
 
@@ -199,14 +198,14 @@ async def test_an_async_stream_is_the_plain_answer_in_pieces(aclient, client):
 
 @pytest.mark.anyio
 async def test_closing_an_async_stream_early_aborts(aclient, server):
-    aborted = scrape(server, "steer_aborted_requests_total", policy="mix")
+    aborted = server.metric("steer_aborted_requests_total", policy="mix")
     stream = await aclient.completions.create(model="mix", prompt=PROMPT, stream=True, **ENDLESS)
     async for _chunk in stream:
         break
     await stream.aclose()
     assert stream.response.is_closed
     wait_for_no_unfinished_requests(server)
-    assert scrape(server, "steer_aborted_requests_total", policy="mix") == aborted + 1
+    assert server.metric("steer_aborted_requests_total", policy="mix") == aborted + 1
 
 
 @pytest.mark.anyio

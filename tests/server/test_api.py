@@ -195,40 +195,34 @@ def test_concurrent_requests_each_equal_their_single_result(server):
     assert time.perf_counter() - started > 0
 
 
-def scrape(server, name: str, **labels) -> float:
-    text = httpx.get(f"{server.url}/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name) and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_disconnect_mid_stream_aborts_the_engine_request(server):
-    aborted = scrape(server, "steer_aborted_requests_total")
+    aborted = server.metric("steer_aborted_requests_total")
     body = {"model": "chat", "prompt": PROMPT, "stream": True, "max_tokens": MAX_MODEL_LEN - 20,
             "ignore_eos": True, "temperature": 0.0}
     with server.http() as http, http.stream("POST", "/v1/completions", json=body) as response:
         lines = response.iter_lines()
         for _ in range(5):
             next(lines)
-        assert scrape(server, "steer_engine_unfinished_requests") == 1
+        assert server.metric("steer_engine_unfinished_requests") == 1
     deadline = time.monotonic() + 5
-    while scrape(server, "steer_engine_unfinished_requests") and time.monotonic() < deadline:
+    while server.metric("steer_engine_unfinished_requests") and time.monotonic() < deadline:
         time.sleep(0.1)
-    assert scrape(server, "steer_engine_unfinished_requests") == 0
-    assert scrape(server, "steer_aborted_requests_total") == aborted + 1
+    assert server.metric("steer_engine_unfinished_requests") == 0
+    assert server.metric("steer_aborted_requests_total") == aborted + 1
 
 
 def test_metrics_count_per_policy(server):
-    before = scrape(server, "steer_requests_total", policy="mix", endpoint="chat", status="200")
-    tokens = scrape(server, "steer_generation_tokens_total", policy="mix")
+    before = server.metric("steer_requests_total", policy="mix", endpoint="chat", status="200")
+    tokens = server.metric("steer_generation_tokens_total", policy="mix")
     server.openai().chat.completions.create(model="mix", messages=MESSAGES, temperature=0.0, max_tokens=5, extra_body={"ignore_eos": True}
     )
-    assert scrape(server, "steer_requests_total", policy="mix", endpoint="chat", status="200") == before + 1
-    assert scrape(server, "steer_generation_tokens_total", policy="mix") == tokens + 5
-    assert scrape(server, "steer_request_latency_seconds_count", policy="mix", endpoint="chat") >= 1
-    assert scrape(server, "steer_errors_total") >= 0
+    assert server.metric("steer_requests_total", policy="mix", endpoint="chat", status="200") == before + 1
+    assert server.metric("steer_generation_tokens_total", policy="mix") == tokens + 5
+    assert server.metric("steer_request_latency_seconds_count", policy="mix", endpoint="chat") >= 1
+    refused = server.metric("steer_errors_total", policy="<unknown>", type="model_not_found")
+    with server.http() as http:
+        assert http.post("/v1/completions", json={"model": "nope", "prompt": "hi"}).status_code == 404
+    assert server.metric("steer_errors_total", policy="<unknown>", type="model_not_found") == refused + 1
 
 
 def test_openapi_documents_the_steering_extension(server):

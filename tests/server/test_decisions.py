@@ -172,14 +172,12 @@ def test_rule_overrides_are_refused_out_of_bounds(server, policy, steering, fiel
 
 
 def test_decisions_and_abstentions_are_counted(server):
-    from tests.server.test_api import scrape
-
-    abstained = scrape(server, "steer_abstentions_total", policy="qa")
+    abstained = server.metric("steer_abstentions_total", policy="qa")
     ask(server, "qa", {"abstain_threshold": 1.0}, max_tokens=4)
-    assert scrape(server, "steer_abstentions_total", policy="qa") == abstained + 1
-    decided = scrape(server, "steer_decisions_total", policy="triage")
+    assert server.metric("steer_abstentions_total", policy="qa") == abstained + 1
+    decided = server.metric("steer_decisions_total", policy="triage")
     response = ask(server, "triage")
     action = response.steering["decision"]["action"]
-    assert scrape(server, "steer_decisions_total", policy="triage", action=action) >= 1
-    assert scrape(server, "steer_decisions_total", policy="triage") == decided + 1
+    assert server.metric("steer_decisions_total", policy="triage", action=action) >= 1
+    assert server.metric("steer_decisions_total", policy="triage") == decided + 1
     assert json.dumps(response.steering)  # the block is plain JSON
