@@ -99,7 +99,7 @@ def decide(label_logprobs: Sequence[float], costs: CostMatrix, temperature: floa
     """The Bayes action from the labels' steered log-probabilities, calibrated by `temperature`."""
     logprobs = np.asarray(label_logprobs, dtype=np.float64)
     calibrated = label_probabilities(logprobs, temperature)
-    expected = expected_costs(costs.matrix(), calibrated)
+    matrix = costs.matrix()
     return Decision(
         labels=costs.labels,
         probabilities=tuple(label_probabilities(logprobs).tolist()),
@@ -107,8 +107,8 @@ def decide(label_logprobs: Sequence[float], costs: CostMatrix, temperature: floa
         label_mass=float(np.exp(logprobs).sum()),
         temperature=temperature,
         costs=costs,
-        expected_costs=tuple(expected.tolist()),
-        action=costs.actions[int(np.argmin(expected))],
+        expected_costs=tuple(expected_costs(matrix, calibrated).tolist()),
+        action=costs.actions[bayes_action(matrix, calibrated)],
     )
 
 
