@@ -20,6 +20,11 @@ def _alpha_override(text: str) -> tuple[str, float]:
         raise argparse.ArgumentTypeError(f"alpha for {name!r} is not a number: {value!r}") from None
 
 
+NO_CONFIG = """steer serve: --config is required: the deployment YAML to serve (see README, "The deployment config").
+To serve the demo family instead: `steer demo run` (it trains the family once, about 10 minutes on 2 CPU
+cores, then serves it on :8000), or `steer demo build` and then `steer serve --config <that folder>/deploy.yaml`."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own logs")
@@ -44,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     complete.set_defaults(handler=lambda args: asyncio.run(_complete(args)))
 
     serve = commands.add_parser("serve", help="serve a deployment over an OpenAI-compatible HTTP API")
-    serve.add_argument("--config", type=Path, help="deployment YAML (default: the demo family, built if missing)")
+    serve.add_argument("--config", type=Path, help="deployment YAML (required; `steer demo run` serves the demo)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
@@ -155,10 +160,12 @@ def _serve(args) -> int:
 
     from server.app import ServerSettings, create_app
 
+    if args.config is None:
+        print(NO_CONFIG, file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = args.config or _demo_family() / "deploy.yaml"
-    settings = ServerSettings(config=config, host=args.host, port=args.port, api_key=args.api_key)
-    logging.getLogger("steer.server").info("loading the deployment from %s", config)
+    settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key)
+    logging.getLogger("steer.server").info("loading the deployment from %s", args.config)
     failures: list[BaseException] = []
 
     def stop(error: BaseException) -> None:
