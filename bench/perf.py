@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from steering.fixtures import Shape, save_model, train_tokenizer
+from steering.memory import MiB, kv_bytes_per_token
 
 PRESETS = {
     # base ~10x each expert in parameters; head_dim 64 / 32 (the CPU kernels need >= 32)
@@ -68,6 +69,14 @@ def make_models(root: Path, base: Shape, expert: Shape) -> dict:
     save_model(padded(expert), tokenizer, root / "untuned", seed=2)
     save_model(padded(expert), tokenizer, root / "tuned", seed=3)
     return {"base": root / "base", "tuned": root / "tuned", "untuned": root / "untuned", "tokens": len(tokenizer)}
+
+
+def kv_cache_bytes(models: dict, max_model_len: int, sequences: int) -> int:
+    """KV bytes for `sequences` full-length sequences of the base and the pair together (float32)."""
+    from transformers import AutoConfig
+
+    configs = [AutoConfig.from_pretrained(models[name]) for name in ("base", "tuned", "untuned")]
+    return kv_bytes_per_token(configs, dtype_bytes=4) * max_model_len * sequences + 64 * MiB
 
 
 def _free_port() -> int:
@@ -195,8 +204,11 @@ def run(
     prompts = [rng.integers(10, models["tokens"], size=prompt_tokens).tolist() for _ in range(requests)]
     base_params = parameters(models["base"])
     expert_params = parameters(models["tuned"]) + parameters(models["untuned"])
-    memory = 0.1 if not torch.cuda.is_available() else 0.5
-    engine = {"dtype": "float32", "max_model_len": prompt_tokens + max_tokens + 16, "gpu_memory_utilization": memory,
+    max_model_len = prompt_tokens + max_tokens + 16
+    # Every system gets the same KV cache, in bytes: room for the steered composite to hold the
+    # largest concurrency's sequences at full length (a fraction would depend on the machine).
+    kv_bytes = kv_cache_bytes(models, max_model_len, max(concurrency))
+    engine = {"dtype": "float32", "max_model_len": max_model_len, "kv_cache_memory_bytes": kv_bytes,
               "enforce_eager": eager}
     rows: dict[str, list[Load]] = {}
 
@@ -212,7 +224,7 @@ def run(
         # distribution's metadata, so its API server module is started directly.
         serve("vllm serve, base", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["base"]),
                                    "--served-model-name", "bench", "--dtype", "float32", "--max-model-len",
-                                   str(engine["max_model_len"]), "--gpu-memory-utilization", str(memory),
+                                   str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes),
                                    "--disable-log-stats", *(["--enforce-eager"] if eager else [])], "bench")
     serve("steer serve, base only", steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))],
           "bench")

@@ -15,8 +15,14 @@ import prometheus_client
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
+from vllm.config import VllmConfig
 
-from server.errors import EngineNotReady, NotAuthenticated, error_body, install_error_handlers
+from server.errors import (
+    EngineNotReady,
+    NotAuthenticated,
+    error_body,
+    install_error_handlers,
+)
 from server.metrics import ServerMetrics
 from server.protocol import (
     ChatCompletion,
@@ -29,7 +35,8 @@ from server.protocol import (
 )
 from server.service import ChatCompletions, Completions, GenerationService
 from steering.config import Deployment, load_deployment
-from steering.engine import SteeringEngine
+from steering.engine import SteeringEngine, engine_config
+from steering.errors import SteeringError
 
 logger = logging.getLogger("steer.server")
 T = TypeVar("T")
@@ -53,9 +60,10 @@ class ServerSettings(BaseModel):
 class ServiceState:
     """The deployment, its metrics, and the engine with its services once it is up."""
 
-    def __init__(self, settings: ServerSettings, deployment: Deployment):
+    def __init__(self, settings: ServerSettings, deployment: Deployment, vllm_config: VllmConfig):
         self.settings = settings
         self.deployment = deployment
+        self.vllm_config = vllm_config
         self.metrics = ServerMetrics(set(deployment.policies))
         self.created = int(time.time())
         self.engine: SteeringEngine | None = None
@@ -67,11 +75,16 @@ class ServiceState:
         started = time.perf_counter()
         logger.info("starting the engine: base %s, expert pairs %s", self.deployment.base,
                     list(self.deployment.pair_names) or "none")
-        loading = asyncio.ensure_future(asyncio.to_thread(SteeringEngine.start, self.deployment))
+        loading = asyncio.ensure_future(asyncio.to_thread(SteeringEngine.start, self.deployment, self.vllm_config))
         try:
             while not (await asyncio.wait({loading}, timeout=LOADING_TICK_SECONDS))[0]:
                 logger.info("engine loading… %.0f s", time.perf_counter() - started)
             engine = loading.result()
+        except SteeringError as error:
+            logger.error("the engine failed to start: %s", error)
+            self.failure = error
+            on_failure(error)
+            return
         except Exception as error:
             logger.exception("the engine failed to start")
             self.failure = error
@@ -166,8 +179,10 @@ def create_app(
     deployment: Deployment | None = None,
     on_engine_failure: Callable[[BaseException], None] = lambda error: None,
 ) -> FastAPI:
-    """Load and check the deployment now (bad config fails here); start the engine on startup."""
-    state = ServiceState(settings, deployment or load_deployment(settings.config))
+    """Load and check the deployment and the engine options now (bad config fails here); start
+    the engine on startup."""
+    deployment = deployment or load_deployment(settings.config)
+    state = ServiceState(settings, deployment, engine_config(deployment))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -37,6 +37,7 @@ from steering.decisions import (
     label_first_tokens,
 )
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
+from steering.memory import GiB
 
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0)]
@@ -48,6 +49,7 @@ PolicyName = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")]
 RESERVED_ENGINE_OPTIONS = frozenset(
     {"model", "tokenizer", "hf_overrides", "logits_processors", "logprobs_mode", "skip_tokenizer_init"}
 )
+KV_CACHE_SIZES = ("kv_cache_gib", "kv_cache_memory_bytes", "gpu_memory_utilization")
 
 
 def _resolve_path(value: str, info: ValidationInfo) -> str:
@@ -99,6 +101,11 @@ class AbstainConfig(_Strict):
     )
     cost_wrong: NonNegative = Field(default=1.0, description="Cost of a wrong answer (for `steer calibrate`).")
     cost_abstain: NonNegative = Field(default=0.5, description="Cost of abstaining (for `steer calibrate`).")
+
+    @property
+    def bayes_threshold(self) -> float:
+        """Answer iff confidence >= 1 - cost_abstain / cost_wrong: then answering costs less on average."""
+        return 1 - self.cost_abstain / self.cost_wrong if self.cost_wrong else 0.0
 
     @model_validator(mode="after")
     def _ordered_bounds(self) -> AbstainConfig:
@@ -256,13 +263,23 @@ def _check_finite(value: Any, param: str) -> None:
 
 
 class EngineOptions(BaseModel):
-    """Options passed to vLLM's engine as they are (any `AsyncEngineArgs` field but the reserved)."""
+    """Options passed to vLLM's engine as they are (any `AsyncEngineArgs` field but the reserved).
+
+    The KV cache is sized by at most one of `kv_cache_gib`, `kv_cache_memory_bytes` and
+    `gpu_memory_utilization`. With none on CPU, the service sizes it in bytes from the models
+    (`steering.memory`); on GPU vLLM's own default fraction applies.
+    """
 
     model_config = ConfigDict(extra="allow", frozen=True)
 
     dtype: str = "auto"
     max_model_len: Annotated[int, Field(gt=0)] | None = None
-    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] = 0.3
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="vLLM's share of device memory; on CPU a share of the NUMA node (checked).")
+    kv_cache_memory_bytes: Annotated[int, Field(gt=0)] | None = Field(
+        default=None, description="KV cache size per worker in bytes (vLLM's option).")
+    kv_cache_gib: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
+        default=None, description="KV cache size per worker in GiB: kv_cache_memory_bytes, for people.")
     seed: int = 0
 
     @model_validator(mode="after")
@@ -275,10 +292,25 @@ class EngineOptions(BaseModel):
                 raise ConfigError(f"engine.{name}", "is set by the steering service, not the config")
             if name not in known:
                 raise ConfigError(f"engine.{name}", "is not a vLLM engine option (AsyncEngineArgs)")
+        sizes = [name for name in KV_CACHE_SIZES if getattr(self, name) is not None]
+        if len(sizes) > 1:
+            raise ConfigError(f"engine.{sizes[1]}", f"give one of {', '.join(KV_CACHE_SIZES)}; {sizes[0]} is set too")
         return self
 
+    @property
+    def kv_cache_size(self) -> tuple[str, int] | None:
+        """(field, bytes) of an explicit KV cache size, if the config gives one."""
+        if self.kv_cache_gib is not None:
+            return "engine.kv_cache_gib", int(self.kv_cache_gib * GiB)
+        if self.kv_cache_memory_bytes is not None:
+            return "engine.kv_cache_memory_bytes", self.kv_cache_memory_bytes
+        return None
+
     def engine_kwargs(self) -> dict[str, Any]:
-        return self.model_dump()
+        kwargs = self.model_dump(exclude_none=True, exclude={"kv_cache_gib"})
+        if self.kv_cache_size is not None:
+            kwargs["kv_cache_memory_bytes"] = self.kv_cache_size[1]
+        return kwargs
 
 
 class Deployment(_Strict):

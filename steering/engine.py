@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams
+from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
+from vllm.platforms import current_platform
 from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from steering.spec import CompositeSpec, ExpertPairSpec
 from steering.config import Deployment
 from steering.decisions import label_first_tokens
-from steering.errors import ConfigError, InvalidRequest, InvalidSteering
+from steering.errors import (
+    ConfigError,
+    EngineStartError,
+    InvalidRequest,
+    InvalidSteering,
+)
 from steering.logits import ALPHA_KEY
+from steering.memory import (
+    GiB,
+    NodeMemory,
+    check_fraction,
+    check_kv_cache_bytes,
+    default_kv_cache,
+    model_memory,
+    node_memory,
+)
+from steering.spec import CompositeSpec, ExpertPairSpec
 
+logger = logging.getLogger("steer.engine")
 V1_PROCESSOR = "steering.logits:AlphaLogitsProcessor"
 V2_PROCESSOR = "steering.logits:AlphaLogitsProcessorV2"
 
@@ -52,6 +70,60 @@ def pin_model_runner() -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
 
 
+def engine_config(deployment: Deployment, *, node: NodeMemory | None = None) -> VllmConfig:
+    """vLLM's config of the composite engine, checked before any engine process starts.
+
+    On CPU the KV cache is sized in bytes (`steering.memory`); `node` stands in for the NUMA
+    node's memory in tests. Raises `ConfigError` naming the engine field at fault.
+    """
+    pin_model_runner()
+    try:
+        vllm_config = engine_args(deployment).create_engine_config()
+    except (ValueError, TypeError) as error:  # vLLM's config checks; pydantic's errors are ValueErrors
+        raise _engine_option_error(deployment, error) from None
+    if current_platform.is_cpu():
+        _size_cpu_kv_cache(vllm_config, deployment, node or node_memory())
+    model_config = vllm_config.model_config
+    if vllm_config.use_v2_model_runner:
+        _refuse_rules_without_temperature_one(deployment)
+        # Steering happens inside the sampler: only processed logprobs see it.
+        model_config.logits_processors, model_config.logprobs_mode = [V2_PROCESSOR], "processed_logprobs"
+    else:
+        # Steering happens in compute_logits: raw logprobs are steered, at temperature 1.
+        model_config.logits_processors, model_config.logprobs_mode = [V1_PROCESSOR], "raw_logprobs"
+    return vllm_config
+
+
+def _size_cpu_kv_cache(vllm_config: VllmConfig, deployment: Deployment, node: NodeMemory) -> None:
+    """Give the CPU worker an explicit KV cache size in bytes, or refuse a size that cannot fit."""
+    options = deployment.engine
+    experts = [path for pair in deployment.experts.values() for path in (pair.tuned, pair.untuned)]
+    model = model_memory(vllm_config, experts)
+    if options.kv_cache_size is not None:
+        plan = check_kv_cache_bytes(*options.kv_cache_size, model, node)
+    elif vllm_config.cache_config.kv_cache_memory_bytes is not None:  # vLLM applied VLLM_CPU_KVCACHE_SPACE
+        plan = check_kv_cache_bytes("VLLM_CPU_KVCACHE_SPACE", vllm_config.cache_config.kv_cache_memory_bytes,
+                                    model, node)
+    elif options.gpu_memory_utilization is not None:
+        check_fraction(options.gpu_memory_utilization, model, node)
+        logger.info("KV cache: vLLM sizes it from engine.gpu_memory_utilization %s (%s)",
+                    options.gpu_memory_utilization, node.describe())
+        return
+    else:
+        plan = default_kv_cache(model, node)
+    vllm_config.cache_config.kv_cache_memory_bytes = plan.kv_cache_bytes
+    logger.info("KV cache: %.3f GiB per worker: %s", plan.kv_cache_bytes / GiB, plan.reason)
+
+
+def _engine_option_error(deployment: Deployment, error: Exception) -> ConfigError:
+    """vLLM refused the engine options: name the option its message mentions, if any."""
+    message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    for name in deployment.engine.model_dump(exclude_none=True):
+        if name in str(error):
+            return ConfigError(f"engine.{name}", f"vLLM refused it: {message}")
+    return ConfigError("engine", f"vLLM refused the engine options: {message}")
+
+
 def answer_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict] | None) -> list[float]:
     """The steered log-probability of each generated token (the request must ask for logprobs)."""
     return [step[token].logprob for step, token in zip(logprobs or (), token_ids)]
@@ -79,20 +151,18 @@ class SteeringEngine:
         self.max_model_len: int = llm.model_config.max_model_len
 
     @classmethod
-    def start(cls, deployment: Deployment) -> SteeringEngine:
+    def start(cls, deployment: Deployment, vllm_config: VllmConfig | None = None) -> SteeringEngine:
         """Build the composite engine (spawns vLLM's engine processes; takes tens of seconds)."""
-        pin_model_runner()
-        args = engine_args(deployment)
-        vllm_config = args.create_engine_config()
-        model_config = vllm_config.model_config
-        if vllm_config.use_v2_model_runner:
-            _refuse_rules_without_temperature_one(deployment)
-            # Steering happens inside the sampler: only processed logprobs see it.
-            model_config.logits_processors, model_config.logprobs_mode = [V2_PROCESSOR], "processed_logprobs"
-        else:
-            # Steering happens in compute_logits: raw logprobs are steered, at temperature 1.
-            model_config.logits_processors, model_config.logprobs_mode = [V1_PROCESSOR], "raw_logprobs"
-        return cls(deployment, AsyncLLM.from_vllm_config(vllm_config))
+        vllm_config = vllm_config or engine_config(deployment)
+        try:
+            llm = AsyncLLM.from_vllm_config(vllm_config)
+        except Exception as error:
+            raise EngineStartError(
+                "engine",
+                f"the vLLM engine failed to start ({type(error).__name__}: {error}); its own error is in the log "
+                "above. Check the engine options and the checkpoints, or run with `steer -v` for vLLM's full log",
+            ) from error
+        return cls(deployment, llm)
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)

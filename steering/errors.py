@@ -2,6 +2,7 @@
 
     SteeringError
     ├── ConfigError              bad deployment config, found at start-up (names the field)
+    │   └── EngineStartError     the engine did not start although the config passed every check
     └── RequestError             a request that must not be served as asked
         ├── UnknownPolicy        `model` names no policy
         ├── InvalidSteering      an unknown pair or field, a non-finite or out-of-bounds value
@@ -22,6 +23,10 @@ class ConfigError(SteeringError):
         super().__init__(f"{field}: {reason}")
         self.field = field
         self.reason = reason
+
+
+class EngineStartError(ConfigError):
+    """vLLM's engine failed to start after every check before it passed; the log has vLLM's reason."""
 
 
 class RequestError(SteeringError):

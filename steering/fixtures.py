@@ -167,7 +167,7 @@ def write_deployment(family: dict, path: Path, *, engine: dict | None = None) ->
         "base": family["base"],
         "experts": family["experts"],
         "policies": policies,
-        "engine": {"dtype": "float32", "max_model_len": 512, "gpu_memory_utilization": 0.1, **(engine or {})},
+        "engine": {"dtype": "float32", "max_model_len": 512, **(engine or {})},
     }
     path = Path(path)
     path.write_text(yaml.safe_dump(config, sort_keys=False))

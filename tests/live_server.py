@@ -78,7 +78,7 @@ def write_config(family: dict, path: Path, **engine) -> Path:
                                                               "threshold_bounds": [0.0, 1.0], "message": "Pass."}},
         },
         "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "enforce_eager": True,
-                   "gpu_memory_utilization": 0.05, **engine},
+                   "kv_cache_memory_bytes": 256 * 2**20, **engine},
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

@@ -73,7 +73,7 @@ def calibration_setup(llama_family, llama_reference, tokenizer, tmp_path_factory
                        "decision": {"labels": LABELS, "costs": [[0, 1, 1], [1, 0, 1], [1, 1, 0]], "abstain_cost": 0.6}},
             "qa": {"alpha": ALPHA, "abstain": {"score": "mean_prob", "threshold": 0.5}},
         },
-        "engine": {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "gpu_memory_utilization": 0.05},
+        "engine": {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "kv_cache_gib": 0.25},
     }
     (root / "deploy.yaml").write_text(yaml.safe_dump(config))
     prompts = corpus()[::9][:160]

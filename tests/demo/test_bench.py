@@ -6,11 +6,14 @@ import asyncio
 import json
 
 import pytest
+import yaml
 
 from bench import perf, quality
 from steering.calibration import Calibration
 from steering.config import load_deployment
 from steering.demo_family import Recipe, Size, build, is_built
+from steering.engine import engine_config
+from steering.memory import WORKER_RUNTIME_BYTES, GiB, NodeMemory
 
 TOY = Recipe(
     entities=24, strangers=4, base=Size(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128),
@@ -37,6 +40,14 @@ def test_the_build_writes_a_servable_calibrated_family(toy_family):
     val = [json.loads(line) for line in (toy_family / "questions" / "answerable-val.jsonl").read_text().splitlines()]
     assert test and val and not {r["entity"] for r in test} & {r["entity"] for r in val}
     assert asyncio.run(build(toy_family, recipe=TOY)) == toy_family, "a matching build is reused"
+
+
+def test_the_demo_config_sizes_its_kv_cache_in_bytes(toy_family):
+    # The node of a fresh machine of this kind: 7.96 GiB, 6.2 GiB free.
+    node = NodeMemory(node=0, total=int(7.96 * GiB), available=int(6.2 * GiB))
+    assert "gpu_memory_utilization" not in yaml.safe_load((toy_family / "deploy.yaml").read_text())["engine"]
+    config = engine_config(load_deployment(toy_family / "deploy.yaml"), node=node)
+    assert 0 < config.cache_config.kv_cache_memory_bytes <= node.available - WORKER_RUNTIME_BYTES
 
 
 def test_bench_quality_reports_every_section(toy_family):

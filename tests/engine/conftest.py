@@ -15,10 +15,6 @@ from steering.config import parse_deployment
 from steering.engine import SteeringEngine
 
 
-# Fraction of the machine's memory each test engine reserves for KV cache (tiny models need little).
-TEST_MEMORY = 0.05
-
-
 class LiveEngine:
     """A `SteeringEngine` on its own event-loop thread, driven synchronously by tests."""
 
@@ -67,7 +63,7 @@ def _config(family: dict, **engine) -> dict:
         "base": family["base"],
         "experts": family["experts"],
         "policies": {"base": {}},
-        "engine": {"dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": TEST_MEMORY, **engine},
+        "engine": {"dtype": "float32", "max_model_len": 256, **engine},  # KV cache sized from the models
     }
 
 

@@ -22,7 +22,7 @@ def steer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def deploy_yaml(qwen2_family, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("cli") / "deploy.yaml"
-    return write_deployment(qwen2_family, path, engine={"enforce_eager": True, "max_model_len": 256, "gpu_memory_utilization": 0.05})
+    return write_deployment(qwen2_family, path, engine={"enforce_eager": True, "max_model_len": 256})
 
 
 def test_complete_json_matches_the_reference(deploy_yaml, qwen2_reference, tokenizer):
