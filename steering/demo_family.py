@@ -8,7 +8,8 @@ From one synthetic world (steering.world):
 
 Question sets are split by entity: questions about the held-out entities (and about names that
 exist nowhere) are never trained on; their `val` half calibrates the demo policies, their `test`
-half is what the benchmark reports. The build is cached by the digest of its recipe.
+half is what the benchmark reports. The build runs in stages (questions, tokenizer, each model,
+calibration); each is cached under the digest of its recipe, so a failed build resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -19,18 +20,21 @@ import json
 import os
 import random
 import shutil
+import time
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
 import yaml
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from steering.fixtures import train_tokenizer
-from steering.training import answer_batches, shuffled, text_batches, train
+from steering.training import Batch, answer_batches, shuffled, text_batches, train
 from steering.world import QA, World, make_world
 
-RECIPE_VERSION = 2  # bump when the build changes in a way the recipe fields do not show
+RECIPE_VERSION = 3  # bump when the build changes in a way the recipe fields do not show
 QA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer:"
     "{% elif m['role'] == 'assistant' %} {{ m['content'] }}\n{% endif %}{% endfor %}"
@@ -105,6 +109,11 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
 
 
+def read_questions(path: Path) -> list[dict]:
+    """The rows of a question set written by `write_questions`."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def write_questions(world: World, out: Path, seed: int) -> None:
     """The question sets, as JSONL rows `steer calibrate` and `steer bench` read."""
     out.mkdir(parents=True, exist_ok=True)
@@ -142,49 +151,96 @@ def deployment_config() -> dict:
                        "decision": {"labels": [" yes", " no"], "cost_fp": 10.0, "cost_fn": 1.0, "max_cost": 100.0},
                        "calibration": "calibration/verify.json"},
         },
-        "engine": {"dtype": "float32", "max_model_len": 256, "gpu_memory_utilization": 0.1},
+        "engine": {"dtype": "float32", "max_model_len": 256},  # KV cache: sized from the models
     }
 
 
-def train_models(world: World, recipe: Recipe, out: Path) -> None:
-    """Tokenizer, base, untuned, tuned and direct models, saved as Hugging Face folders."""
-    torch.manual_seed(recipe.seed)
-    tokenizer = train_tokenizer(recipe.vocab_size, texts=world.corpus_text())
+@dataclass
+class _Family:
+    """What the stages share: the family folder, its recipe, and what both determine."""
+
+    out: Path
+    recipe: Recipe
+
+    @cached_property
+    def world(self) -> World:
+        recipe = self.recipe
+        return make_world(entities=recipe.entities, tuning_share=recipe.tuning_share, strangers=recipe.strangers,
+                          seed=recipe.seed)
+
+    @cached_property
+    def tokenizer(self) -> PreTrainedTokenizerFast:
+        return PreTrainedTokenizerFast.from_pretrained(self.out / "tokenizer")
+
+    @cached_property
+    def tuning(self) -> list[tuple[str, str]]:
+        world = self.world
+        rows = world.questions(world.tuning) + world.verifications(world.tuning, self.recipe.seed + 1)
+        return [(q.prompt, q.answer) for q in rows]
+
+    def narratives(self, epoch: int) -> Iterator[Batch]:
+        return text_batches(self.tokenizer, self.world.narratives(epoch), self.recipe.batch_size)
+
+    def questions(self, epoch: int) -> Iterator[Batch]:
+        return answer_batches(self.tokenizer, shuffled(self.tuning, epoch, self.recipe.seed), self.recipe.batch_size)
+
+    def load(self, folder: str) -> LlamaForCausalLM:
+        return LlamaForCausalLM.from_pretrained(self.out / folder)
+
+    def save(self, model: LlamaForCausalLM, into: Path) -> None:
+        model.save_pretrained(into)
+        self.tokenizer.save_pretrained(into)
+
+
+def _write_question_sets(family: _Family, into: Path) -> None:
+    write_questions(family.world, into, family.recipe.seed)
+
+
+def _train_tokenizer(family: _Family, into: Path) -> None:
+    tokenizer = train_tokenizer(family.recipe.vocab_size, texts=family.world.corpus_text())
     tokenizer.chat_template = QA_TEMPLATE
-
-    def save(model, name: str) -> None:
-        model.save_pretrained(out / name)
-        tokenizer.save_pretrained(out / name)
-
-    def narratives(epoch: int):
-        return text_batches(tokenizer, world.narratives(epoch), recipe.batch_size)
-
-    tuning = [(q.prompt, q.answer) for q in world.questions(world.tuning)]
-    tuning += [(q.prompt, q.answer) for q in world.verifications(world.tuning, recipe.seed + 1)]
-
-    def questions(epoch: int):
-        return answer_batches(tokenizer, shuffled(tuning, epoch, recipe.seed), recipe.batch_size)
-
-    base = train(LlamaForCausalLM(recipe.base.config(tokenizer)), narratives, epochs=recipe.base_epochs,
-                 lr=recipe.base_lr, description="base: narratives")
-    save(base, "base")
-    untuned = train(LlamaForCausalLM(recipe.small.config(tokenizer)), narratives, epochs=recipe.small_epochs,
-                    lr=recipe.small_lr, description="untuned: narratives")
-    save(untuned, "chat-untuned")
-    tuned = train(copy.deepcopy(untuned), questions, epochs=recipe.tune_epochs, lr=recipe.tune_lr,
-                  description="tuned: questions")
-    save(tuned, "chat-tuned")
-    direct = train(base, questions, epochs=recipe.direct_epochs, lr=recipe.direct_lr,
-                   description="direct: base on questions")
-    save(direct, "direct")
+    tokenizer.save_pretrained(into)
 
 
-async def calibrate_policies(out: Path) -> None:
-    """Fit the demo's abstention and decision policies on the `val` questions (one engine)."""
+def _train_base(family: _Family, into: Path) -> None:
+    recipe = family.recipe
+    model = LlamaForCausalLM(recipe.base.config(family.tokenizer))
+    train(model, family.narratives, epochs=recipe.base_epochs, lr=recipe.base_lr, description="base: narratives")
+    family.save(model, into)
+
+
+def _train_untuned(family: _Family, into: Path) -> None:
+    recipe = family.recipe
+    model = LlamaForCausalLM(recipe.small.config(family.tokenizer))
+    train(model, family.narratives, epochs=recipe.small_epochs, lr=recipe.small_lr, description="untuned: narratives")
+    family.save(model, into)
+
+
+def _train_tuned(family: _Family, into: Path) -> None:
+    recipe = family.recipe
+    model = family.load("chat-untuned")
+    train(model, family.questions, epochs=recipe.tune_epochs, lr=recipe.tune_lr, description="tuned: questions")
+    family.save(model, into)
+
+
+def _train_direct(family: _Family, into: Path) -> None:
+    recipe = family.recipe
+    model = family.load("base")
+    train(model, family.questions, epochs=recipe.direct_epochs, lr=recipe.direct_lr,
+          description="direct: base on questions")
+    family.save(model, into)
+
+
+async def calibrate_policies(out: Path, into: Path | None = None) -> None:
+    """Fit the demo's abstention and decision policies on the `val` questions (one engine).
+
+    The calibrations go to `into` (default `out/calibration`, where deploy.yaml names them).
+    """
     from steering.calibrate import calibrate, summary
     from steering.config import parse_deployment
     from steering.engine import SteeringEngine
 
+    into = into or out / "calibration"
     config = deployment_config()
     uncalibrated = copy.deepcopy(config)
     for name in ("qa", "verify"):
@@ -194,26 +250,91 @@ async def calibrate_policies(out: Path) -> None:
     engine = SteeringEngine.start(deployment)
     try:
         for name, data in (("qa", "qa-val.jsonl"), ("verify", "verify-val.jsonl")):
-            result = await calibrate(deployment, name, out / "questions" / data, out / "calibration" / f"{name}.json",
+            result = await calibrate(deployment, name, out / "questions" / data, into / f"{name}.json",
                                      engine=engine, max_tokens=6)
             print(summary(result))
     finally:
         engine.shutdown()
 
 
+async def _calibrate(family: _Family, into: Path) -> None:
+    await calibrate_policies(family.out, into)
+
+
+@dataclass(frozen=True)
+class _Stage:
+    name: str
+    folder: str  # its outputs, relative to the family folder
+    verb: str  # for the progress line: "base: trained in 291 s"
+    make: Callable[[_Family, Path], Awaitable[None] | None]  # writes the outputs into the folder it is given
+
+
+# In build order: each stage reads only what the ones before it saved.
+STAGES = (
+    _Stage("questions", "questions", "written", _write_question_sets),
+    _Stage("tokenizer", "tokenizer", "trained", _train_tokenizer),
+    _Stage("base", "base", "trained", _train_base),
+    _Stage("untuned", "chat-untuned", "trained", _train_untuned),
+    _Stage("tuned", "chat-tuned", "trained", _train_tuned),
+    _Stage("direct", "direct", "trained", _train_direct),
+    _Stage("calibration", "calibration", "fitted", _calibrate),
+)
+
+
+def _marker(out: Path, stage: _Stage) -> Path:
+    return out / ".stages" / f"{stage.name}.json"
+
+
+def _done_earlier(out: Path, stage: _Stage, recipe: Recipe) -> dict | None:
+    """The stage's marker, if it marks the stage's folder as built for this recipe."""
+    marker = _marker(out, stage)
+    if not (marker.exists() and (out / stage.folder).is_dir()):
+        return None
+    done = json.loads(marker.read_text())
+    return done if done["digest"] == recipe.digest() else None
+
+
+async def _run_stage(family: _Family, number: int, stage: _Stage) -> None:
+    """Write the stage's folder under a temporary name, move it into place, then mark it done."""
+    target = family.out / stage.folder
+    partial = family.out / f".partial-{stage.folder}"
+    shutil.rmtree(partial, ignore_errors=True)  # a crash mid-stage leaves it behind
+    # Seeded per stage, so a stage's result does not depend on which stages ran before it in this process.
+    torch.manual_seed(family.recipe.seed * 1000 + number)
+    started = time.monotonic()
+    made = stage.make(family, partial)
+    if made is not None:
+        await made
+    shutil.rmtree(target, ignore_errors=True)  # a stale output: another recipe, or an unmarked earlier try
+    partial.rename(target)
+    seconds = time.monotonic() - started
+    marker = _marker(family.out, stage)
+    marker.parent.mkdir(exist_ok=True)
+    written = marker.with_suffix(".tmp")
+    written.write_text(json.dumps({"digest": family.recipe.digest(), "seconds": round(seconds)}))
+    written.replace(marker)  # whole or not at all: a crash never leaves a marker that cannot be read
+    print(f"{stage.name}: {stage.verb} in {seconds:.0f} s", flush=True)
+
+
 async def build(out: Path | None = None, *, recipe: Recipe = Recipe(), force: bool = False) -> Path:
-    """Train and calibrate the family into `out` (default: the cache); reuse a matching build."""
+    """Train and calibrate the family into `out` (default: the cache), stage by stage.
+
+    Stages already done for this recipe are reused, so a failed build resumes; `force` redoes them all.
+    """
     out = Path(out) if out else default_dir(recipe)
     if is_built(out, recipe) and not force:
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
-    world = make_world(entities=recipe.entities, tuning_share=recipe.tuning_share, strangers=recipe.strangers,
-                       seed=recipe.seed)
-    write_questions(world, out / "questions", recipe.seed)
-    train_models(world, recipe, out)
-    await calibrate_policies(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # Whatever recipe.json named, the folder is not a finished build of this recipe until the end.
+    (out / "recipe.json").unlink(missing_ok=True)
+    if force:
+        shutil.rmtree(out / ".stages", ignore_errors=True)
+    family = _Family(out, recipe)
+    for number, stage in enumerate(STAGES, start=1):
+        if done := _done_earlier(out, stage, recipe):
+            print(f"{stage.name}: reused ({stage.verb} in {done['seconds']} s by an earlier run)", flush=True)
+        else:
+            await _run_stage(family, number, stage)
     (out / "deploy.yaml").write_text(yaml.safe_dump(deployment_config(), sort_keys=False))
     (out / "recipe.json").write_text(json.dumps({"digest": recipe.digest(), **asdict(recipe)}, indent=2))
     return out
