@@ -14,24 +14,20 @@ match (case and end punctuation ignored, up to the first newline):
 from __future__ import annotations
 
 import asyncio
-import json
 from pathlib import Path
 
 import numpy as np
 from vllm import SamplingParams
 
 from steering import calibration as cal
-from steering.calibrate import normalize, realized_cost
+from steering.calibrate import abstention_cost, normalize, realized_cost
 from steering.config import Deployment, load_deployment, parse_deployment
 from steering.decisions import confidence_score, decide
+from steering.demo_family import read_questions
 from steering.engine import SteeringEngine, answer_logprobs
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
 MAX_TOKENS = 8
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def exact_match(generated: str, answer: str) -> bool:
@@ -64,12 +60,10 @@ async def abstention_report(engine: SteeringEngine, deployment: Deployment, rows
                     for c in completions])
     correct = np.array([exact_match(c.text, row["answer"]) for c, row in zip(completions, rows)], dtype=float)
     calibrated = np.array([policy.calibration.confidence(s) for s in raw])
-    costs = policy.abstain
-    bayes = 1 - costs.cost_abstain / costs.cost_wrong
+    bayes = policy.abstain.bayes_threshold
 
     def cost(confidence, threshold):
-        answered = confidence >= threshold
-        return float(np.mean(np.where(answered, costs.cost_wrong * (1 - correct), costs.cost_abstain)))
+        return abstention_cost(confidence, correct, threshold, policy)
 
     def metrics(confidence):
         return {"ece": cal.ece(confidence, correct), "aurc": cal.aurc(confidence, correct),
@@ -82,7 +76,7 @@ async def abstention_report(engine: SteeringEngine, deployment: Deployment, rows
         "expected_cost": {"always_answer": cost(raw, 0.0), "bayes_raw": cost(raw, bayes),
                           "bayes_calibrated": cost(calibrated, bayes),
                           "policy_threshold": cost(calibrated, policy.threshold_for(None)),
-                          "always_abstain": costs.cost_abstain},
+                          "always_abstain": policy.abstain.cost_abstain},
         "curves": {"raw": raw.tolist(), "calibrated": calibrated.tolist(), "correct": correct.tolist()},
     }
 
@@ -116,15 +110,15 @@ async def _single_model_accuracy(deployment: Deployment, base: str, rows: list[d
 async def run(family: Path, *, alphas=ALPHAS) -> dict:
     deployment = load_deployment(family / "deploy.yaml")
     questions = family / "questions"
-    val, test = _rows(questions / "answerable-val.jsonl"), _rows(questions / "answerable-test.jsonl")
+    val, test = read_questions(questions / "answerable-val.jsonl"), read_questions(questions / "answerable-test.jsonl")
     engine = SteeringEngine.start(_eager(deployment))
     try:
         sweep = {}
         for alpha in (0.0, *alphas):
             steering = {"chat": alpha} if alpha else {}
             sweep[alpha] = {"val": await accuracy(engine, val, steering), "test": await accuracy(engine, test, steering)}
-        abstention = await abstention_report(engine, deployment, _rows(questions / "qa-test.jsonl"))
-        decisions = await decision_report(engine, deployment, _rows(questions / "verify-test.jsonl"))
+        abstention = await abstention_report(engine, deployment, read_questions(questions / "qa-test.jsonl"))
+        decisions = await decision_report(engine, deployment, read_questions(questions / "verify-test.jsonl"))
     finally:
         engine.shutdown()
     tuned = await _single_model_accuracy(deployment, str(family / "chat-tuned"), test)

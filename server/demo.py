@@ -10,11 +10,9 @@ from pathlib import Path
 
 import httpx
 
+from steering.demo_family import read_questions
+
 READY_TIMEOUT_SECONDS = 900
-
-
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def start_server(config: Path, port: int, log: Path) -> tuple[str, int | None]:
@@ -60,9 +58,9 @@ def _question(prompt: str) -> str:
 def show(url: str, family: Path) -> None:
     """A held-out question to the base and to the proxy-tuned policy, an abstention, a decision."""
     questions = family / "questions"
-    held_out = _rows(questions / "answerable-test.jsonl")
-    strangers = _rows(questions / "unanswerable-test.jsonl")
-    verify = _rows(questions / "verify-test.jsonl")[0]
+    held_out = read_questions(questions / "answerable-test.jsonl")
+    strangers = read_questions(questions / "unanswerable-test.jsonl")
+    verify = read_questions(questions / "verify-test.jsonl")[0]
     with httpx.Client(base_url=url, timeout=120) as http:
         print("\n== proxy-tuning: the base knows the facts, the small tuned pair knows the format")
         for row in held_out[:3]:
@@ -97,7 +95,7 @@ def run(family: Path, port: int) -> int:
     url, pid = start_server(family / "deploy.yaml", port, family / "server.log")
     show(url, family)
     print(f"\nThe server keeps running at {url} (policies: base, chat, qa, verify).")
-    question = _question(_rows(family / "questions" / "answerable-test.jsonl")[0]["prompt"])
+    question = _question(read_questions(family / "questions" / "answerable-test.jsonl")[0]["prompt"])
     body = {"model": "chat", "messages": [{"role": "user", "content": question}], "max_tokens": 8}
     print(f"Try: curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{json.dumps(body)}'")
     if pid is not None:

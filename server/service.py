@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 
 from vllm import SamplingParams
 from vllm.logprobs import Logprob
-from vllm.outputs import RequestOutput
 from vllm.utils.async_utils import merge_async_iterators
 
 from server.metrics import ServerMetrics
@@ -39,6 +38,7 @@ from server.protocol import (
     CompletionChunk,
     CompletionRequest,
     SteeringInfo,
+    SteeringRequest,
     Usage,
 )
 from server.translate import GenerationRequest, chat_logprobs, completion_logprobs, sampling_params
@@ -101,13 +101,14 @@ class GenerationService:
     def plan(self, request: GenerationRequest) -> Plan:
         """Resolve policy, overrides and rule, check lengths; raises before anything is generated."""
         policy = self.deployment.policy(request.model)
-        steering = request.steering
-        alpha = policy.alpha_for(steering.alpha if steering else None, self.deployment.pair_names)
+        override = request.steering or SteeringRequest()
+        alpha = policy.alpha_for(override.alpha, self.deployment.pair_names)
         threshold = costs = None
-        if steering and steering.abstain_threshold is not None or policy.abstain:
-            threshold = policy.threshold_for(steering.abstain_threshold if steering else None)
-        if steering and (steering.costs is not None or steering.abstain_cost is not None) or policy.decision:
-            costs = policy.costs_for(steering.costs if steering else None, steering.abstain_cost if steering else None)
+        # A rule override on a policy without that rule is refused by threshold_for / costs_for.
+        if policy.abstain or override.abstain_threshold is not None:
+            threshold = policy.threshold_for(override.abstain_threshold)
+        if policy.decision or override.costs is not None or override.abstain_cost is not None:
+            costs = policy.costs_for(override.costs, override.abstain_cost)
         prompts = self.prompt_ids(request)
         if (policy.abstain or policy.decision) and (len(prompts) > 1 or request.n > 1):
             raise InvalidRequest("abstention and decision policies answer one prompt with one choice",

@@ -224,7 +224,7 @@ def _confidence_report(confidence: np.ndarray, correct: np.ndarray, bins: int) -
 def fit_abstention(name: str, policy: Policy, scores: np.ndarray, correct: np.ndarray, fit, held, bins: int):
     a, b = cal.fit_platt(scores[fit], correct[fit])
     threshold = fit_threshold(cal.platt(scores[fit], a, b), correct[fit], policy)
-    bayes = 1 - policy.abstain.cost_abstain / policy.abstain.cost_wrong if policy.abstain.cost_wrong else 0.0
+    bayes = policy.abstain.bayes_threshold
     raw, calibrated = scores[held], cal.platt(scores[held], a, b)
     report = {
         "policy": name,

@@ -50,14 +50,14 @@ class ProxyTunedForCausalLM(nn.Module):
             _, pair, role = module_name.split(".")
             self.experts[pair][role] = _sub_model(vllm_config, config, module_name, config.architectures)
             self.hidden_widths.append(config.get_text_config().hidden_size)
+        # Base first, then each pair tuned before untuned: the order of hidden_widths. A plain
+        # tuple (the modules are registered above), so the hot path never walks the module tree.
+        self.sub_models = (self.base, *(self.get_submodule(name) for name, _ in self.spec.expert_checkpoints))
         # The base checkpoint is vLLM's primary weight source; experts load from their own folders.
         self.secondary_weights = [
             DefaultModelLoader.Source(path, revision=None, prefix=f"{module_name}.")
             for module_name, path in self.spec.expert_checkpoints
         ]
-
-    def _sub_models(self) -> list[nn.Module]:
-        return [self.base] + [self.get_submodule(name) for name, _ in self.spec.expert_checkpoints]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("proxy-tuning runs every sub-model on token ids, not embeddings")
@@ -72,12 +72,12 @@ class ProxyTunedForCausalLM(nn.Module):
         if inputs_embeds is not None or intermediate_tensors is not None:
             raise NotImplementedError("proxy-tuning supports neither prompt embeddings nor pipeline parallelism")
         # input_ids, positions: [T] -> hidden: [T, sum(hidden_widths)]
-        return torch.cat([model(input_ids, positions) for model in self._sub_models()], dim=-1)
+        return torch.cat([model(input_ids, positions) for model in self.sub_models], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [N, sum(hidden_widths)] -> steered logits [N, V] (deltas: [P, N, V]).
         parts = hidden_states.split(self.hidden_widths, dim=-1)
-        models = self._sub_models()
+        models = self.sub_models
         base_logits = models[0].compute_logits(parts[0])
         deltas = [
             _fit_vocab(tuned.compute_logits(h_tuned), self.vocab_size)
