@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 
 import pytest
-
 from steering_client import (
     AsyncSteeringClient,
     AuthenticationError,
@@ -17,6 +16,7 @@ from steering_client import (
     NotFoundError,
     SteeringClient,
 )
+
 from tests.live_server import API_KEY, LABELS, MAX_MODEL_LEN
 
 MESSAGES = [{"role": "user", "content": "the model answers the question"}]

@@ -12,6 +12,7 @@ import tomllib
 from pathlib import Path
 
 import steering_client
+
 from tests.live_server import API_KEY
 
 ROOT = Path(__file__).resolve().parents[2]

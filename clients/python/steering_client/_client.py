@@ -9,7 +9,7 @@ import email.utils
 import os
 import random
 import time
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, Generic, Optional, TypeVar, Union
 
 import httpx
 from pydantic import BaseModel, ValidationError
@@ -33,16 +33,24 @@ RETRYABLE_STATUSES = frozenset({408, 429})  # and every status >= 500
 Timeout = Union[float, httpx.Timeout]
 Failure = Union[httpx.Response, httpx.TransportError]  # an error status, or no answer at all
 ModelT = TypeVar("ModelT", bound=BaseModel)
+HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
 
 
-class BaseClient:
+class BaseClient(Generic[HttpT]):
     """Where and how to talk to the service, shared by the sync and async clients.
 
     `base_url` and `api_key` default to $STEER_BASE_URL and $STEER_API_KEY, read once here;
     without either, the URL is http://127.0.0.1:8000/v1 and no key is sent.
+
+    `http_client` (an `httpx.Client`, or an `httpx.AsyncClient` for the async client) sends every
+    request instead of one the client opens: for proxies, custom transports, event hooks, tests.
+    Each request carries its full URL, headers and timeout, so the SDK's `base_url`, key, timeouts
+    and retries apply on top of it and its own `base_url` and `timeout` are not used. As in the
+    `openai` package, closing the SDK client closes the given one too.
     """
 
-    _http: Union[httpx.Client, httpx.AsyncClient]
+    _http_type: type[HttpT]
+    _http: HttpT
 
     def __init__(
         self,
@@ -52,16 +60,20 @@ class BaseClient:
         timeout: Timeout = DEFAULT_TIMEOUT,
         stream_timeout: Timeout = DEFAULT_STREAM_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        http_client: Optional[HttpT] = None,
     ):
+        if http_client is not None and not isinstance(http_client, self._http_type):
+            raise TypeError(f"http_client must be an httpx.{self._http_type.__name__}, not {type(http_client).__name__}")
         self.base_url = (base_url or os.environ.get("STEER_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
         self.api_key = api_key if api_key is not None else os.environ.get("STEER_API_KEY")
         self.timeout = httpx.Timeout(timeout)
         self.stream_timeout = httpx.Timeout(stream_timeout)
         self.max_retries = max_retries
-        self._connect()
+        self._http = self._http_type() if http_client is None else http_client
+        self._add_resources()
 
-    def _connect(self) -> None:
-        """Open the pooled httpx client and the resources (`chat`, `completions`, `models`/`policies`)."""
+    def _add_resources(self) -> None:
+        """Attach `chat`, `completions` and `models` (also called `policies`)."""
         raise NotImplementedError
 
     @property
@@ -76,7 +88,9 @@ class BaseClient:
     ) -> httpx.Request:
         if timeout is None:
             timeout = self.stream_timeout if is_stream(body) else self.timeout
-        return self._http.build_request(method, path, json=body, timeout=httpx.Timeout(timeout))
+        return self._http.build_request(
+            method, self.base_url + path, json=body, headers=self.headers, timeout=httpx.Timeout(timeout)
+        )
 
     def _retry_delay(self, attempt: int, max_retries: Optional[int], request: httpx.Request, failure: Failure) -> float:
         """Seconds to wait before retrying `failure`; raises it as the typed error when it is final.
@@ -131,17 +145,16 @@ def parse(response: httpx.Response, cast_to: type[ModelT]) -> ModelT:
         raise APIResponseValidationError(response=response, body=body, message=str(error)) from error
 
 
-class SteeringClient(BaseClient):
+class SteeringClient(BaseClient[httpx.Client]):
     """The steering service, synchronously, over one pooled httpx client; close it, or use `with`.
 
     `client.chat.completions.create(...)`, `client.completions.create(...)`, and
-    `client.models.list()` (also `client.policies.list()`).
+    `client.models.list()` (also `client.policies.list()`). `http_client=` takes an `httpx.Client`.
     """
 
-    _http: httpx.Client
+    _http_type = httpx.Client
 
-    def _connect(self) -> None:
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers)
+    def _add_resources(self) -> None:
         self.chat = Chat(self)
         self.completions = Completions(self)
         self.models = self.policies = Models(self)
@@ -179,6 +192,7 @@ class SteeringClient(BaseClient):
             attempt += 1
 
     def close(self) -> None:
+        """Close the connections, and the `http_client` if one was given."""
         self._http.close()
 
     def __enter__(self) -> SteeringClient:
@@ -188,16 +202,16 @@ class SteeringClient(BaseClient):
         self.close()
 
 
-class AsyncSteeringClient(BaseClient):
+class AsyncSteeringClient(BaseClient[httpx.AsyncClient]):
     """The steering service, with asyncio, over one pooled httpx client; `aclose()` it, or use `async with`.
 
-    The same surface as `SteeringClient`, with `await` (and `async for` over streams).
+    The same surface as `SteeringClient`, with `await` (and `async for` over streams);
+    `http_client=` takes an `httpx.AsyncClient`.
     """
 
-    _http: httpx.AsyncClient
+    _http_type = httpx.AsyncClient
 
-    def _connect(self) -> None:
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers)
+    def _add_resources(self) -> None:
         self.chat = AsyncChat(self)
         self.completions = AsyncCompletions(self)
         self.models = self.policies = AsyncModels(self)
@@ -235,6 +249,7 @@ class AsyncSteeringClient(BaseClient):
             attempt += 1
 
     async def aclose(self) -> None:
+        """Close the connections, and the `http_client` if one was given."""
         await self._http.aclose()
 
     async def __aenter__(self) -> AsyncSteeringClient:
