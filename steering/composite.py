@@ -3,7 +3,7 @@
 vLLM sees one model. `forward` runs every sub-model (each its own vLLM implementation, with its
 own paged KV cache layers) on the same `input_ids/positions` and concatenates their hidden
 states; `compute_logits` splits them, computes each pair's `tuned - untuned` logits and steers
-the base logits with each request's alphas through `steering.logits.LINK`.
+the base logits with each request's alphas through `steering.steer.LINK`.
 
 Every sub-model runs on every token, always: a prefix-cached block must hold expert KV too.
 """
@@ -21,8 +21,8 @@ from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.models.utils import init_vllm_registered_model
 from vllm.transformers_utils.config import get_config
 
-from steering.logits import LINK
 from steering.spec import CompositeSpec
+from steering.steer import LINK, fit_vocab
 
 
 def _sub_model(vllm_config: VllmConfig, hf_config, name: str, architectures: list[str]) -> nn.Module:
@@ -75,18 +75,16 @@ class ProxyTunedForCausalLM(nn.Module):
         return torch.cat([model(input_ids, positions) for model in self.sub_models], dim=-1)
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        # hidden_states: [N, sum(hidden_widths)] -> steered logits [N, V] (deltas: [P, N, V]).
+        # hidden_states: [N, sum(hidden_widths)] -> steered logits [N, V] (deltas: P x [N, V]).
         parts = hidden_states.split(self.hidden_widths, dim=-1)
         models = self.sub_models
         base_logits = models[0].compute_logits(parts[0])
         deltas = [
-            _fit_vocab(tuned.compute_logits(h_tuned), self.vocab_size)
-            - _fit_vocab(untuned.compute_logits(h_untuned), self.vocab_size)
-            for tuned, untuned, h_tuned, h_untuned in zip(
-                models[1::2], models[2::2], parts[1::2], parts[2::2]
-            )
+            fit_vocab(tuned.compute_logits(h_tuned), self.vocab_size)
+            - fit_vocab(untuned.compute_logits(h_untuned), self.vocab_size)
+            for tuned, untuned, h_tuned, h_untuned in zip(models[1::2], models[2::2], parts[1::2], parts[2::2])
         ]
-        return LINK.steer(base_logits, torch.stack(deltas) if deltas else base_logits.new_zeros(0, *base_logits.shape))
+        return LINK.steer(base_logits, deltas)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Route each source's weights to its sub-model; sources arrive one after another."""
@@ -101,11 +99,3 @@ class ProxyTunedForCausalLM(nn.Module):
         if name.startswith("experts."):
             return ".".join(name.split(".")[:3]) + "."
         return "base."
-
-
-def _fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """Slice padded expert vocabularies to the base's (or zero-pad a shorter one)."""
-    if logits.shape[-1] >= vocab_size:
-        return logits[..., :vocab_size]
-    return torch.nn.functional.pad(logits, (0, vocab_size - logits.shape[-1]))
-

@@ -8,9 +8,7 @@ Relative paths are relative to the YAML file.
 from __future__ import annotations
 
 import json
-import math
 import re
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -26,20 +24,12 @@ from pydantic import (
     model_validator,
 )
 
-from steering.calibration import Calibration
-from steering.decisions import (
-    SCORES,
-    Abstention,
-    CostMatrix,
-    Decision,
-    confidence_score,
-    decide,
-    label_first_tokens,
-)
-from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
+from steering.errors import ConfigError
 from steering.memory import GiB
+from steering.rules.abstention import SCORES
+from steering.rules.calibration import Calibration, FiniteFloat
+from steering.rules.decisions import CostMatrix, label_first_tokens
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 Probability = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
 PairName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_-]*$")]
@@ -140,7 +130,7 @@ class DecisionConfig(_Strict):
         if self.costs is None and k != 2:
             raise ValueError(f"cost_fp/cost_fn need exactly 2 labels (positive, negative); got {k}")
         if self.costs is not None:
-            _check_shape(self.costs, k)
+            check_cost_shape(self.costs, k)
         return self
 
     def cost_matrix(self) -> CostMatrix:
@@ -151,7 +141,8 @@ class DecisionConfig(_Strict):
         return CostMatrix(tuple(self.labels), tuple(tuple(row) for row in costs), self.abstain_cost)
 
 
-def _check_shape(costs: list[list[float]], k: int) -> None:
+def check_cost_shape(costs: list[list[float]], k: int) -> None:
+    """A k x k matrix, or a ValueError that says what was given."""
     if len(costs) != k or any(len(row) != k for row in costs):
         got = f"{len(costs)} rows of lengths {[len(row) for row in costs]}"
         raise ValueError(
@@ -159,8 +150,8 @@ def _check_shape(costs: list[list[float]], k: int) -> None:
         )
 
 
-class Policy(_Strict):
-    """What a request that names this policy gets; overrides stay within its bounds."""
+class PolicyConfig(_Strict):
+    """A policy as the YAML gives it; `steering.policy.Policy` is it resolved for serving."""
 
     description: str = ""
     alpha: dict[PairName, FiniteFloat] = Field(default_factory=dict)
@@ -172,94 +163,6 @@ class Policy(_Strict):
     calibration: Annotated[Calibration | None, BeforeValidator(_load_calibration)] = Field(
         default=None, description="Path to a calibration file written by `steer calibrate`."
     )
-
-    def alpha_for(self, override: Mapping[str, float] | None, pair_names: tuple[str, ...]) -> dict[str, float]:
-        """The alphas a request runs with: the policy's, with the request's overrides applied."""
-        alpha = dict(self.alpha)
-        for name, value in (override or {}).items():
-            param = f"steering.alpha.{name}"
-            if name not in pair_names:
-                raise InvalidSteering(
-                    f"unknown expert pair {name!r}; this deployment has {list(pair_names)}", param=param
-                )
-            _check_finite(value, param)
-            if self.max_alpha is None:
-                raise InvalidSteering("this policy does not allow alpha overrides", param=param)
-            if abs(value) > self.max_alpha:
-                raise InvalidSteering(
-                    f"alpha {value} for {name!r} is beyond this policy's max_alpha {self.max_alpha}",
-                    param=param,
-                )
-            alpha[name] = float(value)
-        return alpha
-
-    @property
-    def temperature(self) -> float:
-        """The decision calibration temperature (1: uncalibrated)."""
-        return self.calibration.temperature if self.calibration else 1.0
-
-    def decide(self, label_logprobs: list[float], costs: CostMatrix) -> Decision:
-        """The Bayes action from the labels' steered log-probabilities, calibrated."""
-        return decide(label_logprobs, costs, self.temperature)
-
-    def assess(self, token_logprobs: list[float], threshold: float) -> Abstention:
-        """An answer's calibrated confidence (from its tokens' steered logprobs) against `threshold`."""
-        raw = confidence_score(self.abstain.score, token_logprobs)
-        confidence = self.calibration.confidence(raw) if self.calibration else raw
-        return Abstention(self.abstain.score, raw, confidence, threshold)
-
-    def threshold_for(self, override: float | None) -> float:
-        """The abstention threshold a request runs with."""
-        param = "steering.abstain_threshold"
-        if self.abstain is None:
-            raise InvalidSteering("this policy does not abstain", param=param)
-        if override is None:
-            return self.abstain.threshold if self.abstain.threshold is not None else self.calibration.threshold
-        _check_finite(override, param)
-        bounds = self.abstain.threshold_bounds
-        if bounds is None:
-            raise InvalidSteering("this policy does not allow threshold overrides", param=param)
-        if not bounds[0] <= override <= bounds[1]:
-            raise InvalidSteering(f"threshold {override} is outside this policy's bounds {list(bounds)}", param=param)
-        return float(override)
-
-    def costs_for(self, costs: list[list[float]] | None, abstain_cost: float | None) -> CostMatrix:
-        """The cost matrix a request decides with: the policy's, or the request's within bounds."""
-        if self.decision is None:
-            param = "steering.costs" if costs is not None else "steering.abstain_cost"
-            raise InvalidSteering("this policy makes no decisions", param=param)
-        matrix = self.decision.cost_matrix()
-        if costs is None and abstain_cost is None:
-            return matrix
-        if self.decision.max_cost is None:
-            raise InvalidSteering("this policy does not allow cost overrides",
-                                  param="steering.costs" if costs is not None else "steering.abstain_cost")
-        if costs is not None:
-            try:
-                _check_shape(costs, len(matrix.labels))
-            except ValueError as error:
-                raise InvalidSteering(str(error), param="steering.costs") from None
-            self._check_cost_bounds([c for row in costs for c in row], "steering.costs")
-            matrix = CostMatrix(matrix.labels, tuple(tuple(float(c) for c in row) for row in costs), matrix.abstain_cost)
-        if abstain_cost is not None:
-            if matrix.abstain_cost is None:
-                raise InvalidSteering("this policy has no abstain action", param="steering.abstain_cost")
-            self._check_cost_bounds([abstain_cost], "steering.abstain_cost")
-            matrix = CostMatrix(matrix.labels, matrix.costs, float(abstain_cost))
-        return matrix
-
-    def _check_cost_bounds(self, values: list[float], param: str) -> None:
-        for value in values:
-            _check_finite(value, param)
-            if not 0 <= value <= self.decision.max_cost:
-                raise InvalidSteering(
-                    f"cost {value} is outside this policy's bounds [0, {self.decision.max_cost}]", param=param
-                )
-
-
-def _check_finite(value: Any, param: str) -> None:
-    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidSteering(f"{param} must be a finite number", param=param)
 
 
 class EngineOptions(BaseModel):
@@ -318,7 +221,7 @@ class Deployment(_Strict):
 
     base: ModelPath
     experts: dict[PairName, ExpertPair] = Field(default_factory=dict)
-    policies: dict[PolicyName, Policy] = Field(min_length=1)
+    policies: dict[PolicyName, PolicyConfig] = Field(min_length=1)
     engine: EngineOptions = Field(default_factory=EngineOptions)
 
     @model_validator(mode="after")
@@ -337,16 +240,8 @@ class Deployment(_Strict):
     def pair_names(self) -> tuple[str, ...]:
         return tuple(self.experts)
 
-    def policy(self, name: str) -> Policy:
-        try:
-            return self.policies[name]
-        except KeyError:
-            raise UnknownPolicy(
-                f"the policy {name!r} does not exist; policies: {sorted(self.policies)}", param="model"
-            ) from None
 
-
-def _check_rules(name: str, policy: Policy) -> None:
+def _check_rules(name: str, policy: PolicyConfig) -> None:
     """A policy abstains or decides (not both), with a calibration file fitted for exactly that."""
     field = f"policies.{name}"
     if policy.abstain and policy.decision:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import os
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 
@@ -19,14 +18,11 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from steering.config import Deployment
-from steering.decisions import label_first_tokens
 from steering.errors import (
     ConfigError,
     EngineStartError,
     InvalidRequest,
-    InvalidSteering,
 )
-from steering.logits import ALPHA_KEY
 from steering.memory import (
     GiB,
     NodeMemory,
@@ -36,11 +32,13 @@ from steering.memory import (
     model_memory,
     node_memory,
 )
+from steering.policy import Policies, Steering
 from steering.spec import CompositeSpec, ExpertPairSpec
+from steering.steer import ALPHA_KEY
 
 logger = logging.getLogger("steer.engine")
-V1_PROCESSOR = "steering.logits:AlphaLogitsProcessor"
-V2_PROCESSOR = "steering.logits:AlphaLogitsProcessorV2"
+V1_PROCESSOR = "steering.processors:AlphaLogitsProcessor"
+V2_PROCESSOR = "steering.processors:AlphaLogitsProcessorV2"
 
 
 def composite_spec(deployment: Deployment) -> CompositeSpec:
@@ -61,22 +59,12 @@ def engine_args(deployment: Deployment) -> AsyncEngineArgs:
     )
 
 
-def pin_model_runner() -> None:
-    """Use vLLM's V1 model runner unless the operator chose otherwise.
-
-    The V2 processor class exists but has only been checked where a GPU was lent; CPUs run V1
-    anyway (Model Runner V2 needs Triton).
-    """
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-
-
 def engine_config(deployment: Deployment, *, node: NodeMemory | None = None) -> VllmConfig:
     """vLLM's config of the composite engine, checked before any engine process starts.
 
     On CPU the KV cache is sized in bytes (`steering.memory`); `node` stands in for the NUMA
     node's memory in tests. Raises `ConfigError` naming the engine field at fault.
     """
-    pin_model_runner()
     try:
         vllm_config = engine_args(deployment).create_engine_config()
     except (ValueError, TypeError) as error:  # vLLM's config checks; pydantic's errors are ValueErrors
@@ -148,6 +136,7 @@ class SteeringEngine:
         # True on the V1 runner: logprobs are of the steered distribution at temperature 1.
         self.logprobs_at_temperature_one = llm.model_config.logprobs_mode == "raw_logprobs"
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
+        self.policies = Policies.build(deployment, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.max_model_len: int = llm.model_config.max_model_len
 
     @classmethod
@@ -176,17 +165,13 @@ class SteeringEngine:
         prompt: str | Sequence[int],
         params: SamplingParams,
         *,
-        alpha: Mapping[str, float],
+        steering: Steering,
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs of one request; `alpha` maps pair name to weight (absent pairs: 0)."""
-        unknown = set(alpha) - set(self.deployment.pair_names)
-        if unknown:
-            raise InvalidSteering(f"unknown expert pair(s) {sorted(unknown)}", param="steering.alpha")
+        """Stream outputs of one request steered as admitted by `Policy.resolve`."""
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_request(prompt_ids, params)
         params = params.clone()
-        params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: dict(alpha)}
+        params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: list(steering.alpha_row)}
         parsed = parse_model_prompt(self.llm.model_config, {"prompt_token_ids": prompt_ids})
         (engine_input,) = self.llm.renderer.render_cmpl([parsed])
         stream = self.llm.generate(engine_input, params, request_id or uuid.uuid4().hex)
@@ -204,35 +189,31 @@ class SteeringEngine:
         prompt: str | Sequence[int],
         params: SamplingParams,
         *,
-        alpha: Mapping[str, float],
+        steering: Steering,
         request_id: str | None = None,
     ) -> RequestOutput:
         """The finished output of one request."""
         final = None
-        async for final in self.generate(prompt, params, alpha=alpha, request_id=request_id):
+        async for final in self.generate(prompt, params, steering=steering, request_id=request_id):
             pass
         return final
 
-    def label_token_ids(self, labels: Sequence[str]) -> tuple[int, ...]:
-        """Each label's first token id, by which the label is scored."""
-        return label_first_tokens(lambda text: self.tokenizer.encode(text, add_special_tokens=False), labels)
-
     async def label_logprobs(
-        self,
-        prompt: str | Sequence[int],
-        label_token_ids: Sequence[int],
-        *,
-        alpha: Mapping[str, float],
-        request_id: str | None = None,
+        self, prompt: str | Sequence[int], steering: Steering, *, request_id: str | None = None
     ) -> list[float]:
-        """Steered log-probabilities, at temperature 1, of each label token coming next."""
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(label_token_ids))
-        final = await self.complete(prompt, params, alpha=alpha, request_id=request_id)
+        """Steered log-probabilities, at temperature 1, of each of the decision rule's label tokens next."""
+        labels = list(steering.rule.label_token_ids)
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=labels)
+        final = await self.complete(prompt, params, steering=steering, request_id=request_id)
         step = final.outputs[0].logprobs[0]
-        return [step[token].logprob for token in label_token_ids]
+        return [step[token].logprob for token in labels]
 
-    def check_request(self, prompt_ids: list[int], params: SamplingParams) -> None:
-        """Refuse a prompt that leaves no room in the context, or a max_tokens that overflows it."""
+    def check_request(self, prompt_ids: list[int], params: SamplingParams, *, limit_field: str = "max_tokens") -> None:
+        """Admission: refuse a prompt that leaves no room in the context, or a max_tokens beyond it.
+
+        Callers check before generating (the server at request admission), so a refusal is an
+        HTTP error rather than a failure in the middle of a stream.
+        """
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
         if params.prompt_logprobs is not None:
@@ -246,9 +227,9 @@ class SteeringEngine:
             )
         if params.max_tokens is not None and params.max_tokens > room:
             raise InvalidRequest(
-                f"max_tokens {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed "
+                f"{limit_field} {params.max_tokens} plus the prompt's {len(prompt_ids)} tokens exceed "
                 f"the context of {self.max_model_len}",
-                param="max_tokens",
+                param=limit_field,
             )
 
     @property

@@ -44,10 +44,6 @@ class CompositeSpec:
         )
 
     @property
-    def pair_names(self) -> tuple[str, ...]:
-        return tuple(pair.name for pair in self.pairs)
-
-    @property
     def expert_checkpoints(self) -> list[tuple[str, str]]:
         """(module name, checkpoint path) of every expert model: pair by pair, tuned first."""
         return [(f"experts.{pair.name}.{role}", getattr(pair, role)) for pair in self.pairs for role in ROLES]

@@ -3,36 +3,22 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import openai
 import yaml
 
+from steering_tools.server_process import ServerProcess, free_port
+
 STEER = str(Path(sys.executable).parent / "steer")
 API_KEY = "test-key"
 MAX_MODEL_LEN = 1024
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@dataclass
-class Server:
-    """A running `steer serve`: its address, process and log, and the /health statuses seen."""
-
-    url: str
-    process: subprocess.Popen
-    log: Path
-    health_seen: list[int] = field(default_factory=list)
+class Server(ServerProcess):
+    """A running `steer serve` with the tests' API key: clients for it, and its metrics."""
 
     def http(self, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {API_KEY}"}
@@ -86,32 +72,11 @@ def write_config(family: dict, path: Path, **engine) -> Path:
 
 def start_server(config: Path, log: Path, *extra: str) -> Server:
     port = free_port()
-    process = subprocess.Popen(
-        [STEER, "serve", "--config", str(config), "--port", str(port), "--api-key", API_KEY, *extra],
-        stdout=log.open("w"), stderr=subprocess.STDOUT,
-    )
-    server = Server(f"http://127.0.0.1:{port}", process, log)
-    deadline = time.monotonic() + 600
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"steer serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            status = httpx.get(f"{server.url}/health", timeout=5).status_code
-        except httpx.TransportError:
-            time.sleep(0.5)
-            continue
-        server.health_seen.append(status)
-        if status == 200:
-            return server
-        time.sleep(0.5)
-    process.kill()
-    raise RuntimeError(f"steer serve was not ready in time:\n{log.read_text()[-4000:]}")
+    command = [STEER, "serve", "--config", str(config), "--port", str(port), "--api-key", API_KEY, *extra]
+    server = Server.start(command, port=port, log=log)
+    server.wait_ready(600)
+    return server
 
 
 def stop_server(server: Server) -> None:
-    if server.process.poll() is None:
-        server.process.terminate()
-        try:
-            server.process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            server.process.kill()
+    server.stop()

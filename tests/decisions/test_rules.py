@@ -7,12 +7,11 @@ import math
 import numpy as np
 import pytest
 
-from steering.decisions import (
+from steering.rules.abstention import Abstention, confidence_score
+from steering.rules.decisions import (
     ABSTAIN,
-    Abstention,
     CostMatrix,
     bayes_action,
-    confidence_score,
     decide,
     expected_costs,
     label_first_tokens,

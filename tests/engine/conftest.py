@@ -13,6 +13,7 @@ from vllm import SamplingParams
 
 from steering.config import parse_deployment
 from steering.engine import SteeringEngine
+from steering.policy import Overrides, Steering
 
 
 class LiveEngine:
@@ -31,13 +32,18 @@ class LiveEngine:
     def run(self, coro, timeout: float = 600):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
+    def steering(self, alpha: Mapping[str, float]) -> Steering:
+        """Any alphas, admitted the way a request's are: through the `any` policy's bounds."""
+        return self.engine.policies["any"].resolve(Overrides(alpha=alpha))
+
     def outputs(self, prompts: Sequence, alphas: Sequence[Mapping[str, float]], params: SamplingParams):
         """Final RequestOutputs of requests submitted together (one batch in the engine)."""
+        plans = [(self.steering(a), p) for p, a in zip(prompts, alphas)]
+        for _, prompt in plans:  # admission, as the server does before generating
+            self.engine.check_request(self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt), params)
 
         async def gather():
-            return await asyncio.gather(
-                *(self.engine.complete(p, params, alpha=a) for p, a in zip(prompts, alphas))
-            )
+            return await asyncio.gather(*(self.engine.complete(p, params, steering=s) for s, p in plans))
 
         return self.run(gather())
 
@@ -62,7 +68,7 @@ def _config(family: dict, **engine) -> dict:
     return {
         "base": family["base"],
         "experts": family["experts"],
-        "policies": {"base": {}},
+        "policies": {"base": {}, "any": {"max_alpha": 100.0}},
         "engine": {"dtype": "float32", "max_model_len": 256, **engine},  # KV cache sized from the models
     }
 

@@ -9,7 +9,8 @@ import yaml
 
 from steering.config import load_deployment, parse_deployment
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
-from steering.fixtures import QWEN2_FAMILY, Shape, save_model, train_tokenizer
+from steering.policy import Overrides, Policies
+from steering.testing.families import QWEN2_FAMILY, Shape, save_model, train_tokenizer
 
 
 def config_of(family: dict, **changes) -> dict:
@@ -103,19 +104,23 @@ def test_padded_expert_vocabulary_is_accepted(qwen2_family, tmp_path):
     assert load_deployment(write(tmp_path, config)).pair_names == ("chat",)
 
 
-def test_alpha_overrides_stay_within_bounds(llama_family):
-    deployment = parse_deployment(config_of(llama_family))
-    chat = deployment.policy("chat")
-    pairs = deployment.pair_names
-    assert chat.alpha_for(None, pairs) == {"chat": 1.0}
-    assert chat.alpha_for({"chat": -4.0, "code": 2}, pairs) == {"chat": -4.0, "code": 2.0}
+def test_alpha_overrides_stay_within_bounds(llama_family, tokenizer):
+    policies = Policies.build(parse_deployment(config_of(llama_family)), tokenizer.encode)
+    chat = policies["chat"]
+
+    def alpha(policy, override):
+        return policy.resolve(Overrides(alpha=override)).alpha
+
+    assert chat.resolve().alpha == {"chat": 1.0}
+    assert chat.resolve().alpha_row == (1.0, 0.0), "one alpha per pair, in the deployment's pair order"
+    assert alpha(chat, {"chat": -4.0, "code": 2}) == {"chat": -4.0, "code": 2.0}
     with pytest.raises(InvalidSteering, match="beyond this policy's max_alpha"):
-        chat.alpha_for({"chat": 4.5}, pairs)
+        alpha(chat, {"chat": 4.5})
     with pytest.raises(InvalidSteering, match="unknown expert pair"):
-        chat.alpha_for({"poetry": 1.0}, pairs)
+        alpha(chat, {"poetry": 1.0})
     with pytest.raises(InvalidSteering, match="finite"):
-        chat.alpha_for({"chat": float("inf")}, pairs)
+        alpha(chat, {"chat": float("inf")})
     with pytest.raises(InvalidSteering, match="does not allow alpha overrides"):
-        deployment.policy("base").alpha_for({"chat": 1.0}, pairs)
+        alpha(policies["base"], {"chat": 1.0})
     with pytest.raises(UnknownPolicy):
-        deployment.policy("nope")
+        policies["nope"]

@@ -12,7 +12,6 @@ import yaml
 from steering.config import parse_deployment
 from steering.engine import engine_config
 from steering.errors import ConfigError
-from steering.fixtures import write_deployment
 from steering.memory import (
     DEFAULT_SEQUENCES,
     MIN_DEFAULT_BYTES,
@@ -26,6 +25,7 @@ from steering.memory import (
     default_kv_cache,
     model_memory,
 )
+from steering.testing.families import write_deployment
 from tests.engine.conftest import _config as engine_test_config
 from tests.live_server import write_config
 

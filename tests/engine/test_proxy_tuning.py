@@ -137,7 +137,8 @@ def test_streamed_deltas_add_up(llama_engine, llama_reference, tokenizer):
     params = SamplingParams(max_tokens=12, temperature=0.0, output_kind=RequestOutputKind.DELTA)
 
     async def stream():
-        return [list(o.outputs[0].token_ids) async for o in llama_engine.engine.generate(prompt, params, alpha=alpha)]
+        return [list(o.outputs[0].token_ids) async for o in llama_engine.engine.generate(
+            prompt, params, steering=llama_engine.steering(alpha))]
 
     chunks = llama_engine.run(stream())
     assert len(chunks) > 1

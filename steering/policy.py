@@ -1,0 +1,213 @@
+"""Policies resolved once at start-up, and the one admission check of a request's overrides.
+
+`steering.config.PolicyConfig` is what the YAML says. A `Policy` here is what serving needs,
+computed once: the alphas, the pair order, the decision rule (label token ids, cost matrix,
+calibration temperature), the abstention rule (calibration map, threshold), and the bounds an
+override must keep. `Policy.resolve(overrides)` admits a request's steering; every room after it
+trusts the `Steering` it returns and checks nothing again.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from steering.config import Deployment, PolicyConfig, check_cost_shape
+from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
+from steering.rules.abstention import Abstention, confidence_score
+from steering.rules.calibration import Calibration
+from steering.rules.decisions import CostMatrix, Decision, decide, label_first_tokens
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """What a request may change within its policy's bounds (the HTTP `steering` object)."""
+
+    alpha: Mapping[str, float] | None = None
+    abstain_threshold: float | None = None
+    costs: Sequence[Sequence[float]] | None = None
+    abstain_cost: float | None = None
+
+
+@dataclass(frozen=True)
+class DecisionRule:
+    """Answer with the Bayes action over labels scored by their first token, calibrated."""
+
+    label_token_ids: tuple[int, ...]
+    costs: CostMatrix
+    temperature: float  # 1: uncalibrated
+    abstain_message: str
+
+    def decide(self, label_logprobs: Sequence[float]) -> Decision:
+        return decide(label_logprobs, self.costs, self.temperature)
+
+
+@dataclass(frozen=True)
+class AbstentionRule:
+    """Withhold an answer whose calibrated confidence is below `threshold`."""
+
+    score: str
+    calibration: Calibration | None
+    threshold: float
+    message: str
+
+    def assess(self, token_logprobs: Sequence[float]) -> Abstention:
+        """An answer's calibrated confidence, from its tokens' steered logprobs, against the threshold."""
+        raw = confidence_score(self.score, token_logprobs)
+        confidence = self.calibration.confidence(raw) if self.calibration else raw
+        return Abstention(self.score, raw, confidence, self.threshold)
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A request's admitted steering: what the engine applies and the server reports."""
+
+    policy: str
+    alpha: dict[str, float]  # per pair named by the policy or the request, as reported
+    alpha_row: tuple[float, ...]  # one per expert pair, in the engine's pair order (absent: 0)
+    rule: DecisionRule | AbstentionRule | None = None
+
+
+class Policy:
+    """One policy, resolved against the deployment's pairs and the base tokenizer."""
+
+    def __init__(self, name: str, config: PolicyConfig, pair_names: tuple[str, ...],
+                 encode: Callable[[str], list[int]]):
+        self.name = name
+        self.config = config
+        self.pair_names = pair_names
+        self._default = self._rule(config, encode)
+
+    @staticmethod
+    def _rule(config: PolicyConfig, encode) -> DecisionRule | AbstentionRule | None:
+        if config.decision is not None:
+            return DecisionRule(
+                label_token_ids=label_first_tokens(encode, config.decision.labels),
+                costs=config.decision.cost_matrix(),
+                temperature=config.calibration.temperature if config.calibration else 1.0,
+                abstain_message=config.decision.abstain_message,
+            )
+        if config.abstain is not None:
+            abstain = config.abstain
+            threshold = abstain.threshold if abstain.threshold is not None else config.calibration.threshold
+            return AbstentionRule(abstain.score, config.calibration, threshold, abstain.message)
+        return None
+
+    @property
+    def rule(self) -> DecisionRule | AbstentionRule | None:
+        """The policy's own rule, before any override."""
+        return self._default
+
+    def resolve(self, overrides: Overrides | None = None) -> Steering:
+        """The steering a request runs with; anything beyond the policy's bounds is refused here."""
+        overrides = overrides or Overrides()
+        alpha = self._alpha(overrides.alpha or {})
+        rule = self._default
+        if overrides.abstain_threshold is not None:
+            rule = self._threshold(overrides.abstain_threshold)
+        if overrides.costs is not None or overrides.abstain_cost is not None:
+            rule = self._costs(overrides.costs, overrides.abstain_cost)
+        row = tuple(alpha.get(name, 0.0) for name in self.pair_names)
+        return Steering(self.name, alpha, row, rule)
+
+    def _alpha(self, override: Mapping[str, float]) -> dict[str, float]:
+        alpha = dict(self.config.alpha)
+        for name, value in override.items():
+            param = f"steering.alpha.{name}"
+            if name not in self.pair_names:
+                raise InvalidSteering(f"unknown expert pair {name!r}; this deployment has {list(self.pair_names)}",
+                                      param=param)
+            _check_finite(value, param)
+            if self.config.max_alpha is None:
+                raise InvalidSteering("this policy does not allow alpha overrides", param=param)
+            if abs(value) > self.config.max_alpha:
+                raise InvalidSteering(f"alpha {value} for {name!r} is beyond this policy's max_alpha "
+                                      f"{self.config.max_alpha}", param=param)
+            alpha[name] = float(value)
+        return alpha
+
+    def _threshold(self, threshold: float) -> AbstentionRule:
+        param = "steering.abstain_threshold"
+        if not isinstance(self._default, AbstentionRule):
+            raise InvalidSteering("this policy does not abstain", param=param)
+        _check_finite(threshold, param)
+        bounds = self.config.abstain.threshold_bounds
+        if bounds is None:
+            raise InvalidSteering("this policy does not allow threshold overrides", param=param)
+        if not bounds[0] <= threshold <= bounds[1]:
+            raise InvalidSteering(f"threshold {threshold} is outside this policy's bounds {list(bounds)}", param=param)
+        rule = self._default
+        return AbstentionRule(rule.score, rule.calibration, float(threshold), rule.message)
+
+    def _costs(self, costs: Sequence[Sequence[float]] | None, abstain_cost: float | None) -> DecisionRule:
+        param = "steering.costs" if costs is not None else "steering.abstain_cost"
+        if not isinstance(self._default, DecisionRule):
+            raise InvalidSteering("this policy makes no decisions", param=param)
+        max_cost = self.config.decision.max_cost
+        if max_cost is None:
+            raise InvalidSteering("this policy does not allow cost overrides", param=param)
+        matrix = self._default.costs
+        if costs is not None:
+            try:
+                check_cost_shape(costs, len(matrix.labels))
+            except ValueError as error:
+                raise InvalidSteering(str(error), param="steering.costs") from None
+            _check_cost_bounds([c for row in costs for c in row], max_cost, "steering.costs")
+            matrix = CostMatrix(matrix.labels, tuple(tuple(float(c) for c in row) for row in costs),
+                                matrix.abstain_cost)
+        if abstain_cost is not None:
+            if matrix.abstain_cost is None:
+                raise InvalidSteering("this policy has no abstain action", param="steering.abstain_cost")
+            _check_cost_bounds([abstain_cost], max_cost, "steering.abstain_cost")
+            matrix = CostMatrix(matrix.labels, matrix.costs, float(abstain_cost))
+        rule = self._default
+        return DecisionRule(rule.label_token_ids, matrix, rule.temperature, rule.abstain_message)
+
+
+def _check_finite(value: object, param: str) -> None:
+    """Overrides come from HTTP (already finite), the CLI and Python callers: this door is theirs."""
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise InvalidSteering(f"{param} must be a finite number", param=param)
+
+
+def _check_cost_bounds(values: list[float], max_cost: float, param: str) -> None:
+    for value in values:
+        _check_finite(value, param)
+        if not 0 <= value <= max_cost:
+            raise InvalidSteering(f"cost {value} is outside this policy's bounds [0, {max_cost}]", param=param)
+
+
+class Policies(Mapping[str, Policy]):
+    """Every policy of a deployment by name; an unknown name is the request's error."""
+
+    def __init__(self, policies: dict[str, Policy]):
+        self._policies = policies
+
+    @classmethod
+    def build(cls, deployment: Deployment, encode: Callable[[str], list[int]]) -> Policies:
+        """Resolve each policy once; `encode` is the base tokenizer's (text -> ids, no special tokens)."""
+        pairs = deployment.pair_names
+        policies = {}
+        for name, config in deployment.policies.items():
+            try:
+                policies[name] = Policy(name, config, pairs, encode)
+            except ValueError as error:  # labels that share a first token
+                raise ConfigError(f"policies.{name}.decision.labels", str(error)) from None
+        return cls(policies)
+
+    def __getitem__(self, name: str) -> Policy:
+        try:
+            return self._policies[name]
+        except KeyError:
+            raise UnknownPolicy(f"the policy {name!r} does not exist; policies: {sorted(self._policies)}",
+                                param="model") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._policies
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._policies)
+
+    def __len__(self) -> int:
+        return len(self._policies)

@@ -1,0 +1,51 @@
+"""Calibration maps used at serve time, as read from the files `steer calibrate` writes; numpy only.
+
+Decision policies calibrate label probabilities with a temperature: `softmax(z / T)`.
+Abstention policies calibrate a confidence score in (0, 1) with Platt scaling on its logit:
+`sigmoid(a * logit(s) + b)`. The fits live with the job (`steering_tools.metrics`).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+EPS = 1e-12
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # the one definition; config and protocol import it
+
+
+class Calibration(BaseModel):
+    """A calibration file: the fitted map, and the threshold fitted with it where one is used."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    kind: Literal["decision", "abstention"]
+    policy: str
+    temperature: Annotated[FiniteFloat, Field(gt=0)] = 1.0  # decision
+    labels: list[str] | None = None  # decision: the labels it was fitted for
+    score: str | None = None  # abstention: the score it was fitted for
+    platt_a: FiniteFloat = 1.0  # abstention
+    platt_b: FiniteFloat = 0.0
+    threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
+    fitted_on: int = 0
+
+    def confidence(self, score: float) -> float:
+        """Calibrated probability that an answer with this raw score is right."""
+        return float(platt(np.asarray([score]), self.platt_a, self.platt_b)[0])
+
+    @classmethod
+    def read(cls, path: str | Path) -> Calibration:
+        return cls.model_validate(json.loads(Path(path).read_text()))
+
+    def write(self, path: str | Path) -> None:
+        Path(path).write_text(self.model_dump_json(indent=2))
+
+
+def platt(scores: np.ndarray, a: float, b: float) -> np.ndarray:
+    """sigmoid(a * logit(score) + b), scores clipped away from 0 and 1."""
+    clipped = np.clip(np.asarray(scores, dtype=np.float64), EPS, 1 - EPS)
+    return 1.0 / (1.0 + np.exp(-(a * np.log(clipped / (1 - clipped)) + b)))

@@ -1,0 +1,177 @@
+"""Tiny model families made on the spot, so tests and the quick demo need no model hub.
+
+A family is one locally trained tokenizer shared by a base and expert pairs of various
+architectures and shapes; `tuned` is `untuned` plus a seeded perturbation, the way a
+fine-tune stays close to its starting point. Weights are random: these models say nothing
+sensible, but they exercise every code path with real checkpoints on disk.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+)
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]
+
+_SUBJECTS = ["the model", "a river", "my friend", "the server", "every cat", "our team", "the moon"]
+_VERBS = ["answers", "reads", "builds", "follows", "decodes", "paints", "measures", "steers"]
+_OBJECTS = ["the question", "a long story", "small numbers", "the old bridge", "green tea",
+            "each token", "the evening light", "a careful plan"]
+_TAILS = ["today.", "with care.", "before noon.", "again and again.", "in silence.", "for fun?",
+          "quite well!", "1 2 3 4 5."]
+
+
+def corpus() -> list[str]:
+    """Deterministic English-like sentences to train the shared tokenizer on."""
+    return [" ".join(words) for words in itertools.product(_SUBJECTS, _VERBS, _OBJECTS, _TAILS)]
+
+
+def train_tokenizer(
+    vocab_size: int = 512, *, lowercase_only: bool = False, texts: list[str] | None = None
+) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer with a chat template, trained on `texts` (default `corpus()`)."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    # Only the corpus's own (ASCII) characters, no full byte alphabet: every token then decodes
+    # to whole characters, so streamed and one-shot detokenization agree on random outputs.
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    text = texts if texts is not None else corpus()
+    if lowercase_only:
+        text = [line.replace(" ", "") for line in text]
+    bpe.train_from_iterator(text, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+        additional_special_tokens=SPECIAL_TOKENS[4:],
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Architecture and size of one small checkpoint (the CPU kernels need head_dim >= 32 to serve it)."""
+
+    arch: str  # "llama" | "qwen2"
+    hidden: int
+    heads: int
+    kv_heads: int
+    layers: int = 2
+    intermediate: int | None = None  # default: 2 x hidden
+    vocab_pad: int = 0  # extra embedding rows beyond the tokenizer, as real checkpoints have
+    max_positions: int = 1024
+
+    def config(self, tokenizer: PreTrainedTokenizerFast, *, initializer_range: float = 0.02):
+        """A Hugging Face config of this shape over `tokenizer`'s vocabulary (plus the padding)."""
+        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[self.arch]
+        return config_cls(
+            vocab_size=len(tokenizer) + self.vocab_pad,
+            hidden_size=self.hidden,
+            intermediate_size=self.intermediate or 2 * self.hidden,
+            num_hidden_layers=self.layers,
+            num_attention_heads=self.heads,
+            num_key_value_heads=self.kv_heads,
+            max_position_embeddings=self.max_positions,
+            initializer_range=initializer_range,
+            tie_word_embeddings=False,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+            torch_dtype="float32",
+        )
+
+
+@dataclass(frozen=True)
+class FamilySpec:
+    """A base shape and named expert-pair shapes sharing one tokenizer."""
+
+    base: Shape
+    experts: dict[str, Shape] = field(default_factory=dict)
+    seed: int = 0
+
+
+LLAMA_FAMILY = FamilySpec(
+    base=Shape("llama", hidden=128, heads=4, kv_heads=2),
+    experts={
+        "chat": Shape("llama", hidden=64, heads=2, kv_heads=1),
+        "code": Shape("qwen2", hidden=96, heads=3, kv_heads=1, vocab_pad=16),
+    },
+    seed=1,
+)
+QWEN2_FAMILY = FamilySpec(
+    base=Shape("qwen2", hidden=128, heads=4, kv_heads=4),
+    experts={"chat": Shape("llama", hidden=64, heads=2, kv_heads=2, vocab_pad=8)},
+    seed=2,
+)
+
+
+def save_model(shape: Shape, tokenizer, path: Path, seed: int, *, start: Path | None = None,
+                noise: float = 0.0) -> None:
+    torch.manual_seed(seed)
+    if start is None:
+        # Wide random weights, so that base and steered outputs differ visibly.
+        model = AutoModelForCausalLM.from_config(shape.config(tokenizer, initializer_range=0.2))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(start, dtype=torch.float32)
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(noise * torch.randn_like(param))
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+def build_family(spec: FamilySpec, root: Path, *, tokenizer=None) -> dict:
+    """Write base and expert checkpoints under `root`; return their paths as a config dict.
+
+    The result has the `base` / `experts` shape of a deployment config.
+    """
+    root = Path(root)
+    tokenizer = tokenizer or train_tokenizer()
+    seeds = itertools.count(spec.seed * 1000)
+    base = root / "base"
+    save_model(spec.base, tokenizer, base, next(seeds))
+    experts = {}
+    for name, shape in spec.experts.items():
+        untuned, tuned = root / f"{name}-untuned", root / f"{name}-tuned"
+        save_model(shape, tokenizer, untuned, next(seeds))
+        save_model(shape, tokenizer, tuned, next(seeds), start=untuned, noise=0.1)
+        experts[name] = {"tuned": str(tuned), "untuned": str(untuned)}
+    family = {"base": str(base), "experts": experts}
+    (root / "family.json").write_text(json.dumps(family, indent=2))
+    return family
+
+
+def write_deployment(family: dict, path: Path, *, engine: dict | None = None) -> Path:
+    """A deployment YAML over a built family: an unsteered policy and one per expert pair."""
+    policies = {"base": {"description": "the frozen base, unsteered"}}
+    for name in family["experts"]:
+        policies[name] = {"description": f"steered by the {name} pair", "alpha": {name: 1.0}, "max_alpha": 4.0}
+    config = {
+        "base": family["base"],
+        "experts": family["experts"],
+        "policies": policies,
+        "engine": {"dtype": "float32", "max_model_len": 512, **(engine or {})},
+    }
+    path = Path(path)
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path

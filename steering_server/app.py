@@ -1,0 +1,247 @@
+"""The HTTP app: `create_app(settings)` builds it; nothing is constructed at import time."""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Annotated, TypeVar
+
+import prometheus_client
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
+from vllm.config import VllmConfig
+
+from steering.config import Deployment, load_deployment
+from steering.engine import SteeringEngine, engine_config
+from steering.errors import SteeringError
+from steering_server.errors import (
+    EngineNotReady,
+    NotAuthenticated,
+    error_body,
+    install_error_handlers,
+)
+from steering_server.metrics import ServerMetrics
+from steering_server.protocol import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
+from steering_server.service import ChatCompletions, Completions, GenerationService
+
+logger = logging.getLogger("steer.server")
+T = TypeVar("T")
+LOADING_TICK_SECONDS = 10.0
+
+
+class ServerSettings(BaseModel):
+    """How `steer serve` runs: the deployment file, the address, the optional API key."""
+
+    config: Path | None = None  # the deployment YAML; unused when the app is handed an engine
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    graceful_shutdown_seconds: float = 60.0
+
+    @property
+    def address(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+
+class ServiceState:
+    """The deployment, its metrics, and the engine with its services once it is up."""
+
+    def __init__(self, settings: ServerSettings, deployment: Deployment):
+        self.settings = settings
+        self.deployment = deployment
+        self.metrics = ServerMetrics(set(deployment.policies))
+        self.created = int(time.time())
+        self.engine: SteeringEngine | None = None
+        self.failure: BaseException | None = None
+        self.chat: ChatCompletions | None = None
+        self.completions: Completions | None = None
+
+    async def start_engine(self, vllm_config: VllmConfig, on_failure: Callable[[BaseException], None]) -> None:
+        started = time.perf_counter()
+        logger.info("starting the engine: base %s, expert pairs %s", self.deployment.base,
+                    list(self.deployment.pair_names) or "none")
+        loading = asyncio.ensure_future(asyncio.to_thread(SteeringEngine.start, self.deployment, vllm_config))
+        try:
+            while not (await asyncio.wait({loading}, timeout=LOADING_TICK_SECONDS))[0]:
+                logger.info("engine loading… %.0f s", time.perf_counter() - started)
+            engine = loading.result()
+        except SteeringError as error:
+            logger.error("the engine failed to start: %s", error)
+            self.failure = error
+            on_failure(error)
+            return
+        except Exception as error:
+            logger.exception("the engine failed to start")
+            self.failure = error
+            on_failure(error)
+            return
+        self.serve(engine)
+        logger.info("engine ready in %.1f s; serving policies %s on %s", time.perf_counter() - started,
+                    sorted(self.deployment.policies), self.settings.address)
+
+    def serve(self, engine: SteeringEngine) -> None:
+        """Route generation to `engine` from now on."""
+        self.engine = engine
+        self.chat = ChatCompletions(engine, self.metrics)
+        self.completions = Completions(engine, self.metrics)
+        self.metrics.watch_engine(lambda: engine.num_unfinished_requests)
+
+    def shutdown(self) -> None:
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+
+def _state(request: Request) -> ServiceState:
+    return request.app.state.service
+
+
+def _authenticated(request: Request) -> None:
+    key = _state(request).settings.api_key
+    if key is None:
+        return
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.encode()):
+        raise NotAuthenticated("a valid API key is required: send 'Authorization: Bearer <key>'")
+
+
+def _ready(request: Request) -> ServiceState:
+    state = _state(request)
+    if state.engine is None:
+        reason = f"the engine failed to start: {state.failure}" if state.failure else "the engine is still loading"
+        raise EngineNotReady(reason)
+    return state
+
+
+Authenticated = Depends(_authenticated)
+Ready = Annotated[ServiceState, Depends(_ready)]
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left; nobody reads it
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+
+
+async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
+    """Run `work`; if the client leaves first, cancel it (aborting its engine requests): None."""
+    task = asyncio.ensure_future(work)
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=0.25)
+        if done:
+            return task.result()
+        if await request.is_disconnected():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            return None
+
+
+async def _sse(request: Request, service: GenerationService, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events: one `data:` line per chunk, an error event if generation fails, `[DONE]`."""
+    try:
+        async for chunk in chunks:
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except asyncio.CancelledError:
+        service.metrics.aborted.labels(request.state.policy).inc()
+        raise
+    except Exception as error:
+        if error_body(error)[0] == 500:
+            logger.exception("stream failed")
+        yield f"data: {ErrorResponse(error=error_body(error)[1]).model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+async def _generate(request: Request, service: GenerationService, body) -> Response:
+    request.state.policy = body.model
+    plan = service.plan(body)
+    metrics = service.metrics
+    if body.stream:
+        metrics.requests.labels(plan.name, service.endpoint, "200").inc()
+        return StreamingResponse(_sse(request, service, service.chunks(body, plan)), media_type="text/event-stream")
+    answered = await until_disconnected(request, service.answer(plan))
+    if answered is None:
+        metrics.aborted.labels(plan.name).inc()
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
+    metrics.requests.labels(plan.name, service.endpoint, "200").inc()
+    return JSONResponse(service.response(body, plan, *answered).model_dump())
+
+
+def create_app(
+    settings: ServerSettings,
+    *,
+    engine: SteeringEngine | None = None,
+    on_engine_failure: Callable[[BaseException], None] = lambda error: None,
+) -> FastAPI:
+    """The app over `engine` (the caller's: ready at once, never shut down here), or over the
+    deployment in `settings.config`: loaded and checked now, so bad config fails here, and its
+    engine started on startup."""
+    if engine is not None:
+        state = ServiceState(settings, engine.deployment)
+        state.serve(engine)
+        lifespan = None
+    else:
+        deployment = load_deployment(settings.config)
+        state = ServiceState(settings, deployment)
+        vllm_config = engine_config(deployment)
+
+        @asynccontextmanager
+        async def lifespan(app: FastAPI):
+            starting = asyncio.create_task(state.start_engine(vllm_config, on_engine_failure))
+            yield
+            starting.cancel()
+            state.shutdown()
+
+    app = FastAPI(
+        title="Steering service",
+        description="OpenAI-compatible decode-time steering: policies are models; "
+        "per-request overrides go in the top-level `steering` object.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.service = state
+    install_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        if state.engine is not None:
+            return JSONResponse({"status": "ready"})
+        status = "failed" if state.failure else "loading"
+        return JSONResponse({"status": status}, status_code=503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        body = state.metrics.render() + prometheus_client.generate_latest(prometheus_client.REGISTRY)
+        return Response(body, media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models", dependencies=[Authenticated], response_model=ModelList, responses=ERRORS)
+    async def list_models() -> ModelList:
+        d = state.deployment
+        experts = {name: {"tuned": p.tuned, "untuned": p.untuned} for name, p in d.experts.items()}
+        return ModelList(data=[
+            ModelCard(id=name, created=state.created, description=policy.description, base=d.base,
+                      experts={pair: experts[pair] for pair in policy.alpha}, alpha=policy.alpha,
+                      max_alpha=policy.max_alpha)
+            for name, policy in d.policies.items()
+        ])
+
+    @app.post("/v1/chat/completions", dependencies=[Authenticated], response_model=ChatCompletion,
+              responses=ERRORS, name="chat")
+    async def chat_completions(request: Request, body: ChatCompletionRequest, ready: Ready) -> Response:
+        return await _generate(request, ready.chat, body)
+
+    @app.post("/v1/completions", dependencies=[Authenticated], response_model=Completion,
+              responses=ERRORS, name="completions")
+    async def completions(request: Request, body: CompletionRequest, ready: Ready) -> Response:
+        return await _generate(request, ready.completions, body)
+
+    return app

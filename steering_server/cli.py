@@ -1,0 +1,268 @@
+"""`steer`: try a policy, serve a deployment, calibrate a policy, run the demo and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _alpha_override(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"expected PAIR=VALUE, got {text!r}")
+    try:
+        return name, float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"alpha for {name!r} is not a number: {value!r}") from None
+
+
+BUILD_MINUTES = "about 10 minutes"  # measured on 2 cores: README, "The demo family"
+TOOLS_EXTRA = {"scipy", "matplotlib", "tqdm"}  # what the tools need beyond serving (pyproject's `tools`)
+NO_CONFIG = """steer serve: --config is required: the deployment YAML to serve (see README, "The deployment config").
+To serve the demo family instead: `steer demo run` (it trains the family once, about 10 minutes on 2 CPU
+cores, then serves it on :8000), or `steer demo build` and then `steer serve --config <that folder>/deploy.yaml`."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    complete = commands.add_parser("complete", help="complete one prompt under one or more policies")
+    complete.add_argument("--config", required=True, type=Path, help="deployment YAML")
+    complete.add_argument(
+        "--policy", action="append", required=True,
+        help="policy name; repeat to compare policies on one engine",
+    )
+    complete.add_argument(
+        "--alpha", action="append", type=_alpha_override, default=[], metavar="PAIR=VALUE",
+        help="override a pair's alpha (within the policy's max_alpha)",
+    )
+    complete.add_argument("--max-tokens", type=int, default=32)
+    complete.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
+    complete.add_argument("--seed", type=int, default=None)
+    complete.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
+    complete.add_argument("--json", action="store_true", help="print one JSON object per policy")
+    complete.add_argument("prompt")
+    complete.set_defaults(handler=lambda args: asyncio.run(_complete(args)))
+
+    serve = commands.add_parser("serve", help="serve a deployment over an OpenAI-compatible HTTP API")
+    serve.add_argument("--config", type=Path, help="deployment YAML (required; `steer demo run` serves the demo)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+                       help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STEER_API_KEY)")
+    serve.set_defaults(handler=_serve)
+
+    calibrate = commands.add_parser(
+        "calibrate", help="fit a decision or abstention policy's calibration from labelled JSONL"
+    )
+    calibrate.add_argument("--config", required=True, type=Path, help="deployment YAML")
+    calibrate.add_argument("--policy", required=True)
+    calibrate.add_argument("--data", required=True, type=Path,
+                           help='JSONL rows: {"prompt" | "messages", "label" | "answer"}')
+    calibrate.add_argument("--out", type=Path, help="calibration file (default: <config dir>/<policy>.calibration.json)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    calibrate.add_argument("--fit-fraction", type=float, default=0.5)
+    calibrate.add_argument("--max-tokens", type=int, default=32, help="answer length for abstention policies")
+    calibrate.add_argument("--bins", type=int, default=10, help="confidence bins for ECE and the reliability plot")
+    calibrate.set_defaults(handler=lambda args: asyncio.run(_calibrate(args)))
+
+    demo = commands.add_parser("demo", help="the demo family: build it, or serve it and show each policy")
+    demo_commands = demo.add_subparsers(dest="demo_command", required=True)
+    demo_build = demo_commands.add_parser("build", help="train and calibrate the demo family (cached)")
+    demo_build.add_argument("--out", type=Path, help="folder (default: a cache folder named by the recipe)")
+    demo_build.add_argument("--force", action="store_true", help="rebuild even if a matching build exists")
+    demo_run = demo_commands.add_parser("run", help="build if missing, serve in the background, send examples")
+    demo_run.add_argument("--port", type=int, default=8000)
+    demo.set_defaults(handler=_demo)
+
+    bench = commands.add_parser("bench", help="measure quality (demo family) or speed (random models)")
+    bench_commands = bench.add_subparsers(dest="bench_command", required=True)
+    quality = bench_commands.add_parser("quality", help="skill transfer, abstention and decisions on the demo family")
+    quality.add_argument("--family", type=Path, help="a built demo family (default: build or reuse the cached one)")
+    perf = bench_commands.add_parser("perf", help="tokens/s and latency: vllm serve, steer serve, the reference")
+    perf.add_argument("--preset", choices=["cpu", "tiny", "gpu"], default="cpu", help="model sizes (base ~10x experts)")
+    perf.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    perf.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
+    perf.add_argument("--prompt-tokens", type=int, default=64)
+    perf.add_argument("--max-tokens", type=int, default=64)
+    perf.add_argument("--no-vllm-serve", dest="vllm_serve", action="store_false")
+    perf.add_argument("--no-reference", dest="reference", action="store_false")
+    perf.add_argument("--eager", action="store_true", help="no torch.compile (faster start, slower steps)")
+    for command in (quality, perf):
+        command.add_argument("--json", action="store_true", help="print the report as JSON")
+        command.add_argument("--out", type=Path, help="write the JSON report and PNG plots into this folder")
+    bench.set_defaults(handler=_bench)
+
+    fixtures = commands.add_parser("fixtures", help="build a tiny random model family and its deploy.yaml")
+    fixtures.add_argument("--out", required=True, type=Path)
+    fixtures.add_argument("--family", choices=["llama", "qwen2"], default="llama")
+    fixtures.set_defaults(handler=_fixtures)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    # stdout is the command's output (e.g. --json); logs go to stderr.
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
+    # vLLM's V1 model runner, unless the operator chose: the V2 processor class has not yet run
+    # where a GPU was lent, and CPUs run V1 anyway (Model Runner V2 needs Triton).
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    if not args.verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    from steering.errors import SteeringError
+
+    try:
+        return args.handler(args)
+    except SteeringError as error:
+        print(f"steer: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        if error.name not in TOOLS_EXTRA:
+            raise
+        print(f"steer {args.command}: needs the `tools` extra ({error.name} is missing): "
+              "pip install 'steering-service[tools]'", file=sys.stderr)
+        return 2
+
+
+async def _complete(args) -> int:
+    from transformers import AutoTokenizer
+    from vllm import SamplingParams
+
+    from steering.config import load_deployment
+    from steering.engine import SteeringEngine
+    from steering.policy import Overrides, Policies
+
+    deployment = load_deployment(args.config)
+    tokenizer = AutoTokenizer.from_pretrained(deployment.base)
+    policies = Policies.build(deployment, lambda text: tokenizer.encode(text, add_special_tokens=False))
+    overrides = Overrides(alpha=dict(args.alpha))
+    runs = [policies[name].resolve(overrides) for name in args.policy]  # refused before an engine starts
+    engine = SteeringEngine.start(deployment)
+    try:
+        prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+        for steering in runs:
+            output = await engine.complete(prompt, params, steering=steering)
+            completion = output.outputs[0]
+            if args.json:
+                print(json.dumps({
+                    "policy": steering.policy,
+                    "alpha": steering.alpha,
+                    "text": completion.text,
+                    "token_ids": list(completion.token_ids),
+                    "prompt_token_ids": list(output.prompt_token_ids),
+                    "finish_reason": completion.finish_reason,
+                }))
+            else:
+                shown = ", ".join(f"{pair}={value:g}" for pair, value in steering.alpha.items()) or "unsteered"
+                print(f"[{steering.policy}: {shown}]\n{completion.text}\n")
+    finally:
+        engine.shutdown()
+    return 0
+
+
+def _serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from steering_server.app import ServerSettings, create_app
+
+    if args.config is None:
+        print(NO_CONFIG, file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key)
+    logging.getLogger("steer.server").info("loading the deployment from %s", args.config)
+    failures: list[BaseException] = []
+
+    def stop(error: BaseException) -> None:
+        failures.append(error)
+        server.should_exit = True
+
+    app = create_app(settings, on_engine_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=settings.host, port=settings.port, log_level="info",
+        timeout_graceful_shutdown=settings.graceful_shutdown_seconds,
+    ))
+    server.run()
+    return 1 if failures else 0
+
+
+async def _calibrate(args) -> int:
+    from steering.config import load_deployment
+    from steering_tools.calibrate import calibrate, summary
+
+    deployment = load_deployment(args.config)
+    out = args.out or args.config.parent / f"{args.policy}.calibration.json"
+    result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed,
+                             fit_fraction=args.fit_fraction, max_tokens=args.max_tokens, bins=args.bins)
+    print(summary(result))
+    print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}")
+    return 0
+
+
+def _demo_family(out: Path | None = None, force: bool = False) -> Path:
+    from steering_tools.demo_family import Recipe, build, default_dir, is_built
+
+    recipe = Recipe()
+    folder = out or default_dir(recipe)
+    if force or not is_built(folder, recipe):
+        print(f"building the demo family in {folder} ({BUILD_MINUTES} on 2 CPU cores; each finished stage "
+              "is kept, so an interrupted build resumes)", flush=True)
+    return asyncio.run(build(folder, recipe=recipe, force=force))
+
+
+def _demo(args) -> int:
+    if args.demo_command == "build":
+        print(f"the demo family is ready in {_demo_family(args.out, args.force)}")
+        return 0
+    from steering_tools.demo import run
+
+    return run(_demo_family(), args.port)
+
+
+def _bench(args) -> int:
+    if args.bench_command == "quality":
+        from steering_tools.bench import quality as job
+
+        report = asyncio.run(job.run(args.family or _demo_family()))
+    else:
+        from steering_tools.bench import perf as job
+
+        report = job.run(preset=args.preset, concurrency=tuple(args.concurrency), requests=args.requests,
+                         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
+                         vllm_serve=args.vllm_serve, reference=args.reference, eager=args.eager)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.bench_command}.json").write_text(json.dumps(report, indent=2))
+        if hasattr(job, "plot"):
+            job.plot(report, args.out)
+    print(json.dumps(report, indent=2) if args.json else job.summary(report))
+    return 0
+
+
+def _fixtures(args) -> int:
+    from steering.testing.families import (
+        LLAMA_FAMILY,
+        QWEN2_FAMILY,
+        build_family,
+        write_deployment,
+    )
+
+    spec = {"llama": LLAMA_FAMILY, "qwen2": QWEN2_FAMILY}[args.family]
+    family = build_family(spec, args.out)
+    path = write_deployment(family, args.out / "deploy.yaml")
+    print(f"wrote the {args.family} fixture family and {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""Prometheus metrics, labelled by policy, in a registry of the app's own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+UNKNOWN_POLICY = "<unknown>"
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class ServerMetrics:
+    """Requests, tokens, latencies and errors per policy; the engine's unfinished requests."""
+
+    def __init__(self, policies: set[str]):
+        self.policies = policies
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "steer_requests", "Requests answered, by policy, endpoint and HTTP status.",
+            ["policy", "endpoint", "status"], registry=self.registry,
+        )
+        self.prompt_tokens = Counter(
+            "steer_prompt_tokens", "Prompt tokens processed.", ["policy"], registry=self.registry
+        )
+        self.generation_tokens = Counter(
+            "steer_generation_tokens", "Tokens generated.", ["policy"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "steer_request_latency_seconds", "Time from request to last token.", ["policy", "endpoint"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.first_token = Histogram(
+            "steer_time_to_first_token_seconds", "Time from request to first streamed token.", ["policy"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )
+        self.errors = Counter(
+            "steer_errors", "Requests refused or failed, by policy and error type.", ["policy", "type"],
+            registry=self.registry,
+        )
+        self.aborted = Counter(
+            "steer_aborted_requests", "Requests whose client went away before the end.", ["policy"],
+            registry=self.registry,
+        )
+        self.abstentions = Counter(
+            "steer_abstentions", "Answers replaced by the policy's abstention message.", ["policy"],
+            registry=self.registry,
+        )
+        self.decisions = Counter(
+            "steer_decisions", "Decisions made, by policy and chosen action.", ["policy", "action"],
+            registry=self.registry,
+        )
+        self.unfinished = Gauge(
+            "steer_engine_unfinished_requests", "Requests inside the engine, running or waiting.",
+            registry=self.registry,
+        )
+
+    def policy_label(self, name: str | None) -> str:
+        """A request's policy as a label; unknown names collapse to one label value."""
+        return name if name in self.policies else UNKNOWN_POLICY
+
+    def watch_engine(self, num_unfinished: Callable[[], int]) -> None:
+        self.unfinished.set_function(num_unfinished)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

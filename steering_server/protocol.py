@@ -1,0 +1,271 @@
+"""OpenAI-compatible request and response models, plus the `steering` extension.
+
+Requests forbid unknown fields: a field we do not implement is refused (400), never ignored.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from steering.config import FiniteFloat
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SteeringRequest(_Request):
+    """Per-request overrides of the chosen policy, within the bounds the policy sets."""
+
+    alpha: dict[str, FiniteFloat] | None = Field(
+        default=None,
+        description="Alpha per expert pair, e.g. {\"chat\": 1.5}; |alpha| must stay within the policy's max_alpha.",
+    )
+    abstain_threshold: FiniteFloat | None = Field(
+        default=None, description="Abstention policies: the confidence threshold, within the policy's bounds."
+    )
+    costs: list[list[FiniteFloat]] | None = Field(
+        default=None, description="Decision policies: the cost matrix (rows: actions, columns: true labels)."
+    )
+    abstain_cost: FiniteFloat | None = Field(default=None, description="Decision policies: the cost of abstaining.")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class _GenerationRequest(_Request):
+    model: str = Field(description="A policy name, as listed by GET /v1/models.")
+    max_tokens: Annotated[int, Field(ge=1)] | None = None
+    temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] = 1.0
+    top_p: Annotated[FiniteFloat, Field(gt=0, le=1)] = 1.0
+    top_k: Annotated[int, Field(ge=-1)] | None = Field(default=None, description="vLLM extension; -1 or unset: off.")
+    n: Annotated[int, Field(ge=1, le=16)] = 1
+    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
+    seed: int | None = None
+    presence_penalty: Annotated[FiniteFloat, Field(ge=-2, le=2)] = 0.0
+    frequency_penalty: Annotated[FiniteFloat, Field(ge=-2, le=2)] = 0.0
+    logit_bias: dict[str, Annotated[FiniteFloat, Field(ge=-100, le=100)]] | None = None
+    min_tokens: Annotated[int, Field(ge=0)] = Field(default=0, description="vLLM extension.")
+    ignore_eos: bool = Field(default=False, description="vLLM extension.")
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    steering: SteeringRequest | None = Field(
+        default=None, description="Steering overrides (send through the OpenAI SDK's extra_body)."
+    )
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_GenerationRequest):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
+    logprobs: bool = False
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def token_limit_field(self) -> str:
+        """The field the client set the limit with, for errors that name it."""
+        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_GenerationRequest):
+    prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] | Annotated[
+        list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)
+    ]
+    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def token_limit_field(self) -> str:
+        return "max_tokens"
+
+    @property
+    def num_logprobs(self) -> int | None:
+        return self.logprobs
+
+    def prompts(self) -> list[str | list[int]]:
+        """One entry per prompt: a text or a token-id list."""
+        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+# Responses
+
+
+class SteeringInfo(BaseModel):
+    """What steering and decisions did for this response."""
+
+    policy: str
+    alpha: dict[str, float] = Field(description="The alpha applied per expert pair.")
+    abstained: bool | None = Field(default=None, description="Whether the answer was replaced by abstaining.")
+    confidence: float | None = Field(default=None, description="Calibrated confidence of the answer or decision.")
+    decision: dict | None = Field(
+        default=None,
+        description="Decision policies: labels, raw and calibrated probabilities, label_mass, costs, "
+        "expected_costs per action, and the chosen action.",
+    )
+    abstention: dict | None = Field(
+        default=None, description="Abstention policies: the score, its raw and calibrated values, the threshold."
+    )
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None
+
+
+def _response_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+class ChatCompletion(BaseModel):
+    id: str = Field(default_factory=lambda: _response_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    steering: SteeringInfo
+
+
+class Completion(BaseModel):
+    id: str = Field(default_factory=lambda: _response_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    steering: SteeringInfo
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class _Chunk(BaseModel):
+    """What every streamed chunk has; the last one carries `steering` (and `usage` if asked)."""
+
+    id: str
+    created: int
+    model: str
+    usage: Usage | None = None
+    steering: SteeringInfo | None = None
+
+
+class ChatCompletionChunk(_Chunk):
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+
+
+class CompletionChunk(_Chunk):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+
+
+class ModelCard(BaseModel):
+    """A policy, listed as a model."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "steering"
+    description: str
+    base: str
+    experts: dict[str, dict[str, str]] = Field(description="Expert pairs by name: tuned and untuned checkpoints.")
+    alpha: dict[str, float]
+    max_alpha: float | None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody

@@ -1,0 +1,167 @@
+"""One service per endpoint: admit the request, run its policy kind, shape the OpenAI response.
+
+The policy kinds live in their own modules (`generation`, `abstention`, `decision`); planning
+in `plan`. What is shared here is the flow: admission, the kind's pieces, usage and metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from steering.engine import SteeringEngine
+from steering.errors import InvalidRequest
+from steering.policy import AbstentionRule, DecisionRule
+from steering_server.abstention import answer_or_abstain
+from steering_server.decision import decide
+from steering_server.generation import generate
+from steering_server.metrics import ServerMetrics
+from steering_server.pieces import Outcome, Piece, joined
+from steering_server.plan import Plan, plan_request
+from steering_server.protocol import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunkChoice,
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionRequest,
+    ChatDelta,
+    Completion,
+    CompletionChoice,
+    CompletionChunk,
+    CompletionRequest,
+    SteeringInfo,
+    Usage,
+)
+from steering_server.translate import (
+    GenerationRequest,
+    chat_logprobs,
+    completion_logprobs,
+)
+
+
+class GenerationService:
+    """What chat and completions share: admission, running the policy kind, usage and metrics."""
+
+    endpoint: str
+
+    def __init__(self, engine: SteeringEngine, metrics: ServerMetrics):
+        self.engine = engine
+        self.metrics = metrics
+
+    def prompt_ids(self, request: GenerationRequest) -> list[list[int]]:
+        raise NotImplementedError
+
+    def plan(self, request: GenerationRequest) -> Plan:
+        """Admit the request; raises before anything is generated."""
+        return plan_request(self.engine, request, self.prompt_ids(request))
+
+    async def answer(self, plan: Plan) -> tuple[list[Piece], Outcome]:
+        """Every choice's whole answer, and the outcome; cancelling aborts the engine requests."""
+        outcome = _outcome(plan)
+        pieces = [piece async for piece in self.pieces(plan, outcome)]
+        return joined(pieces), outcome
+
+    async def pieces(self, plan: Plan, outcome: Outcome) -> AsyncIterator[Piece]:
+        """Answer pieces as they may be shown; `outcome` is complete when the iteration ends."""
+        rule = plan.steering.rule
+        if isinstance(rule, DecisionRule):
+            stream = decide(self.engine, plan, outcome, self.metrics)
+        elif isinstance(rule, AbstentionRule):
+            stream = answer_or_abstain(self.engine, plan, outcome, self.metrics)
+        else:
+            stream = generate(self.engine, plan, outcome)
+        first = True
+        async for piece in stream:
+            if first:
+                self.metrics.first_token.labels(plan.name).observe(time.perf_counter() - plan.started)
+                first = False
+            yield piece
+        self._record(plan, outcome)
+
+    def usage(self, plan: Plan, outcome: Outcome) -> Usage:
+        prompt_tokens = sum(len(p) for p in plan.prompts)
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=outcome.completion_tokens,
+                     total_tokens=prompt_tokens + outcome.completion_tokens)
+
+    def stream_usage(self, request: GenerationRequest, plan: Plan, outcome: Outcome) -> Usage | None:
+        """The usage a stream reports at its end: only when `stream_options.include_usage` asks."""
+        include = request.stream_options is not None and request.stream_options.include_usage
+        return self.usage(plan, outcome) if include else None
+
+    def _record(self, plan: Plan, outcome: Outcome) -> None:
+        self.metrics.prompt_tokens.labels(plan.name).inc(sum(len(p) for p in plan.prompts))
+        self.metrics.generation_tokens.labels(plan.name).inc(outcome.completion_tokens)
+        self.metrics.latency.labels(plan.name, self.endpoint).observe(time.perf_counter() - plan.started)
+
+
+def _outcome(plan: Plan) -> Outcome:
+    return Outcome(SteeringInfo(policy=plan.name, alpha=plan.steering.alpha))
+
+
+class ChatCompletions(GenerationService):
+    """POST /v1/chat/completions: one conversation, rendered with the base's chat template."""
+
+    endpoint = "chat"
+
+    def prompt_ids(self, request: ChatCompletionRequest) -> list[list[int]]:
+        if not self.engine.tokenizer.chat_template:
+            raise InvalidRequest("the base model has no chat template; use /v1/completions", param="messages")
+        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
+        return [self.engine.chat_prompt(messages)]
+
+    def _logprobs(self, plan: Plan, piece: Piece):
+        if plan.num_logprobs is None or piece.logprobs is None:
+            return None
+        return chat_logprobs(piece.token_ids, piece.logprobs, plan.num_logprobs)
+
+    def response(self, request: ChatCompletionRequest, plan: Plan, pieces: list[Piece], outcome: Outcome) -> ChatCompletion:
+        choices = [
+            ChatChoice(index=p.index, message=AssistantMessage(content=p.text), logprobs=self._logprobs(plan, p),
+                       finish_reason=p.finish_reason)
+            for p in pieces
+        ]
+        return ChatCompletion(model=plan.name, choices=choices, usage=self.usage(plan, outcome),
+                              steering=outcome.steering)
+
+    async def chunks(self, request: ChatCompletionRequest, plan: Plan) -> AsyncIterator[ChatCompletionChunk]:
+        chunk_id = f"chatcmpl-{plan.request_id}"
+
+        def chunk(choices, **extra) -> ChatCompletionChunk:
+            return ChatCompletionChunk(id=chunk_id, created=plan.created, model=plan.name, choices=choices, **extra)
+
+        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(request.n)])
+        outcome = _outcome(plan)
+        async for p in self.pieces(plan, outcome):
+            yield chunk([ChatChunkChoice(index=p.index, delta=ChatDelta(content=p.text),
+                                         logprobs=self._logprobs(plan, p), finish_reason=p.finish_reason)])
+        yield chunk([], usage=self.stream_usage(request, plan, outcome), steering=outcome.steering)
+
+
+class Completions(GenerationService):
+    """POST /v1/completions: one or more prompts, text or token ids."""
+
+    endpoint = "completions"
+
+    def prompt_ids(self, request: CompletionRequest) -> list[list[int]]:
+        return [self.engine.encode(p) if isinstance(p, str) else list(p) for p in request.prompts()]
+
+    def _choice(self, request: CompletionRequest, plan: Plan, p: Piece) -> CompletionChoice:
+        logprobs = None
+        if plan.num_logprobs is not None and p.logprobs is not None:
+            logprobs = completion_logprobs(p.token_ids, p.logprobs, plan.num_logprobs)
+        return CompletionChoice(index=p.prompt_index * request.n + p.index, text=p.text, logprobs=logprobs,
+                                finish_reason=p.finish_reason)
+
+    def response(self, request: CompletionRequest, plan: Plan, pieces: list[Piece], outcome: Outcome) -> Completion:
+        return Completion(model=plan.name, choices=[self._choice(request, plan, p) for p in pieces],
+                          usage=self.usage(plan, outcome), steering=outcome.steering)
+
+    async def chunks(self, request: CompletionRequest, plan: Plan) -> AsyncIterator[CompletionChunk]:
+        chunk_id = f"cmpl-{plan.request_id}"
+        outcome = _outcome(plan)
+        async for p in self.pieces(plan, outcome):
+            yield CompletionChunk(id=chunk_id, created=plan.created, model=plan.name,
+                                  choices=[self._choice(request, plan, p)])
+        yield CompletionChunk(id=chunk_id, created=plan.created, model=plan.name, choices=[],
+                              usage=self.stream_usage(request, plan, outcome), steering=outcome.steering)

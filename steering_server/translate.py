@@ -1,0 +1,95 @@
+"""OpenAI requests to engine inputs, and engine outputs back to OpenAI shapes."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
+from vllm.logprobs import Logprob
+from vllm.sampling_params import RequestOutputKind
+
+from steering.errors import InvalidRequest
+from steering_server.protocol import (
+    ChatCompletionRequest,
+    ChatLogprobs,
+    CompletionLogprobs,
+    CompletionRequest,
+    TokenLogprob,
+    TopLogprob,
+)
+
+GenerationRequest = ChatCompletionRequest | CompletionRequest
+
+
+def sampling_params(request: GenerationRequest, *, prompt_len: int, max_model_len: int) -> SamplingParams:
+    """vLLM sampling parameters; an absent token limit means 'up to the end of the context'."""
+    if request.n > 1 and request.temperature == 0:
+        raise InvalidRequest("n must be 1 with greedy sampling (temperature 0): the choices would be identical",
+                             param="n")
+    # At least 1, so that a prompt that fills the context is refused for its length, by name.
+    max_tokens = request.token_limit if request.token_limit is not None else max(1, max_model_len - prompt_len)
+    try:
+        logit_bias = {int(token): bias for token, bias in (request.logit_bias or {}).items()}
+    except ValueError:
+        raise InvalidRequest("logit_bias keys must be token ids", param="logit_bias") from None
+    try:
+        return SamplingParams(
+            n=request.n,
+            temperature=request.temperature,
+            top_p=request.top_p,
+            top_k=request.top_k if request.top_k is not None else 0,
+            max_tokens=max_tokens,
+            min_tokens=request.min_tokens,
+            stop=request.stop,
+            seed=request.seed,
+            presence_penalty=request.presence_penalty,
+            frequency_penalty=request.frequency_penalty,
+            logit_bias=logit_bias or None,
+            ignore_eos=request.ignore_eos,
+            logprobs=request.num_logprobs,
+            output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
+        )
+    except (ValueError, VLLMClientError) as error:
+        raise InvalidRequest(str(error), param=getattr(error, "parameter", None)) from None
+
+
+def _token_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], top: int) -> ChatLogprobs:
+    """OpenAI chat logprobs: one entry per generated token, with its `top` alternatives."""
+    content = []
+    for token_id, candidates in zip(token_ids, logprobs):
+        chosen = candidates[token_id]
+        ranked = sorted(candidates.items(), key=lambda item: item[1].rank or 0)[:top] if top else []
+        content.append(
+            TokenLogprob(
+                token=chosen.decoded_token or "",
+                logprob=chosen.logprob,
+                bytes=_token_bytes(chosen.decoded_token or ""),
+                top_logprobs=[
+                    TopLogprob(token=lp.decoded_token or "", logprob=lp.logprob, bytes=_token_bytes(lp.decoded_token or ""))
+                    for _, lp in ranked
+                ],
+            )
+        )
+    return ChatLogprobs(content=content)
+
+
+def completion_logprobs(
+    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], top: int, *, text_offset: int = 0
+) -> CompletionLogprobs:
+    """Legacy completions logprobs: parallel lists of tokens, logprobs, top alternatives, offsets."""
+    tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
+    for token_id, candidates in zip(token_ids, logprobs):
+        chosen = candidates[token_id]
+        text = chosen.decoded_token or ""
+        tokens.append(text)
+        token_logprobs.append(chosen.logprob)
+        ranked = sorted(candidates.values(), key=lambda lp: lp.rank or 0)[:top]
+        top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in ranked} if top else None)
+        offsets.append(text_offset)
+        text_offset += len(text)
+    return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs, text_offset=offsets)

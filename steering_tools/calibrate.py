@@ -1,0 +1,369 @@
+"""`steer calibrate`: run labelled data through a policy, fit its calibration, report and plot.
+
+Rows are JSONL: `{"prompt" | "messages", "label"}` for decision policies, `{"prompt" |
+"messages", "answer"}` for abstention policies. A malformed row is reported with its line
+number and skipped. The rows are split with a seed into a fit part and a held-out part; the
+report compares raw and calibrated probabilities on the held-out part only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from tqdm import tqdm
+from vllm import SamplingParams
+
+from steering.config import AbstainConfig, Deployment
+from steering.engine import SteeringEngine, answer_logprobs
+from steering.errors import ConfigError, UnknownPolicy
+from steering.policy import Policy
+from steering.rules.abstention import confidence_score
+from steering.rules.calibration import Calibration, platt
+from steering.rules.decisions import CostMatrix, decide, label_probabilities
+from steering_tools import metrics
+
+IN_FLIGHT = 32  # requests handed to the engine at once; it batches them
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    role: str
+    content: str
+
+
+class Row(BaseModel):
+    """One labelled example; fields other than these are ignored (ids, sources, …)."""
+
+    prompt: str | None = None
+    messages: list[Message] | None = None
+    label: str | None = None
+    answer: str | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt(self) -> Row:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt and messages")
+        return self
+
+
+@dataclass
+class Dataset:
+    rows: list[Row]
+    line_numbers: list[int]
+    skipped: list[str] = field(default_factory=list)  # "line N: reason"
+
+
+def read_rows(path: Path, valid: Callable[[Row], str | None]) -> Dataset:
+    """Parse a JSONL file; `valid` returns why a parsed row cannot be used, or None."""
+    data = Dataset([], [])
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = Row.model_validate(json.loads(line))
+        except json.JSONDecodeError as error:
+            data.skipped.append(f"line {number}: not JSON ({error.msg})")
+            continue
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "row"
+            data.skipped.append(f"line {number}: {where}: {first['msg']}")
+            continue
+        if (reason := valid(row)) is not None:
+            data.skipped.append(f"line {number}: {reason}")
+            continue
+        data.rows.append(row)
+        data.line_numbers.append(number)
+    return data
+
+
+def normalize(text: str) -> str:
+    return re.sub(r"\s+", " ", text.strip().lower()).strip(" .!?,;:")
+
+
+def is_correct(generated: str, answer: str) -> bool:
+    """The generated text gives the answer: equal, or starting with it at a word boundary."""
+    generated, answer = normalize(generated), normalize(answer)
+    return generated == answer or (generated.startswith(answer) and not generated[len(answer)].isalnum())
+
+
+def split(n: int, fit_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Shuffled indices of the fit part and the held-out part (each at least one row)."""
+    order = np.random.default_rng(seed).permutation(n)
+    cut = min(max(1, round(n * fit_fraction)), n - 1)
+    return np.sort(order[:cut]), np.sort(order[cut:])
+
+
+async def _gather(coroutines: list, description: str) -> list:
+    """Run with at most IN_FLIGHT at once, in order, with a progress bar."""
+    limit = asyncio.Semaphore(IN_FLIGHT)
+    bar = tqdm(total=len(coroutines), desc=description, unit="row")
+
+    async def one(coro):
+        async with limit:
+            result = await coro
+        bar.update()
+        return result
+
+    try:
+        return await asyncio.gather(*(one(c) for c in coroutines))
+    finally:
+        bar.close()
+
+
+def _prompt(engine: SteeringEngine, row: Row) -> list[int]:
+    if row.messages is not None:
+        return engine.chat_prompt([m.model_dump() for m in row.messages])
+    return engine.encode(row.prompt)
+
+
+# Decision policies
+
+
+async def decision_logprobs(engine: SteeringEngine, policy: Policy, rows: list[Row]) -> np.ndarray:
+    """[N, K] steered label logprobs, as the server computes them."""
+    steering = policy.resolve()
+    jobs = [engine.label_logprobs(_prompt(engine, row), steering) for row in rows]
+    return np.asarray(await _gather(jobs, "scoring labels"), dtype=np.float64)
+
+
+def realized_cost(costs: CostMatrix, actions: list[str], truth: np.ndarray) -> float:
+    """Mean cost of taking `actions` on examples whose true label index is `truth`."""
+    matrix, index = costs.matrix(), {a: i for i, a in enumerate(costs.actions)}
+    return float(np.mean([matrix[index[a], y] for a, y in zip(actions, truth)]))
+
+
+def _probabilities_report(probs: np.ndarray, truth: np.ndarray, bins: int) -> dict:
+    confidence, correct = probs.max(axis=1), (probs.argmax(axis=1) == truth).astype(float)
+    return {
+        "accuracy": float(correct.mean()),
+        "nll": metrics.nll(probs, truth),
+        "brier": metrics.brier(probs, truth),
+        "ece": metrics.ece(confidence, correct, bins),
+        "aurc": metrics.aurc(confidence, correct),
+        "risk_coverage": metrics.risk_at_coverage(confidence, correct),
+        "reliability": metrics.reliability(confidence, correct, bins),
+    }
+
+
+def fit_decision(name: str, policy: Policy, logprobs: np.ndarray, truth: np.ndarray, fit, held, bins: int):
+    temperature = metrics.fit_temperature(logprobs[fit], truth[fit])
+    costs = policy.config.decision.cost_matrix()
+    raw = np.stack([label_probabilities(z) for z in logprobs[held]])
+    calibrated = np.stack([label_probabilities(z, temperature) for z in logprobs[held]])
+    argmax = [costs.labels[i] for i in raw.argmax(axis=1)]
+    report = {
+        "policy": name,
+        "kind": "decision",
+        "temperature": temperature,
+        "raw": _probabilities_report(raw, truth[held], bins),
+        "calibrated": _probabilities_report(calibrated, truth[held], bins),
+        "expected_cost": {
+            "argmax": realized_cost(costs, argmax, truth[held]),
+            "bayes_raw": realized_cost(costs, [decide(z, costs).action for z in logprobs[held]], truth[held]),
+            "bayes_calibrated": realized_cost(
+                costs, [decide(z, costs, temperature).action for z in logprobs[held]], truth[held]
+            ),
+            "always_abstain": costs.abstain_cost,
+        },
+    }
+    calibration = Calibration(kind="decision", policy=name, temperature=temperature,
+                              labels=list(policy.config.decision.labels), fitted_on=len(fit))
+    curves = {"raw": (raw.max(axis=1), raw.argmax(axis=1) == truth[held]),
+              "calibrated": (calibrated.max(axis=1), calibrated.argmax(axis=1) == truth[held])}
+    return calibration, report, curves
+
+
+# Abstention policies
+
+
+async def abstention_scores(engine, policy: Policy, rows: list[Row], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Raw confidence scores of the policy's greedy answers, and whether each answer is right."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0)
+    steering = policy.resolve()
+    jobs = [engine.complete(_prompt(engine, row), params, steering=steering) for row in rows]
+    outputs = await _gather(jobs, "answering")
+    answers = [o.outputs[0] for o in outputs]
+    scores = [confidence_score(policy.config.abstain.score, answer_logprobs(a.token_ids, a.logprobs)) for a in answers]
+    correct = [is_correct(a.text, row.answer) for a, row in zip(answers, rows)]
+    return np.asarray(scores), np.asarray(correct, dtype=float)
+
+
+def abstention_cost(confidence: np.ndarray, correct: np.ndarray, threshold: float, abstain: AbstainConfig) -> float:
+    """Mean cost when abstaining below `threshold`: wrong answers and abstentions have their prices."""
+    answered = confidence >= threshold
+    return float(np.mean(np.where(answered, abstain.cost_wrong * (1 - correct), abstain.cost_abstain)))
+
+
+def fit_threshold(confidence: np.ndarray, correct: np.ndarray, abstain: AbstainConfig) -> float:
+    """The threshold of least cost on the fit part, among the observed confidences (and 0)."""
+    candidates = np.unique(np.concatenate([[0.0], confidence]))
+    costs = [abstention_cost(confidence, correct, t, abstain) for t in candidates]
+    return float(candidates[int(np.argmin(costs))])
+
+
+def _confidence_report(confidence: np.ndarray, correct: np.ndarray, bins: int) -> dict:
+    probs = metrics.binary_probs(confidence)
+    truth = correct.astype(int)
+    return {
+        "accuracy": float(correct.mean()),
+        "nll": metrics.nll(probs, truth),
+        "brier": metrics.brier(probs, truth) / 2,  # binary Brier: (confidence - correct)^2
+        "ece": metrics.ece(confidence, correct, bins),
+        "aurc": metrics.aurc(confidence, correct),
+        "risk_coverage": metrics.risk_at_coverage(confidence, correct),
+        "reliability": metrics.reliability(confidence, correct, bins),
+    }
+
+
+def fit_abstention(name: str, policy: Policy, scores: np.ndarray, correct: np.ndarray, fit, held, bins: int):
+    a, b = metrics.fit_platt(scores[fit], correct[fit])
+    abstain = policy.config.abstain
+    threshold = fit_threshold(platt(scores[fit], a, b), correct[fit], abstain)
+    bayes = abstain.bayes_threshold
+    raw, calibrated = scores[held], platt(scores[held], a, b)
+    report = {
+        "policy": name,
+        "kind": "abstention",
+        "score": abstain.score,
+        "platt": {"a": a, "b": b},
+        "threshold": threshold,
+        "bayes_threshold": bayes,
+        "raw": _confidence_report(raw, correct[held], bins),
+        "calibrated": _confidence_report(calibrated, correct[held], bins),
+        "expected_cost": {
+            "always_answer": abstention_cost(raw, correct[held], 0.0, abstain),
+            "bayes_raw": abstention_cost(raw, correct[held], bayes, abstain),
+            "bayes_calibrated": abstention_cost(calibrated, correct[held], bayes, abstain),
+            "fitted_threshold": abstention_cost(calibrated, correct[held], threshold, abstain),
+            "always_abstain": abstain.cost_abstain,
+        },
+    }
+    calibration = Calibration(kind="abstention", policy=name, score=abstain.score, platt_a=a, platt_b=b,
+                              threshold=threshold, fitted_on=len(fit))
+    curves = {"raw": (raw, correct[held] > 0), "calibrated": (calibrated, correct[held] > 0)}
+    return calibration, report, curves
+
+
+def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], stem: Path, title: str, bins: int) -> list[Path]:
+    """A reliability diagram and a risk-coverage curve, raw against calibrated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    reliability_path, risk_path = stem.with_suffix(".reliability.png"), stem.with_suffix(".risk-coverage.png")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfect calibration")
+    for name, (confidence, correct) in curves.items():
+        rows = [r for r in metrics.reliability(confidence, correct, bins) if r["count"]]
+        ece = metrics.ece(confidence, correct, bins)
+        x, y = [r["confidence"] for r in rows], [r["accuracy"] for r in rows]
+        (line,) = ax.plot(x, y, label=f"{name} (ECE {ece:.3f})")
+        # Marker area grows with the bin's share of the examples.
+        ax.scatter(x, y, s=[400 * r["count"] / len(confidence) + 10 for r in rows], color=line.get_color(), alpha=0.7)
+    ax.set(xlabel="confidence", ylabel="accuracy", xlim=(0, 1), ylim=(0, 1), title=f"{title}: reliability")
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    fig.savefig(reliability_path, dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (name, (confidence, correct)), style in zip(curves.items(), ("-", "--")):
+        coverage, risk = metrics.risk_coverage(confidence, correct)
+        ax.plot(coverage, risk, linestyle=style, label=f"{name} (AURC {metrics.aurc(confidence, correct):.3f})")
+    ax.set(xlabel="coverage", ylabel="risk (error rate among answered)", xlim=(0, 1), title=f"{title}: risk-coverage")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(risk_path, dpi=120)
+    plt.close(fig)
+    return [reliability_path, risk_path]
+
+
+@dataclass
+class Result:
+    calibration_path: Path
+    report_path: Path
+    plots: list[Path]
+    report: dict
+    skipped: list[str]
+
+
+async def calibrate(
+    deployment: Deployment,
+    name: str,
+    data: Path,
+    out: Path,
+    *,
+    seed: int = 0,
+    fit_fraction: float = 0.5,
+    max_tokens: int = 32,
+    bins: int = 10,
+    engine: SteeringEngine | None = None,
+) -> Result:
+    """Fit the policy's calibration on part of `data`; write it, a JSON report and PNG plots."""
+    config = deployment.policies.get(name)
+    if config is None:
+        raise UnknownPolicy(f"the policy {name!r} does not exist; policies: {sorted(deployment.policies)}",
+                            param="--policy")
+    if config.decision:
+        labels = config.decision.labels
+        dataset = read_rows(data, lambda r: None if r.label in labels else f"label {r.label!r} is not one of {labels}")
+    elif config.abstain:
+        dataset = read_rows(data, lambda r: None if r.answer is not None else "no answer")
+    else:
+        raise ConfigError(f"policies.{name}", "only decision and abstention policies are calibrated")
+    if len(dataset.rows) < 2:
+        raise ConfigError("data", f"{data} has {len(dataset.rows)} usable rows; at least 2 are needed")
+    fit, held = split(len(dataset.rows), fit_fraction, seed)
+    owned = engine is None
+    engine = engine or SteeringEngine.start(deployment)
+    policy = engine.policies[name]
+    try:
+        if config.decision:
+            truth = np.asarray([config.decision.labels.index(r.label) for r in dataset.rows])
+            logprobs = await decision_logprobs(engine, policy, dataset.rows)
+            calibration, report, curves = fit_decision(name, policy, logprobs, truth, fit, held, bins)
+        else:
+            scores, correct = await abstention_scores(engine, policy, dataset.rows, max_tokens)
+            calibration, report, curves = fit_abstention(name, policy, scores, correct, fit, held, bins)
+    finally:
+        if owned:
+            engine.shutdown()
+    report |= {"data": str(data), "rows": len(dataset.rows), "fit_rows": len(fit), "held_out_rows": len(held),
+               "seed": seed, "skipped": dataset.skipped}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    calibration.write(out)
+    report_path = out.with_suffix(".report.json")
+    report_path.write_text(json.dumps(report, indent=2))
+    plots = plot(curves, out.with_suffix(""), name, bins)
+    return Result(out, report_path, plots, report, dataset.skipped)
+
+
+def summary(result: Result) -> str:
+    """What a person wants to read after a run: before/after, costs, where the files are."""
+    report = result.report
+    lines = [f"calibrated policy {report['policy']!r} on {report['fit_rows']} rows; "
+             f"held-out report on {report['held_out_rows']} rows"]
+    if report["kind"] == "decision":
+        lines.append(f"temperature: {report['temperature']:.4f}")
+    else:
+        lines.append(f"platt a={report['platt']['a']:.4f} b={report['platt']['b']:.4f}; "
+                     f"fitted threshold {report['threshold']:.4f} (Bayes: {report['bayes_threshold']:.4f})")
+    lines.append(f"{'':12}{'accuracy':>10}{'nll':>10}{'brier':>10}{'ece':>10}{'aurc':>10}")
+    for stage in ("raw", "calibrated"):
+        m = report[stage]
+        lines.append(f"{stage:12}{m['accuracy']:10.4f}{m['nll']:10.4f}{m['brier']:10.4f}{m['ece']:10.4f}{m['aurc']:10.4f}")
+    costs = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in report["expected_cost"].items())
+    lines.append(f"expected cost: {costs}")
+    for skipped in result.skipped:
+        lines.append(f"skipped {skipped}")
+    lines.append(f"wrote {result.calibration_path}, {result.report_path}, " + ", ".join(map(str, result.plots)))
+    return "\n".join(lines)

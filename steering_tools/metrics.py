@@ -1,0 +1,105 @@
+"""Fitting calibration maps and judging probabilities: what `steer calibrate` and the benchmarks use.
+
+The fits minimise the negative log-likelihood; the metrics take `probs` [N, K] with integer
+`labels` [N], or binary confidences [N] with `correct` [N].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize, minimize_scalar
+from scipy.special import log_softmax, logit
+
+from steering.rules.calibration import EPS
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The T > 0 minimising the NLL of `labels` under softmax(logits / T). logits: [N, K]."""
+    logits, labels = np.asarray(logits, dtype=np.float64), np.asarray(labels)
+
+    def nll(log_t: float) -> float:
+        return -log_softmax(logits / np.exp(log_t), axis=-1)[np.arange(len(labels)), labels].mean()
+
+    return float(np.exp(minimize_scalar(nll, bounds=(-5.0, 5.0), method="bounded").x))
+
+
+def fit_platt(scores: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
+    """(a, b) minimising the NLL of `correct` under sigmoid(a * logit(score) + b)."""
+    x = logit(np.clip(np.asarray(scores, dtype=np.float64), EPS, 1 - EPS))
+    y = np.asarray(correct, dtype=np.float64)
+
+    def nll(ab: np.ndarray) -> float:
+        z = ab[0] * x + ab[1]
+        return float(np.mean(np.logaddexp(0.0, z) - y * z))
+
+    result = minimize(nll, x0=np.array([1.0, 0.0]), method="L-BFGS-B")
+    return float(result.x[0]), float(result.x[1])
+
+
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    probs = np.asarray(probs, dtype=np.float64)
+    return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0)).mean())
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over examples of sum_k (p_k - [k = y])^2."""
+    probs = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(probs.shape[1])[labels]
+    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+
+
+def binary_probs(confidence: np.ndarray) -> np.ndarray:
+    """[N, 2] = [P(wrong), P(right)], so the multi-class metrics apply to abstention scores."""
+    confidence = np.asarray(confidence, dtype=np.float64)
+    return np.stack([1 - confidence, confidence], axis=1)
+
+
+def ece(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error over equal-width bins (lo, hi] of confidence (0 joins the first)."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        mask = which == b
+        if mask.any():
+            total += mask.mean() * abs(correct[mask].mean() - confidence[mask].mean())
+    return float(total)
+
+
+def reliability(confidence: np.ndarray, correct: np.ndarray, bins: int = 10) -> list[dict]:
+    """Per-bin count, mean confidence and accuracy: the reliability diagram's data."""
+    confidence, correct = np.asarray(confidence, dtype=np.float64), np.asarray(correct, dtype=np.float64)
+    which = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+    rows = []
+    for b in range(bins):
+        mask = which == b
+        rows.append({
+            "bin": [b / bins, (b + 1) / bins],
+            "count": int(mask.sum()),
+            "confidence": float(confidence[mask].mean()) if mask.any() else None,
+            "accuracy": float(correct[mask].mean()) if mask.any() else None,
+        })
+    return rows
+
+
+def risk_coverage(confidence: np.ndarray, correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Answer the k most confident (k = 1..N): coverage k/N and the error rate among them."""
+    order = np.argsort(-np.asarray(confidence, dtype=np.float64), kind="stable")
+    errors = 1.0 - np.asarray(correct, dtype=np.float64)[order]
+    k = np.arange(1, len(order) + 1)
+    return k / len(order), np.cumsum(errors) / k
+
+
+def aurc(confidence: np.ndarray, correct: np.ndarray) -> float:
+    """Area under the risk-coverage curve: the mean of the risks at coverage 1/N, ..., N/N."""
+    return float(risk_coverage(confidence, correct)[1].mean())
+
+
+def risk_at_coverage(confidence: np.ndarray, correct: np.ndarray, levels=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)) -> list[dict]:
+    """The risk-coverage table: error rate when answering the most confident share `level`."""
+    coverage, risk = risk_coverage(confidence, correct)
+    rows = []
+    for level in levels:
+        k = max(1, int(np.ceil(level * len(coverage) - 1e-9)))
+        rows.append({"coverage": float(coverage[k - 1]), "risk": float(risk[k - 1])})
+    return rows

@@ -1,0 +1,79 @@
+"""`steer complete` and `steer fixtures` as a newcomer runs them: the installed script, a subprocess."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from steering.testing.families import write_deployment
+
+STEER = str(Path(sys.executable).parent / "steer")
+
+
+def steer(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([STEER, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def deploy_yaml(qwen2_family, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("cli") / "deploy.yaml"
+    return write_deployment(qwen2_family, path, engine={"enforce_eager": True, "max_model_len": 256})
+
+
+def test_complete_json_matches_the_reference(deploy_yaml, qwen2_reference, tokenizer):
+    prompt = "the server decodes each token"
+    ids = tokenizer.encode(prompt)
+    result = steer(
+        "complete", "--config", str(deploy_yaml), "--policy", "base", "--policy", "chat",
+        "--max-tokens", "16", "--json", prompt,
+    )
+    assert result.returncode == 0, result.stderr
+    base, chat = [json.loads(line) for line in result.stdout.splitlines()]
+    assert (base["policy"], base["alpha"]) == ("base", {})
+    assert (chat["policy"], chat["alpha"]) == ("chat", {"chat": 1.0})
+    assert base["token_ids"] == qwen2_reference.generate([ids], [{}], max_tokens=16)[0]
+    assert chat["token_ids"] == qwen2_reference.generate([ids], [{"chat": 1.0}], max_tokens=16)[0]
+    assert chat["token_ids"] != base["token_ids"]
+    assert chat["text"] == tokenizer.decode(chat["token_ids"], skip_special_tokens=True)
+
+
+def test_complete_applies_an_alpha_override(deploy_yaml, qwen2_reference, tokenizer):
+    prompt = "a river follows"
+    result = steer(
+        "complete", "--config", str(deploy_yaml), "--policy", "chat", "--alpha", "chat=-2.5",
+        "--max-tokens", "12", "--json", prompt,
+    )
+    assert result.returncode == 0, result.stderr
+    (chat,) = [json.loads(line) for line in result.stdout.splitlines()]
+    assert chat["alpha"] == {"chat": -2.5}
+    assert chat["token_ids"] == qwen2_reference.generate([tokenizer.encode(prompt)], [{"chat": -2.5}], max_tokens=12)[0]
+
+
+def test_complete_refuses_an_out_of_bounds_alpha_before_starting_an_engine(deploy_yaml):
+    result = steer("complete", "--config", str(deploy_yaml), "--policy", "chat", "--alpha", "chat=9", "hi", timeout=120)
+    assert result.returncode == 2
+    assert "beyond this policy's max_alpha 4.0" in result.stderr
+
+
+def test_complete_names_the_bad_config_field(deploy_yaml, tmp_path):
+    config = yaml.safe_load(deploy_yaml.read_text())
+    config["policies"]["chat"]["alpha"] = {"poetry": 1.0}
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = steer("complete", "--config", str(bad), "--policy", "chat", "hi", timeout=120)
+    assert result.returncode == 2
+    assert "policies.chat.alpha.poetry: unknown expert pair" in result.stderr
+
+
+def test_fixtures_writes_a_loadable_family(tmp_path):
+    from steering.config import load_deployment
+
+    result = steer("fixtures", "--out", str(tmp_path / "family"), timeout=300)
+    assert result.returncode == 0, result.stderr
+    deployment = load_deployment(tmp_path / "family" / "deploy.yaml")
+    assert set(deployment.policies) == {"base", "chat", "code"}

@@ -1,0 +1,78 @@
+"""The demo family build and both benchmarks, end to end at toy sizes (figures: docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import pytest
+import yaml
+
+from steering.config import load_deployment
+from steering.engine import engine_config
+from steering.memory import WORKER_RUNTIME_BYTES, GiB, NodeMemory
+from steering.rules.calibration import Calibration
+from steering_tools.bench import perf, quality
+from steering_tools.demo_family import Recipe, build, demo_shape, is_built
+
+TOY = Recipe(
+    entities=24, strangers=4, base=demo_shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128),
+    small=demo_shape(hidden=32, layers=1, heads=1, kv_heads=1, intermediate=64),
+    base_epochs=3, small_epochs=2, tune_epochs=1, direct_epochs=1,
+)
+
+
+@pytest.fixture(scope="module")
+def toy_family(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo-family")
+    return asyncio.run(build(out, recipe=TOY))
+
+
+def test_the_build_writes_a_servable_calibrated_family(toy_family):
+    assert is_built(toy_family, TOY)
+    deployment = load_deployment(toy_family / "deploy.yaml")
+    assert set(deployment.policies) == {"base", "chat", "qa", "verify"}
+    assert deployment.policies["qa"].calibration.kind == "abstention"
+    assert Calibration.read(toy_family / "calibration" / "verify.json").labels == [" yes", " no"]
+    for name in ("base", "chat-tuned", "chat-untuned", "direct"):
+        assert (toy_family / name / "model.safetensors").exists()
+    test = [json.loads(line) for line in (toy_family / "questions" / "answerable-test.jsonl").read_text().splitlines()]
+    val = [json.loads(line) for line in (toy_family / "questions" / "answerable-val.jsonl").read_text().splitlines()]
+    assert test and val and not {r["entity"] for r in test} & {r["entity"] for r in val}
+    assert asyncio.run(build(toy_family, recipe=TOY)) == toy_family, "a matching build is reused"
+
+
+def test_the_demo_config_sizes_its_kv_cache_in_bytes(toy_family):
+    # The node of a fresh machine of this kind: 7.96 GiB, 6.2 GiB free.
+    node = NodeMemory(node=0, total=int(7.96 * GiB), available=int(6.2 * GiB))
+    assert "gpu_memory_utilization" not in yaml.safe_load((toy_family / "deploy.yaml").read_text())["engine"]
+    config = engine_config(load_deployment(toy_family / "deploy.yaml"), node=node)
+    assert 0 < config.cache_config.kv_cache_memory_bytes <= node.available - WORKER_RUNTIME_BYTES
+
+
+def test_bench_quality_reports_every_section(toy_family):
+    report = asyncio.run(quality.run(toy_family, alphas=(1.0, 2.0)))
+    accuracy = report["accuracy"]
+    assert set(accuracy) == {"base", "tuned_expert", "direct", "proxy"}
+    assert all(0.0 <= v["test"] <= 1.0 for v in accuracy["proxy"].values())
+    assert report["gap_closed"]["best_val_alpha"] in (1.0, 2.0)
+    costs = report["abstention"]["expected_cost"]
+    assert costs["always_abstain"] == 0.3
+    assert set(report["decisions"]["expected_cost"]) == {"argmax", "bayes_raw", "bayes_calibrated"}
+    assert "gap closed" in quality.summary(report)
+
+
+def test_bench_perf_measures_every_system(tmp_path):
+    report = perf.run(preset="tiny", concurrency=(1, 2), requests=4, prompt_tokens=16, max_tokens=8, eager=True,
+                      work=tmp_path)
+    assert set(report["rows"]) == {"vllm serve, base", "steer serve, base only", "steer serve, steered",
+                                   "reference, steered"}
+    for loads in report["rows"].values():
+        assert [r["concurrency"] for r in loads] == [1, 2]
+        assert all(r["tokens"] == 4 * 8 for r in loads), "every request generates max_tokens (ignore_eos)"
+        assert all(r["tokens_per_second"] > 0 and r["ttft_ms"] > 0 for r in loads)
+    assert 0 < report["flops_ideal_ratio"] < 1
+    assert set(perf.ratio_table(report)) == {
+        "steered / base-only throughput, as a share of the FLOPs-ideal ratio",
+        "steered engine / reference throughput", "steer serve / vllm serve throughput, base only"}
+    assert (perf.plot(report, tmp_path)[0]).read_bytes()[:4] == b"\x89PNG"

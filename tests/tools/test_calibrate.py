@@ -1,0 +1,154 @@
+"""`steer calibrate` end to end: real engine, labelled JSONL, calibration file, report, plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from steering.config import load_deployment
+from steering.rules.calibration import Calibration
+from steering.rules.decisions import softmax
+from steering.testing.families import corpus
+from steering_tools.calibrate import is_correct, read_rows, split
+
+STEER = str(Path(sys.executable).parent / "steer")
+LABELS = ["yes", "no", "cat"]
+ALPHA = {"chat": 1.0}
+TRUE_TEMPERATURE = 3.0
+
+
+def test_malformed_rows_are_reported_with_their_line_and_skipped(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join([
+        '{"prompt": "a", "label": "yes"}',
+        "not json",
+        '{"prompt": "b"}',
+        "",
+        '{"prompt": "c", "messages": [{"role": "user", "content": "c"}], "label": "no"}',
+        '[1, 2]',
+        '{"messages": [{"role": "user", "content": "d"}], "label": "maybe", "id": 7}',
+        '{"messages": [{"role": "user", "content": "e"}], "label": "no", "id": 8}',
+    ]))
+    data = read_rows(path, lambda r: None if r.label in LABELS else f"label {r.label!r} is not one of {LABELS}")
+    assert data.line_numbers == [1, 8]
+    assert [s.split(":")[0] for s in data.skipped] == ["line 2", "line 3", "line 5", "line 6", "line 7"]
+    assert "not JSON" in data.skipped[0]
+    assert "label None" in data.skipped[1]
+    assert "exactly one of prompt and messages" in data.skipped[2]
+    assert "'maybe' is not one of" in data.skipped[4]
+
+
+def test_split_is_seeded_and_disjoint():
+    fit, held = split(10, 0.5, seed=3)
+    again = split(10, 0.5, seed=3)
+    assert (fit.tolist(), held.tolist()) == (again[0].tolist(), again[1].tolist())
+    assert sorted(fit.tolist() + held.tolist()) == list(range(10))
+    assert split(10, 0.5, seed=4)[0].tolist() != fit.tolist()
+
+
+@pytest.mark.parametrize(
+    ("generated", "answer", "right"),
+    [("Paris", "paris", True), ("Paris. It is big", "paris", True), ("Parisian", "paris", False),
+     (" no ", "No.", True), ("yes", "no", False)],
+)
+def test_answers_are_matched_at_word_boundaries(generated, answer, right):
+    assert is_correct(generated, answer) is right
+
+
+@pytest.fixture(scope="module")
+def calibration_setup(llama_family, llama_reference, tokenizer, tmp_path_factory):
+    """A deployment with a decision and an abstention policy, and labelled data for each."""
+    root = tmp_path_factory.mktemp("calibrate")
+    config = {
+        "base": llama_family["base"],
+        "experts": llama_family["experts"],
+        "policies": {
+            "triage": {"alpha": ALPHA,
+                       "decision": {"labels": LABELS, "costs": [[0, 1, 1], [1, 0, 1], [1, 1, 0]], "abstain_cost": 0.6}},
+            "qa": {"alpha": ALPHA, "abstain": {"score": "mean_prob", "threshold": 0.5}},
+        },
+        "engine": {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "kv_cache_gib": 0.25},
+    }
+    (root / "deploy.yaml").write_text(yaml.safe_dump(config))
+    prompts = corpus()[::9][:160]
+    ids = [tokenizer.encode(p) for p in prompts]
+    label_ids = [tokenizer.encode(label, add_special_tokens=False)[0] for label in LABELS]
+    logprobs = llama_reference.next_token_logprobs(ids, [ALPHA] * len(ids))[:, label_ids].numpy()
+    rng = np.random.default_rng(0)
+    truth = [LABELS[rng.choice(3, p=softmax(z / TRUE_TEMPERATURE))] for z in logprobs]
+    rows = [json.dumps({"prompt": p, "label": y}) for p, y in zip(prompts, truth)]
+    rows.insert(5, "{broken")
+    (root / "labels.jsonl").write_text("\n".join(rows))
+    # Abstention data: the policy's own greedy answer for half the prompts, a wrong one for the rest.
+    answers = llama_reference.generate(ids[:40], [ALPHA] * 40, max_tokens=6)
+    qa = [{"prompt": p, "answer": tokenizer.decode(a, skip_special_tokens=True) if i % 2 else "zebra crossing"}
+          for i, (p, a) in enumerate(zip(prompts[:40], answers))]
+    (root / "answers.jsonl").write_text("\n".join(json.dumps(row) for row in qa))
+    return root
+
+
+def run_calibrate(root: Path, policy: str, data: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [STEER, "calibrate", "--config", str(root / "deploy.yaml"), "--policy", policy, "--data", str(root / data),
+         "--out", str(root / f"{policy}.json"), *extra],
+        capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_calibrating_a_decision_policy(calibration_setup):
+    root = calibration_setup
+    result = run_calibrate(root, "triage", "labels.jsonl")
+    assert result.returncode == 0, result.stderr
+    assert "skipped line 6: not JSON" in result.stdout
+    calibration = Calibration.read(root / "triage.json")
+    report = json.loads((root / "triage.report.json").read_text())
+    assert calibration.kind == "decision" and calibration.labels == LABELS
+    assert calibration.temperature == pytest.approx(report["temperature"])
+    assert report["rows"] == 160 and report["fit_rows"] + report["held_out_rows"] == 160
+    # Labels were drawn at temperature 3: the fit must soften the model, and help on held-out data.
+    assert calibration.temperature > 1.5
+    assert report["calibrated"]["nll"] < report["raw"]["nll"]
+    assert report["calibrated"]["ece"] < report["raw"]["ece"]
+    assert set(report["expected_cost"]) == {"argmax", "bayes_raw", "bayes_calibrated", "always_abstain"}
+    assert report["expected_cost"]["always_abstain"] == 0.6
+    assert {r["coverage"] for r in report["raw"]["risk_coverage"]} >= {1.0}
+    for plot in ("triage.reliability.png", "triage.risk-coverage.png"):
+        assert (root / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The file plugs into the policy.
+    config = yaml.safe_load((root / "deploy.yaml").read_text())
+    config["policies"]["triage"]["calibration"] = "triage.json"
+    (root / "calibrated.yaml").write_text(yaml.safe_dump(config))
+    assert load_deployment(root / "calibrated.yaml").policies["triage"].calibration.temperature == calibration.temperature
+
+
+def test_calibrating_an_abstention_policy(calibration_setup):
+    root = calibration_setup
+    result = run_calibrate(root, "qa", "answers.jsonl", "--max-tokens", "6")
+    assert result.returncode == 0, result.stderr
+    calibration = Calibration.read(root / "qa.json")
+    report = json.loads((root / "qa.report.json").read_text())
+    assert calibration.kind == "abstention" and calibration.score == "mean_prob"
+    assert calibration.threshold == report["threshold"]
+    # Odd rows carry the policy's own greedy answer (right), even rows a wrong one.
+    _, held = split(40, 0.5, seed=0)
+    assert report["raw"]["accuracy"] == pytest.approx(float(np.mean(held % 2)))
+    assert set(report["expected_cost"]) == {"always_answer", "bayes_raw", "bayes_calibrated", "fitted_threshold",
+                                            "always_abstain"}
+    assert "wrote" in result.stdout
+
+
+def test_an_unlabelled_policy_cannot_be_calibrated(calibration_setup, tmp_path):
+    root = calibration_setup
+    config = yaml.safe_load((root / "deploy.yaml").read_text())
+    config["policies"]["plain"] = {"alpha": ALPHA}
+    (tmp_path / "deploy.yaml").write_text(yaml.safe_dump(config))
+    (tmp_path / "labels.jsonl").write_text((root / "labels.jsonl").read_text())
+    result = run_calibrate(tmp_path, "plain", "labels.jsonl")
+    assert result.returncode == 2
+    assert "policies.plain: only decision and abstention policies are calibrated" in result.stderr
