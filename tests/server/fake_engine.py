@@ -1,0 +1,127 @@
+"""A `SteeringEngine` whose vLLM and base tokenizer are fakes, so the app runs in-process in milliseconds.
+
+Only vLLM's half is faked: the token stream (`generate`) and the tokenizer. What the server calls
+on top of it (`encode`, `chat_prompt`, `check_request`, `complete`, `label_logprobs`, the
+policies) is the real `SteeringEngine` and `Policies` code. The fake model, in full:
+
+- a token is a character, its id the code point; `encode` puts BOS (id 1) first.
+- choice j answers ANSWER_LEN lower-case letters, letter k being `(sum(prompt) + 3k + j + shift) % 26`
+  of the alphabet, with `shift = round(10 * sum((i + 1) * alpha_i))` over the pairs: steering shows.
+- the k-th answer token has probability `token_prob(k)`; the top-N alternatives are upper-case letters.
+- a token named in `logprob_token_ids` (decision labels) has probability `label_prob(token, alpha_row)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Sequence
+
+from vllm import SamplingParams
+from vllm.logprobs import Logprob
+from vllm.outputs import CompletionOutput, RequestOutput
+from vllm.sampling_params import RequestOutputKind
+
+from steering.config import Deployment
+from steering.engine import SteeringEngine
+from steering.policy import Policies, Steering
+
+BOS = 1
+ANSWER_LEN = 6
+
+
+def shift(alpha_row: Sequence[float]) -> int:
+    return round(10 * sum((i + 1) * a for i, a in enumerate(alpha_row)))
+
+
+def answer(prompt_ids: Sequence[int], alpha_row: Sequence[float], choice: int = 0) -> str:
+    """The whole answer of `choice` (before any max_tokens cut)."""
+    start = sum(prompt_ids) + choice + shift(alpha_row)
+    return "".join(chr(ord("a") + (start + 3 * k) % 26) for k in range(ANSWER_LEN))
+
+
+def token_prob(k: int) -> float:
+    """Probability of the k-th answer token: 0.9, 0.45, 0.3, ..."""
+    return 0.9 / (k + 1)
+
+
+def label_prob(token: int, alpha_row: Sequence[float]) -> float:
+    """Next-token probability of a label's first token: 0.1 to 0.4 (not a distribution over labels)."""
+    return (1 + (token + shift(alpha_row)) % 4) / 10
+
+
+class CharTokenizer:
+    """Characters as tokens, with a one-line-per-message chat template."""
+
+    chat_template = "{role}: {content}\n"  # `apply_chat_template` renders it
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [BOS] * add_special_tokens + [ord(c) for c in text]
+
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool, tokenize: bool, return_dict: bool):
+        text = "".join(self.chat_template.format(**m) for m in messages)
+        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+
+
+class FakeEngine(SteeringEngine):
+    """The real engine facade over the fake model; `SteeringEngine.__init__` would start vLLM."""
+
+    def __init__(self, deployment: Deployment, *, max_model_len: int = 64):
+        self.deployment = deployment
+        self.tokenizer = CharTokenizer()
+        self.policies = Policies.build(deployment, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        self.max_model_len = max_model_len
+        self.logprobs_at_temperature_one = True
+        self.running = 0
+        self.is_shut_down = False
+
+    async def generate(
+        self, prompt: str | Sequence[int], params: SamplingParams, *, steering: Steering, request_id: str | None = None
+    ) -> AsyncIterator[RequestOutput]:
+        """vLLM's stream: one delta per token (all choices), or the final output alone."""
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        length = min(ANSWER_LEN, params.max_tokens)
+        answers = [[ord(c) for c in answer(prompt_ids, steering.alpha_row, j)[:length]] for j in range(params.n)]
+        finish = "length" if length < ANSWER_LEN else "stop"
+
+        def output(start: int, stop: int) -> RequestOutput:
+            done = stop == length
+            choices = [_completion(j, ids[start:stop], start, params, steering, finish if done else None)
+                       for j, ids in enumerate(answers)]
+            return RequestOutput(request_id or "fake", None, prompt_ids, None, choices, finished=done)
+
+        self.running += 1
+        try:
+            if params.output_kind == RequestOutputKind.FINAL_ONLY:
+                yield output(0, length)
+            else:
+                for k in range(length):
+                    await asyncio.sleep(0)  # let the server interleave, as with a real engine
+                    yield output(k, k + 1)
+        finally:
+            self.running -= 1
+
+    @property
+    def num_unfinished_requests(self) -> int:
+        return self.running
+
+    def shutdown(self) -> None:
+        self.is_shut_down = True
+
+
+def _completion(index: int, token_ids: list[int], start: int, params: SamplingParams, steering: Steering,
+                finish: str | None) -> CompletionOutput:
+    wants_logprobs = params.logprobs is not None or params.logprob_token_ids
+    logprobs = [_step(t, start + i, params, steering) for i, t in enumerate(token_ids)] if wants_logprobs else None
+    return CompletionOutput(index, "".join(map(chr, token_ids)), token_ids, None, logprobs, finish_reason=finish)
+
+
+def _step(token: int, k: int, params: SamplingParams, steering: Steering) -> dict[int, Logprob]:
+    """One position's logprobs: the chosen token (rank 1), top-N alternatives, asked-for label tokens."""
+    p = token_prob(k)
+    step = {token: Logprob(math.log(p), rank=1, decoded_token=chr(token))}
+    for rank in range(2, (params.logprobs or 0) + 1):
+        step[ord("A") + rank] = Logprob(math.log((1 - p) / 20), rank=rank, decoded_token=chr(ord("A") + rank))
+    for label in params.logprob_token_ids or ():
+        step[label] = Logprob(math.log(label_prob(label, steering.alpha_row)), decoded_token=chr(label))
+    return step

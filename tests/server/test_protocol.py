@@ -1,0 +1,435 @@
+"""The HTTP protocol, errors and metrics, in-process over `FakeEngine`: no vLLM, milliseconds a test.
+
+Every behaviour here is also covered end to end against the real engine (`test_api.py`,
+`test_decisions.py`); these pin the envelope, statuses and numbers exactly, against hand
+computations from the fake model's documented rules (`tests/server/fake_engine.py`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from steering.config import parse_deployment
+from steering_server.app import ServerSettings, create_app
+from tests.server.fake_engine import (
+    ANSWER_LEN,
+    BOS,
+    FakeEngine,
+    answer,
+    label_prob,
+    token_prob,
+)
+
+API_KEY = "k"
+MAX_MODEL_LEN = 64
+EXPERTS = {
+    "chat": {"tuned": "fake/chat-tuned", "untuned": "fake/chat-untuned"},
+    "code": {"tuned": "fake/code-tuned", "untuned": "fake/code-untuned"},
+}
+DECISION = {"labels": ["yes", "no"], "cost_fp": 3.0, "cost_fn": 1.0, "abstain_cost": 0.5, "max_cost": 10.0}
+CALIBRATION_T = 2.0
+POLICIES = {
+    "base": {"description": "the frozen base"},
+    "chat": {"description": "the chat pair", "alpha": {"chat": 1.0}, "max_alpha": 2.0},
+    "mix": {"alpha": {"chat": 0.5, "code": -0.5}},
+    "triage": {"decision": DECISION},
+    "triage-calibrated": {
+        "decision": DECISION,
+        "calibration": {"kind": "decision", "policy": "triage-calibrated", "temperature": CALIBRATION_T,
+                        "labels": ["yes", "no"]},
+    },
+    "triage-chat": {"alpha": {"chat": 1.0}, "decision": DECISION},
+    "qa": {"alpha": {"chat": 1.0}, "abstain": {"threshold": 0.2, "threshold_bounds": [0.1, 0.9], "message": "Pass."}},
+}
+MESSAGES = [{"role": "user", "content": "hi"}]
+CHAT_PROMPT = [BOS, *map(ord, "user: hi\nassistant: ")]  # the fake's template: "role: content\n" per message
+ROOM = MAX_MODEL_LEN - len(CHAT_PROMPT)
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    deployment = parse_deployment({"base": "fake/base", "experts": EXPERTS, "policies": POLICIES})
+    return FakeEngine(deployment, max_model_len=MAX_MODEL_LEN)
+
+
+@pytest.fixture
+def app(engine):
+    return create_app(ServerSettings(config=Path("unused"), api_key=API_KEY), engine=engine)
+
+
+@pytest.fixture
+def client(app) -> TestClient:
+    return TestClient(app, headers={"Authorization": f"Bearer {API_KEY}"})
+
+
+def chat(client: TestClient, model: str, **fields) -> httpx.Response:
+    return client.post("/v1/chat/completions", json={"model": model, "messages": MESSAGES, **fields})
+
+
+def assert_error(response: httpx.Response, status: int, *, type: str, param: str | None, code: str,
+                 says: str) -> None:
+    """The OpenAI error envelope, field by field; `says` is part of the message."""
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(response.json()) == {"error"}
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == type
+    assert error["param"] == param
+    assert error["code"] == code
+    assert says in error["message"]
+
+
+def sse_events(response: httpx.Response) -> list[str]:
+    assert response.headers["content-type"].startswith("text/event-stream")
+    blocks = [block for block in response.text.split("\n\n") if block]
+    assert all(block.startswith("data: ") for block in blocks)
+    return [block.removeprefix("data: ") for block in blocks]
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    """A Prometheus sample's value, 0 when the series does not exist."""
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == labels:
+                return sample.value
+    return 0.0
+
+
+INVALID = "invalid_request_error"
+
+
+@pytest.mark.parametrize(("model", "body", "param", "code", "says"), [
+    ("chat", {"bogus": 1}, "bogus", "invalid_value", "bogus: Extra inputs are not permitted"),
+    ("chat", {"steering": {"alpha": {"chat": 1.0}, "bogus": 1}}, "steering.bogus", "invalid_value", "Extra inputs"),
+    ("chat", {"steering": {"alpha": {"chat": 2.5}}}, "steering.alpha.chat", "invalid_steering", "beyond this policy's max_alpha 2.0"),
+    ("chat", {"steering": {"alpha": {"chat": -2.5}}}, "steering.alpha.chat", "invalid_steering", "max_alpha"),
+    ("chat", {"steering": {"alpha": {"nope": 1.0}}}, "steering.alpha.nope", "invalid_steering", "unknown expert"),
+    ("mix", {"steering": {"alpha": {"chat": 0.1}}}, "steering.alpha.chat", "invalid_steering", "does not allow alpha overrides"),
+    ("chat", {"n": 2, "temperature": 0.0}, "n", "invalid_request", "greedy"),
+    ("chat", {"max_tokens": ROOM + 1}, "max_tokens", "invalid_request", f"exceed the context of {MAX_MODEL_LEN}"),
+    ("chat", {"max_completion_tokens": ROOM + 1}, "max_completion_tokens", "invalid_request", "exceed the context"),
+    ("triage", {"logprobs": True}, "logprobs", "invalid_request", "decision policies answer with a label"),
+    ("triage", {"n": 2}, "n", "invalid_request", "one prompt with one choice"),
+    ("chat", {"steering": {"abstain_threshold": 0.5}}, "steering.abstain_threshold", "invalid_steering",
+     "does not abstain"),
+    ("qa", {"steering": {"abstain_threshold": 0.95}}, "steering.abstain_threshold", "invalid_steering",
+     "outside this policy's bounds [0.1, 0.9]"),
+    ("chat", {"steering": {"costs": [[0, 1], [1, 0]]}}, "steering.costs", "invalid_steering", "makes no decisions"),
+    ("triage", {"steering": {"costs": [[0, 11], [1, 0]]}}, "steering.costs", "invalid_steering", "[0, 10.0]"),
+    ("triage", {"steering": {"costs": [[0, 1]]}}, "steering.costs", "invalid_steering", "2 x 2 matrix"),
+    ("chat", {"temperature": 2.5}, "temperature", "invalid_value", "less than or equal to 2"),
+])
+def test_chat_refusals_are_400_naming_the_param(client, model, body, param, code, says):
+    assert_error(chat(client, model, **body), 400, type=INVALID, param=param, code=code, says=says)
+
+
+TOO_LONG = "x" * MAX_MODEL_LEN  # BOS + 64 characters: 65 tokens
+
+
+@pytest.mark.parametrize(("body", "param", "says"), [
+    ({"prompt": TOO_LONG, "max_tokens": 1}, "prompt", f"the prompt has {MAX_MODEL_LEN + 1} tokens"),
+    # No max_tokens: the default (the rest of the context) must not hide the prompt's own error.
+    ({"prompt": TOO_LONG}, "prompt", f"the prompt has {MAX_MODEL_LEN + 1} tokens"),
+    ({"prompt": "x" * (MAX_MODEL_LEN - 1)}, "prompt", f"the prompt has {MAX_MODEL_LEN} tokens"),
+    ({"prompt": "hi", "max_tokens": MAX_MODEL_LEN - 2}, "max_tokens", "exceed the context"),
+    ({"prompt": ["a", "b"], "model": "triage"}, "prompt", "one prompt with one choice"),
+    ({"prompt": "hi", "model": "triage", "logprobs": 0}, "logprobs", "decision policies"),
+    ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+])
+def test_completion_refusals_are_400_naming_the_param(client, body, param, says):
+    response = client.post("/v1/completions", json={"model": "chat", **body})
+    assert_error(response, 400, type=INVALID, param=param, code="invalid_request", says=says)
+
+
+def test_unknown_policy_is_404_on_model(client):
+    for response in (chat(client, "nope"), client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})):
+        assert_error(response, 404, type=INVALID, param="model", code="model_not_found", says="'nope' does not exist")
+
+
+@pytest.mark.parametrize(("raw", "param"), [
+    ('"temperature": NaN', "temperature"),
+    ('"top_p": Infinity', "top_p"),
+    ('"steering": {"alpha": {"chat": NaN}}', "steering.alpha.chat"),
+    ('"steering": {"alpha": {"chat": -Infinity}}', "steering.alpha.chat"),
+])
+def test_non_finite_numbers_are_400(client, raw, param):
+    text = f'{{"model": "chat", "messages": {json.dumps(MESSAGES)}, {raw}}}'
+    response = client.post("/v1/chat/completions", content=text, headers={"content-type": "application/json"})
+    assert_error(response, 400, type=INVALID, param=param, code="invalid_value", says="finite number")
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {API_KEY}", API_KEY])
+def test_missing_or_wrong_api_key_is_401(app, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    anonymous = TestClient(app, headers=headers)
+    for response in (anonymous.get("/v1/models"), anonymous.post("/v1/chat/completions", json={})):
+        assert_error(response, 401, type="authentication_error", param=None, code="invalid_api_key",
+                     says="a valid API key is required")
+        assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_chat_without_a_chat_template_is_400(client, engine):
+    engine.tokenizer.chat_template = None
+    assert_error(chat(client, "chat"), 400, type=INVALID, param="messages", code="invalid_request",
+                 says="no chat template")
+
+
+def test_health_is_ready_at_once_and_the_engine_is_not_shut_down_by_the_app(app, engine):
+    with TestClient(app) as anonymous:
+        response = anonymous.get("/health")
+    assert (response.status_code, response.json()) == (200, {"status": "ready"})
+    assert not engine.is_shut_down
+
+
+def test_models_lists_every_policy(client):
+    cards = client.get("/v1/models").json()["data"]
+    assert [card["id"] for card in cards] == list(POLICIES)
+    for card in cards:
+        policy = POLICIES[card["id"]]
+        assert card["object"] == "model"
+        assert card["base"] == "fake/base"
+        assert card["description"] == policy.get("description", "")
+        assert card["alpha"] == policy.get("alpha", {})
+        assert card["experts"] == {pair: EXPERTS[pair] for pair in policy.get("alpha", {})}
+        assert card["max_alpha"] == policy.get("max_alpha")
+
+
+@pytest.mark.parametrize(("model", "overrides", "alpha"), [
+    ("base", None, {}),
+    ("chat", None, {"chat": 1.0}),
+    ("mix", None, {"chat": 0.5, "code": -0.5}),
+    ("chat", {"alpha": {"chat": 1.5}}, {"chat": 1.5}),
+    ("chat", {"alpha": {"chat": -2.0, "code": 0.5}}, {"chat": -2.0, "code": 0.5}),  # at the bound: allowed
+])
+def test_chat_answers_with_the_applied_steering_and_usage(client, model, overrides, alpha):
+    response = chat(client, model, steering=overrides) if overrides else chat(client, model)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    row = (alpha.get("chat", 0.0), alpha.get("code", 0.0))
+    assert body["object"] == "chat.completion" and body["model"] == model
+    assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": answer(CHAT_PROMPT, row)},
+                                "logprobs": None, "finish_reason": "stop"}]
+    assert body["usage"] == {"prompt_tokens": len(CHAT_PROMPT), "completion_tokens": ANSWER_LEN,
+                             "total_tokens": len(CHAT_PROMPT) + ANSWER_LEN}
+    assert body["steering"] == {"policy": model, "alpha": alpha, "abstained": None, "confidence": None,
+                                "decision": None, "abstention": None}
+
+
+def test_steering_changes_the_answer(client):
+    texts = {model: chat(client, model).json()["choices"][0]["message"]["content"] for model in ("base", "chat", "mix")}
+    assert len(set(texts.values())) == 3
+
+
+def test_max_tokens_cuts_the_answer_and_fills_the_context_exactly(client):
+    cut = chat(client, "chat", max_tokens=2).json()
+    assert cut["choices"][0]["message"]["content"] == answer(CHAT_PROMPT, (1.0, 0.0))[:2]
+    assert cut["choices"][0]["finish_reason"] == "length"
+    assert cut["usage"]["completion_tokens"] == 2
+    assert chat(client, "chat", max_tokens=ROOM).status_code == 200
+
+
+def test_chat_logprobs_are_each_tokens_with_its_top_alternatives(client):
+    body = chat(client, "chat", logprobs=True, top_logprobs=2, max_tokens=3).json()
+    text = answer(CHAT_PROMPT, (1.0, 0.0))[:3]
+    content = body["choices"][0]["logprobs"]["content"]
+    assert [entry["token"] for entry in content] == list(text)
+    for k, entry in enumerate(content):
+        p = token_prob(k)
+        assert entry["logprob"] == pytest.approx(math.log(p))
+        assert entry["bytes"] == [ord(text[k])]
+        assert [(top["token"], top["logprob"]) for top in entry["top_logprobs"]] == [
+            (text[k], pytest.approx(math.log(p))), ("C", pytest.approx(math.log((1 - p) / 20)))]
+
+
+def test_completions_index_choices_by_prompt_then_choice(client):
+    prompts = ["ab", "xyz"]
+    body = client.post("/v1/completions", json={"model": "chat", "prompt": prompts, "n": 2, "max_tokens": 3,
+                                                "logprobs": 1}).json()
+    ids = [[BOS, *map(ord, p)] for p in prompts]
+    assert [c["index"] for c in body["choices"]] == [0, 1, 2, 3]
+    for c in body["choices"]:
+        text = answer(ids[c["index"] // 2], (1.0, 0.0), c["index"] % 2)[:3]
+        assert (c["text"], c["finish_reason"]) == (text, "length")
+        assert c["logprobs"]["tokens"] == list(text)
+        assert c["logprobs"]["token_logprobs"] == pytest.approx([math.log(token_prob(k)) for k in range(3)])
+        assert c["logprobs"]["text_offset"] == [0, 1, 2]
+    assert body["usage"] == {"prompt_tokens": 3 + 4, "completion_tokens": 4 * 3, "total_tokens": 7 + 12}
+    token_prompt = client.post("/v1/completions", json={"model": "chat", "prompt": ids[0]}).json()
+    assert token_prompt["choices"][0]["text"] == answer(ids[0], (1.0, 0.0))
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+def test_chat_stream_ends_with_steering_then_done(client, include_usage):
+    override = {"alpha": {"chat": 1.5}}
+    response = chat(client, "chat", stream=True, steering=override, stream_options={"include_usage": include_usage})
+    events = sse_events(response)
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                     "finish_reason": None}]
+    deltas = [c["choices"][0] for c in chunks[1:-1]]
+    assert "".join(d["delta"]["content"] for d in deltas) == answer(CHAT_PROMPT, (1.5, 0.0))
+    assert [d["finish_reason"] for d in deltas] == [None] * (ANSWER_LEN - 1) + ["stop"]
+    last = chunks[-1]
+    assert last["choices"] == []
+    assert last["steering"]["alpha"] == {"chat": 1.5}
+    usage = {"prompt_tokens": len(CHAT_PROMPT), "completion_tokens": ANSWER_LEN,
+             "total_tokens": len(CHAT_PROMPT) + ANSWER_LEN}
+    assert last["usage"] == (usage if include_usage else None)
+    assert all(c["usage"] is None and c["steering"] is None for c in chunks[:-1])
+    assert len({c["id"] for c in chunks}) == 1 and chunks[0]["object"] == "chat.completion.chunk"
+
+
+def test_completions_stream_interleaves_choices(client):
+    response = client.post("/v1/completions", json={"model": "mix", "prompt": ["ab", "xyz"], "n": 2, "stream": True,
+                                                    "stream_options": {"include_usage": True}})
+    chunks = [json.loads(event) for event in sse_events(response)[:-1]]
+    texts = {}
+    for chunk in chunks[:-1]:
+        (choice,) = chunk["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    row = (0.5, -0.5)
+    assert texts == {2 * p + j: answer([BOS, *map(ord, prompt)], row, j)
+                     for p, prompt in enumerate(["ab", "xyz"]) for j in range(2)}
+    assert chunks[-1]["usage"]["completion_tokens"] == 4 * ANSWER_LEN
+    assert chunks[-1]["steering"]["alpha"] == {"chat": 0.5, "code": -0.5}
+
+
+Y, N = ord("y"), ord("n")  # the labels' first tokens
+COSTS = [[0, DECISION["cost_fp"]], [DECISION["cost_fn"], 0]]  # rows: acting yes, no; columns: truly yes, no
+
+
+@pytest.mark.parametrize(("model", "steering", "action"), [
+    # label_prob at alpha 0: y (1 + 121 % 4) / 10 = 0.2, n (1 + 110 % 4) / 10 = 0.3, so p = [0.4, 0.6]
+    ("triage", None, "no"),  # yes 3 * 0.6 = 1.8, no 1 * 0.4 = 0.4, abstain 0.5
+    ("triage", {"costs": [[0, 0.1], [1, 0]]}, "yes"),  # yes 0.06
+    ("triage", {"abstain_cost": 0.2}, "abstain"),
+    ("triage", {"abstain_cost": 0.42}, "no"),
+    # T = 2: p = [0.2 ** 0.5, 0.3 ** 0.5] / sum = [0.4495, 0.5505]; no costs 0.4495
+    ("triage-calibrated", None, "no"),
+    ("triage-calibrated", {"abstain_cost": 0.42}, "abstain"),
+    # alpha chat 1 (shift 10): y (1 + 131 % 4) / 10 = 0.4, n (1 + 120 % 4) / 10 = 0.1, so p = [0.8, 0.2]
+    ("triage-chat", None, "abstain"),  # yes 3 * 0.2 = 0.6, no 0.8, abstain 0.5
+    ("triage-chat", {"abstain_cost": 0.7}, "yes"),
+])
+def test_decision_answers_with_the_bayes_action(client, model, steering, action):
+    body = chat(client, model, steering=steering).json()
+    overrides = steering or {}
+    costs, abstain_cost = overrides.get("costs", COSTS), overrides.get("abstain_cost", DECISION["abstain_cost"])
+    temperature = CALIBRATION_T if "calibration" in POLICIES[model] else 1.0
+    row = (POLICIES[model].get("alpha", {}).get("chat", 0.0), 0.0)
+    raw = [label_prob(Y, row), label_prob(N, row)]
+    probs = [p / sum(raw) for p in raw]
+    tempered = [p ** (1 / temperature) for p in raw]  # softmax(log p / T)
+    calibrated = [p / sum(tempered) for p in tempered]
+    expected = {"yes": costs[0][0] * calibrated[0] + costs[0][1] * calibrated[1],
+                "no": costs[1][0] * calibrated[0] + costs[1][1] * calibrated[1], "abstain": abstain_cost}
+    assert min(expected, key=expected.get) == action  # the table's hand computation, checked
+    decision = body["steering"]["decision"]
+    assert decision["action"] == action
+    assert decision["probabilities"] == pytest.approx(dict(zip(["yes", "no"], probs)))
+    assert decision["calibrated"] == pytest.approx(dict(zip(["yes", "no"], calibrated)))
+    assert decision["label_mass"] == pytest.approx(sum(raw))
+    assert decision["expected_costs"] == pytest.approx(expected)
+    assert (decision["costs"], decision["abstain_cost"], decision["temperature"]) == (costs, abstain_cost, temperature)
+    assert body["steering"]["abstained"] is (action == "abstain")
+    assert body["steering"]["confidence"] == pytest.approx(max(calibrated))
+    assert body["steering"]["alpha"] == POLICIES[model].get("alpha", {})
+    content = "I don't know." if action == "abstain" else action
+    assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": content},
+                                  "logprobs": None, "finish_reason": "stop"}
+    assert body["usage"]["completion_tokens"] == 1
+
+
+MEAN_CONFIDENCE = sum(token_prob(k) for k in range(ANSWER_LEN)) / ANSWER_LEN  # 0.9 * H(6) / 6 = 0.3675
+
+
+@pytest.mark.parametrize(("threshold", "abstained"), [(None, False), (0.3, False), (0.5, True)])
+def test_abstention_withholds_answers_below_the_threshold(client, threshold, abstained):
+    steering = {"abstain_threshold": threshold} if threshold is not None else None
+    body = chat(client, "qa", steering=steering).json()
+    threshold = 0.2 if threshold is None else threshold
+    assert MEAN_CONFIDENCE == pytest.approx(0.3675)
+    assert body["steering"]["abstained"] is abstained
+    assert body["steering"]["confidence"] == pytest.approx(MEAN_CONFIDENCE)
+    assert body["steering"]["abstention"] == pytest.approx(
+        {"score": "mean_prob", "raw": MEAN_CONFIDENCE, "confidence": MEAN_CONFIDENCE, "threshold": threshold})
+    content = "Pass." if abstained else answer(CHAT_PROMPT, (1.0, 0.0))
+    assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": content},
+                                  "logprobs": None, "finish_reason": "stop"}
+
+
+def test_an_abstained_stream_sends_nothing_of_the_answer(client):
+    response = chat(client, "qa", stream=True, steering={"abstain_threshold": 0.5})
+    chunks = [json.loads(event) for event in sse_events(response)[:-1]]
+    contents = [c["choices"][0]["delta"]["content"] for c in chunks if c["choices"]]
+    assert contents == ["", "Pass."]
+    assert chunks[-1]["steering"]["abstained"] is True
+
+
+def test_metrics_count_requests_by_policy_and_status(client, engine):
+    assert chat(client, "chat").status_code == 200
+    assert chat(client, "chat", stream=True).status_code == 200
+    assert chat(client, "nope").status_code == 404
+    assert chat(client, "chat", steering={"alpha": {"chat": 9.0}}).status_code == 400
+    assert chat(client, "chat", bogus=1).status_code == 400
+    assert chat(client, "qa", steering={"abstain_threshold": 0.5}).status_code == 200
+    assert chat(client, "triage").status_code == 200
+    assert TestClient(client.app).get("/v1/models").status_code == 401
+    text = client.get("/metrics").text
+
+    def requests(policy, status, endpoint="chat"):
+        return metric(text, "steer_requests_total", policy=policy, endpoint=endpoint, status=status)
+
+    assert requests("chat", "200") == 2
+    assert requests("<unknown>", "404") == 1
+    assert requests("chat", "400") == 2
+    assert requests("qa", "200") == requests("triage", "200") == 1
+    assert requests("<unknown>", "401", endpoint="list_models") == 1
+    assert metric(text, "steer_errors_total", policy="<unknown>", type="model_not_found") == 1
+    assert metric(text, "steer_errors_total", policy="chat", type="invalid_steering") == 1
+    assert metric(text, "steer_errors_total", policy="chat", type="invalid_value") == 1
+    assert metric(text, "steer_errors_total", policy="<unknown>", type="invalid_api_key") == 1
+    assert metric(text, "steer_abstentions_total", policy="qa") == 1
+    assert metric(text, "steer_decisions_total", policy="triage", action="no") == 1
+    assert metric(text, "steer_prompt_tokens_total", policy="chat") == 2 * len(CHAT_PROMPT)
+    assert metric(text, "steer_generation_tokens_total", policy="chat") == 2 * ANSWER_LEN
+    assert metric(text, "steer_request_latency_seconds_count", policy="chat", endpoint="chat") == 2
+    assert metric(text, "steer_engine_unfinished_requests") == engine.num_unfinished_requests == 0
+
+
+def test_the_openai_sdk_over_the_in_process_transport(app):
+    async def run() -> None:
+        http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fake")
+        async with openai.AsyncOpenAI(base_url="http://fake/v1", api_key=API_KEY, max_retries=0,
+                                      http_client=http) as client:
+            assert [m.id async for m in client.models.list()] == list(POLICIES)
+            completion = await client.chat.completions.create(
+                model="chat", messages=MESSAGES, extra_body={"steering": {"alpha": {"chat": 1.5}}})
+            assert completion.choices[0].message.content == answer(CHAT_PROMPT, (1.5, 0.0))
+            assert completion.steering["alpha"] == {"chat": 1.5}
+            stream = await client.chat.completions.create(model="mix", messages=MESSAGES, stream=True,
+                                                          stream_options={"include_usage": True})
+            chunks = [chunk async for chunk in stream]
+            assert "".join(c.choices[0].delta.content for c in chunks if c.choices) == answer(CHAT_PROMPT, (0.5, -0.5))
+            assert chunks[-1].usage.completion_tokens == ANSWER_LEN
+            assert chunks[-1].steering["policy"] == "mix"
+            with pytest.raises(openai.NotFoundError) as missing:
+                await client.chat.completions.create(model="nope", messages=MESSAGES)
+            assert (missing.value.status_code, missing.value.code, missing.value.param) == (404, "model_not_found",
+                                                                                            "model")
+            with pytest.raises(openai.BadRequestError) as beyond:
+                await client.chat.completions.create(model="chat", messages=MESSAGES,
+                                                     extra_body={"steering": {"alpha": {"chat": 3.0}}})
+            assert beyond.value.param == "steering.alpha.chat"
+
+    asyncio.run(run())
