@@ -21,6 +21,7 @@ from pydantic import (
     Field,
     ValidationError,
     ValidationInfo,
+    field_validator,
     model_validator,
 )
 
@@ -184,6 +185,16 @@ class EngineOptions(BaseModel):
     kv_cache_gib: Annotated[float, Field(gt=0, allow_inf_nan=False)] | None = Field(
         default=None, description="KV cache size per worker in GiB: kv_cache_memory_bytes, for people.")
     seed: int = 0
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = 1
+    pipeline_parallel_size: Literal[1] = 1
+
+    @field_validator("pipeline_parallel_size", mode="before")
+    @classmethod
+    def _one_stage(cls, value: Any) -> Any:
+        if value != 1:
+            raise ValueError("the composite runs every sub-model on every token inside one model, so its layers "
+                             "cannot be cut into pipeline stages; spread a large base with tensor_parallel_size")
+        return value
 
     @model_validator(mode="after")
     def _known_options(self) -> EngineOptions:
@@ -289,13 +300,18 @@ def load_deployment(path: str | Path) -> Deployment:
 
 
 def check_checkpoints(deployment: Deployment) -> None:
-    """Every checkpoint loads and runs in vLLM, experts share the base's tokenizer, labels are separable."""
-    base_tokenizer = _open_checkpoint("base", deployment.base)
+    """Every checkpoint loads and runs in vLLM (and shards, under tensor parallelism), experts share
+    the base's tokenizer, labels are separable."""
+    tensor_parallel = deployment.engine.tensor_parallel_size
+    base_config, base_tokenizer = _open_checkpoint("base", deployment.base)
+    _check_shards("base", base_config, tensor_parallel)
     base_vocab = base_tokenizer.get_vocab()
     for name, pair in deployment.experts.items():
         for role in ("tuned", "untuned"):
             field = f"experts.{name}.{role}"
-            _compare_vocab(field, _open_checkpoint(field, getattr(pair, role)).get_vocab(), base_vocab)
+            config, tokenizer = _open_checkpoint(field, getattr(pair, role))
+            _check_shards(field, config, tensor_parallel)
+            _compare_vocab(field, tokenizer.get_vocab(), base_vocab)
     for name, policy in deployment.policies.items():
         if policy.decision:
             try:
@@ -306,7 +322,7 @@ def check_checkpoints(deployment: Deployment) -> None:
 
 
 def _open_checkpoint(field: str, path: str):
-    """Check that `path` holds a vLLM-supported model; return its tokenizer."""
+    """Check that `path` holds a vLLM-supported model; return its config and tokenizer."""
     from transformers import AutoConfig, AutoTokenizer
     from vllm import ModelRegistry
 
@@ -320,7 +336,23 @@ def _open_checkpoint(field: str, path: str):
     architectures = getattr(config, "architectures", None) or []
     if not set(architectures) & set(ModelRegistry.get_supported_archs()):
         raise ConfigError(field, f"architecture {architectures} of {path!r} is not supported by vLLM")
-    return tokenizer
+    return config, tokenizer
+
+
+def _check_shards(field: str, config, tensor_parallel: int) -> None:
+    """vLLM splits attention heads across tensor-parallel ranks, and KV heads too (or replicates them)."""
+    if tensor_parallel == 1:
+        return
+    text = config.get_text_config()
+    heads = text.num_attention_heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    if heads % tensor_parallel:
+        raise ConfigError(field, f"num_attention_heads {heads} is not divisible by engine.tensor_parallel_size "
+                                 f"{tensor_parallel}: vLLM gives each rank an equal share of the heads")
+    if kv_heads % tensor_parallel and tensor_parallel % kv_heads:
+        raise ConfigError(field, f"num_key_value_heads {kv_heads} neither divides nor is divisible by "
+                                 f"engine.tensor_parallel_size {tensor_parallel}: vLLM can neither split nor "
+                                 "replicate them evenly")
 
 
 def _compare_vocab(field: str, vocab: dict[str, int], base_vocab: dict[str, int]) -> None:

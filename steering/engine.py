@@ -6,6 +6,7 @@ import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import nullcontext
 
 from transformers import AutoConfig, AutoTokenizer
 from vllm import SamplingParams
@@ -15,14 +16,11 @@ from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
 from vllm.platforms import current_platform
 from vllm.renderers.inputs.preprocess import parse_model_prompt
+from vllm.utils.cpu_resource_utils import get_visible_memory_node
 from vllm.v1.engine.async_llm import AsyncLLM
 
 from steering.config import Deployment
-from steering.errors import (
-    ConfigError,
-    EngineStartError,
-    InvalidRequest,
-)
+from steering.errors import ConfigError, EngineStartError, InvalidRequest, SteeringError
 from steering.memory import (
     GiB,
     NodeMemory,
@@ -35,6 +33,7 @@ from steering.memory import (
 from steering.policy import Policies, Steering
 from steering.spec import CompositeSpec, ExpertPairSpec
 from steering.steer import ALPHA_KEY
+from steering.threads import cpu_worker_binding
 
 logger = logging.getLogger("steer.engine")
 V1_PROCESSOR = "steering.processors:AlphaLogitsProcessor"
@@ -143,8 +142,14 @@ class SteeringEngine:
     def start(cls, deployment: Deployment, vllm_config: VllmConfig | None = None) -> SteeringEngine:
         """Build the composite engine (spawns vLLM's engine processes; takes tens of seconds)."""
         vllm_config = vllm_config or engine_config(deployment)
+        binding = nullcontext()
+        if current_platform.is_cpu():
+            binding = cpu_worker_binding(vllm_config.parallel_config.world_size, len(get_visible_memory_node()))
         try:
-            llm = AsyncLLM.from_vllm_config(vllm_config)
+            with binding:
+                llm = AsyncLLM.from_vllm_config(vllm_config)
+        except SteeringError:
+            raise
         except Exception as error:
             raise EngineStartError(
                 "engine",
