@@ -10,53 +10,88 @@ Every sub-model runs on every token, always: a prefix-cached block must hold exp
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Iterable
 
 import torch
 from torch import nn
 from vllm.compilation.backends import set_model_tag
-from vllm.config import VllmConfig
+from vllm.config import ModelConfig, VllmConfig
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
-from vllm.model_executor.models.utils import init_vllm_registered_model
-from vllm.transformers_utils.config import get_config
+from vllm.model_executor.model_loader.utils import initialize_model
 
 from steering.spec import CompositeSpec
 from steering.steer import LINK, fit_vocab
 
 
-def _sub_model(vllm_config: VllmConfig, hf_config, name: str, architectures: list[str]) -> nn.Module:
-    # A distinct model tag per sub-model keeps torch.compile caches from colliding.
+def _sub_model_config(engine: ModelConfig, checkpoint: str) -> ModelConfig:
+    """A complete model config of `checkpoint`, built the way vLLM builds its draft model's.
+
+    Everything vLLM derives from a checkpoint (text config, head counts and size, vocabulary,
+    architecture and implementation, max positions checked against max_model_len) is the
+    sub-model's own; the engine-wide choices are copied. `VllmConfig.with_hf_config` swaps only
+    `hf_config` and keeps the base's `hf_text_config`, so the head counts of a sub-model served
+    through vLLM's Transformers backend would be the base's.
+    """
+    config = ModelConfig(
+        model=checkpoint,
+        tokenizer=checkpoint,
+        dtype=engine.dtype,  # resolved once for the engine: hidden states are concatenated
+        max_model_len=engine.max_model_len,
+        seed=engine.seed,
+        trust_remote_code=engine.trust_remote_code,
+        model_impl=engine.model_impl,
+        config_format=engine.config_format,
+        enforce_eager=engine.enforce_eager,
+        disable_sliding_window=engine.disable_sliding_window,
+    )
+    # A view inside the engine's config, as with `with_hf_config`: VllmConfig skips re-validation.
+    config.is_submodel_config = True
+    return config
+
+
+def _sub_model(vllm_config: VllmConfig, model_config: ModelConfig, name: str) -> nn.Module:
+    # A distinct model tag per sub-model keeps torch.compile caches from colliding. The other
+    # configs (cache, compilation) stay shared: every attention layer registers in one KV cache.
     with set_model_tag(name):
-        return init_vllm_registered_model(
-            vllm_config, hf_config=hf_config, prefix=name, architectures=architectures
-        )
+        return initialize_model(vllm_config=dataclasses.replace(vllm_config, model_config=model_config), prefix=name)
 
 
 class ProxyTunedForCausalLM(nn.Module):
-    """`base` plus `experts.<pair>.tuned/untuned`, each built with its own architecture's class."""
+    """`base` plus `experts.<pair>.tuned/untuned`, each built with its own architecture's class.
+
+    A checkpoint named by several pairs (fine-tunes of one small model share its untuned
+    version) is one sub-model, named for its first user, run and projected once per step.
+    """
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = ""):
         super().__init__()
         hf_config = vllm_config.model_config.hf_config
         self.spec = CompositeSpec.from_hf_config(hf_config)
         self.vocab_size = hf_config.get_text_config().vocab_size
-        self.base = _sub_model(vllm_config, hf_config, "base", list(self.spec.base_architectures))
+        # checkpoint path -> module name of its first user; base first, then pair by pair, tuned first.
+        owners: dict[str, str] = {}
+        for name, path in [("base", vllm_config.model_config.model), *self.spec.expert_checkpoints]:
+            owners.setdefault(path, name)
+        configs = {name: _sub_model_config(vllm_config.model_config, path) for path, name in owners.items()}
+        self.base = _sub_model(vllm_config, configs["base"], "base")
         self.experts = nn.ModuleDict({pair.name: nn.ModuleDict() for pair in self.spec.pairs})
-        # [H_base, H_tuned_0, H_untuned_0, ...]: widths of the concatenated hidden states.
-        self.hidden_widths = [hf_config.get_text_config().hidden_size]
-        for module_name, path in self.spec.expert_checkpoints:
-            config = get_config(path, trust_remote_code=False)
-            _, pair, role = module_name.split(".")
-            self.experts[pair][role] = _sub_model(vllm_config, config, module_name, config.architectures)
-            self.hidden_widths.append(config.get_text_config().hidden_size)
-        # Base first, then each pair tuned before untuned: the order of hidden_widths. A plain
-        # tuple (the modules are registered above), so the hot path never walks the module tree.
-        self.sub_models = (self.base, *(self.get_submodule(name) for name, _ in self.spec.expert_checkpoints))
+        for name in list(owners.values())[1:]:
+            _, pair, role = name.split(".")
+            self.experts[pair][role] = _sub_model(vllm_config, configs[name], name)
+        # One entry per distinct checkpoint, base first: the order of hidden_widths. A plain tuple
+        # (the modules are registered above), so the hot path never walks the module tree.
+        self.sub_models = tuple(self.get_submodule(name) for name in owners.values())
+        # [H_base, H_1, ...]: widths of the concatenated hidden states.
+        self.hidden_widths = [configs[name].get_hidden_size() for name in owners.values()]
+        # (tuned, untuned) positions in sub_models, per pair in pair order.
+        position = {path: i for i, path in enumerate(owners)}
+        self.pair_models = tuple((position[pair.tuned], position[pair.untuned]) for pair in self.spec.pairs)
         # The base checkpoint is vLLM's primary weight source; experts load from their own folders.
         self.secondary_weights = [
-            DefaultModelLoader.Source(path, revision=None, prefix=f"{module_name}.")
-            for module_name, path in self.spec.expert_checkpoints
+            DefaultModelLoader.Source(path, revision=None, prefix=f"{name}.") for path, name in owners.items()
+            if name != "base"
         ]
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -77,13 +112,11 @@ class ProxyTunedForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [N, sum(hidden_widths)] -> steered logits [N, V] (deltas: P x [N, V]).
         parts = hidden_states.split(self.hidden_widths, dim=-1)
-        models = self.sub_models
-        base_logits = models[0].compute_logits(parts[0])
-        deltas = [
-            fit_vocab(tuned.compute_logits(h_tuned), self.vocab_size)
-            - fit_vocab(untuned.compute_logits(h_untuned), self.vocab_size)
-            for tuned, untuned, h_tuned, h_untuned in zip(models[1::2], models[2::2], parts[1::2], parts[2::2])
-        ]
+        base_logits = self.sub_models[0].compute_logits(parts[0])
+        # Each distinct expert checkpoint's logits once, over the base's vocabulary.
+        logits = {i: fit_vocab(self.sub_models[i].compute_logits(parts[i]), self.vocab_size)
+                  for i in sorted({i for pair in self.pair_models for i in pair})}
+        deltas = [logits[tuned] - logits[untuned] for tuned, untuned in self.pair_models]
         return LINK.steer(base_logits, deltas)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

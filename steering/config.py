@@ -323,6 +323,7 @@ def check_checkpoints(deployment: Deployment) -> None:
 
 def _open_checkpoint(field: str, path: str):
     """Check that `path` holds a vLLM-supported model; return its config and tokenizer."""
+    import transformers
     from transformers import AutoConfig, AutoTokenizer
     from vllm import ModelRegistry
 
@@ -334,8 +335,11 @@ def _open_checkpoint(field: str, path: str):
     except (OSError, ValueError) as error:
         raise ConfigError(field, f"cannot load a model and tokenizer from {path!r}: {error}") from None
     architectures = getattr(config, "architectures", None) or []
-    if not set(architectures) & set(ModelRegistry.get_supported_archs()):
-        raise ConfigError(field, f"architecture {architectures} of {path!r} is not supported by vLLM")
+    # vLLM serves an architecture natively, or through its Transformers modeling backend when
+    # transformers has the class (whether that class suits the backend, vLLM checks at start).
+    if not any(arch in ModelRegistry.get_supported_archs() or hasattr(transformers, arch) for arch in architectures):
+        raise ConfigError(field, f"architecture {architectures} of {path!r} is served by vLLM neither natively nor "
+                                 "through its Transformers backend")
     return config, tokenizer
 
 

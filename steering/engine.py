@@ -8,7 +8,7 @@ import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import nullcontext
 
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
@@ -41,13 +41,8 @@ V2_PROCESSOR = "steering.processors:AlphaLogitsProcessorV2"
 
 
 def composite_spec(deployment: Deployment) -> CompositeSpec:
-    base_architectures = AutoConfig.from_pretrained(deployment.base).architectures
-    return CompositeSpec(
-        base_architectures=tuple(base_architectures),
-        pairs=tuple(
-            ExpertPairSpec(name, pair.tuned, pair.untuned) for name, pair in deployment.experts.items()
-        ),
-    )
+    """The expert pairs, as the composite model reads them from vLLM's HF config."""
+    return CompositeSpec(tuple(ExpertPairSpec(name, p.tuned, p.untuned) for name, p in deployment.experts.items()))
 
 
 def engine_args(deployment: Deployment) -> AsyncEngineArgs:
@@ -84,7 +79,8 @@ def engine_config(deployment: Deployment, *, node: NodeMemory | None = None) -> 
 def _size_cpu_kv_cache(vllm_config: VllmConfig, deployment: Deployment, node: NodeMemory) -> None:
     """Give the CPU worker an explicit KV cache size in bytes, or refuse a size that cannot fit."""
     options = deployment.engine
-    experts = [path for pair in deployment.experts.values() for path in (pair.tuned, pair.untuned)]
+    # Each distinct checkpoint once: pairs that share one share its sub-model.
+    experts = list(dict.fromkeys(path for pair in deployment.experts.values() for path in (pair.tuned, pair.untuned)))
     model = model_memory(vllm_config, experts)
     if options.kv_cache_size is not None:
         plan = check_kv_cache_bytes(*options.kv_cache_size, model, node)

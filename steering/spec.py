@@ -1,4 +1,4 @@
-"""What a composite engine is made of: the base's architecture and the expert pairs.
+"""What a composite engine is made of besides its base: the expert pairs.
 
 Plain data with no vLLM import: the facade writes it into vLLM's `hf_overrides`, and every
 engine process reads it back from the HF config.
@@ -23,25 +23,14 @@ class ExpertPairSpec:
 class CompositeSpec:
     """What the composite is made of; travels to engine processes inside the HF config."""
 
-    base_architectures: tuple[str, ...]
     pairs: tuple[ExpertPairSpec, ...]
 
     def hf_overrides(self) -> dict:
-        return {
-            "architectures": [ARCHITECTURE],
-            "proxy_tuning": {
-                "base_architectures": list(self.base_architectures),
-                "pairs": [asdict(pair) for pair in self.pairs],
-            },
-        }
+        return {"architectures": [ARCHITECTURE], "proxy_tuning": {"pairs": [asdict(pair) for pair in self.pairs]}}
 
     @classmethod
     def from_hf_config(cls, hf_config) -> CompositeSpec:
-        raw = hf_config.proxy_tuning
-        return cls(
-            base_architectures=tuple(raw["base_architectures"]),
-            pairs=tuple(ExpertPairSpec(**pair) for pair in raw["pairs"]),
-        )
+        return cls(pairs=tuple(ExpertPairSpec(**pair) for pair in hf_config.proxy_tuning["pairs"]))
 
     @property
     def expert_checkpoints(self) -> list[tuple[str, str]]:

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import transformers
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (
-    AutoModelForCausalLM,
-    LlamaConfig,
-    PreTrainedTokenizerFast,
-    Qwen2Config,
-)
+from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -69,10 +66,46 @@ def train_tokenizer(
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """How to write a checkpoint of one transformers model type."""
+
+    config_class: str  # the transformers config class
+    options: Mapping[str, object] = field(default_factory=dict, hash=False)  # config kwargs beyond the shape
+    grouped_kv: bool = True  # False: the config knows no `num_key_value_heads` (multi-head only)
+
+
+# Options that give each architecture the feature it is tested for: tied embeddings, logit
+# soft-capping or scaling, partial rotary embeddings; sliding windows off (contexts are short).
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": Architecture("LlamaConfig"),
+    "qwen2": Architecture("Qwen2Config"),
+    "qwen3": Architecture("Qwen3Config"),
+    "mistral": Architecture("MistralConfig", {"sliding_window": None}),
+    "gemma": Architecture("GemmaConfig", {"tie_word_embeddings": True}),
+    # Soft caps low enough to bend these random models' logits and attention scores.
+    "gemma2": Architecture("Gemma2Config", {"tie_word_embeddings": True, "final_logit_softcapping": 15.0,
+                                            "attn_logit_softcapping": 20.0, "query_pre_attn_scalar": 32}),
+    "granite": Architecture("GraniteConfig", {"logits_scaling": 4.0, "embedding_multiplier": 2.0,
+                                              "residual_multiplier": 0.5, "attention_multiplier": 0.1}),
+    "cohere": Architecture("CohereConfig", {"tie_word_embeddings": True, "logit_scale": 0.5}),
+    "stablelm": Architecture("StableLmConfig", {"partial_rotary_factor": 0.25, "use_qkv_bias": True}),
+    "phi": Architecture("PhiConfig", {"partial_rotary_factor": 0.5}),
+    "gpt_neox": Architecture("GPTNeoXConfig", {"partial_rotary_factor": 0.25}, grouped_kv=False),
+    "olmo2": Architecture("Olmo2Config"),
+    "starcoder2": Architecture("Starcoder2Config", {"tie_word_embeddings": True, "sliding_window": None}),
+    "phi3": Architecture("Phi3Config", {"sliding_window": None}),
+    # Not in vLLM's own registry: served through its Transformers modeling backend.
+    "helium": Architecture("HeliumConfig"),
+    "persimmon": Architecture("PersimmonConfig", {"partial_rotary_factor": 0.5, "qk_layernorm": True},
+                              grouped_kv=False),
+}
+
+
+@dataclass(frozen=True)
 class Shape:
     """Architecture and size of one small checkpoint (the CPU kernels need head_dim >= 32 to serve it)."""
 
-    arch: str  # "llama" | "qwen2"
+    arch: str  # a key of ARCHITECTURES
     hidden: int
     heads: int
     kv_heads: int
@@ -80,25 +113,32 @@ class Shape:
     intermediate: int | None = None  # default: 2 x hidden
     vocab_pad: int = 0  # extra embedding rows beyond the tokenizer, as real checkpoints have
     max_positions: int = 1024
+    options: Mapping[str, object] = field(default_factory=dict, hash=False)  # over the architecture's options
 
     def config(self, tokenizer: PreTrainedTokenizerFast, *, initializer_range: float = 0.02):
         """A Hugging Face config of this shape over `tokenizer`'s vocabulary (plus the padding)."""
-        config_cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[self.arch]
-        return config_cls(
-            vocab_size=len(tokenizer) + self.vocab_pad,
-            hidden_size=self.hidden,
-            intermediate_size=self.intermediate or 2 * self.hidden,
-            num_hidden_layers=self.layers,
-            num_attention_heads=self.heads,
-            num_key_value_heads=self.kv_heads,
-            max_position_embeddings=self.max_positions,
-            initializer_range=initializer_range,
-            tie_word_embeddings=False,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-            torch_dtype="float32",
-        )
+        architecture = ARCHITECTURES[self.arch]
+        kwargs = {
+            "vocab_size": len(tokenizer) + self.vocab_pad,
+            "hidden_size": self.hidden,
+            "intermediate_size": self.intermediate or 2 * self.hidden,
+            "num_hidden_layers": self.layers,
+            "num_attention_heads": self.heads,
+            "head_dim": self.hidden // self.heads,
+            "max_position_embeddings": self.max_positions,
+            "initializer_range": initializer_range,
+            "tie_word_embeddings": False,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            "torch_dtype": "float32",
+        }
+        if architecture.grouped_kv:
+            kwargs["num_key_value_heads"] = self.kv_heads
+        elif self.kv_heads != self.heads:
+            raise ValueError(f"{self.arch} has multi-head attention only: kv_heads must equal heads")
+        config_class = getattr(transformers, architecture.config_class)
+        return config_class(**{**kwargs, **architecture.options, **self.options})
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
-from transformers import AutoModelForCausalLM, DynamicCache
+from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
 from steering.steer import apply_alpha, fit_vocab
 
@@ -25,7 +25,11 @@ class _Stream:
 
 
 def _load(path: str, dtype: torch.dtype) -> torch.nn.Module:
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    # transformers' default attention (sdpa) drops attention logit soft-capping (Gemma-2);
+    # its eager attention computes it, as vLLM does.
+    soft_capped = getattr(AutoConfig.from_pretrained(path).get_text_config(), "attn_logit_softcapping", None)
+    attention = {"attn_implementation": "eager"} if soft_capped else {}
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention).eval()
 
 
 class ReferenceSteerer:

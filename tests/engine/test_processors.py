@@ -18,7 +18,7 @@ from steering.processors import AlphaLogitsProcessor, AlphaLogitsProcessorV2
 from steering.spec import CompositeSpec, ExpertPairSpec
 from steering.steer import ALPHA_KEY, SteeringLink, apply_alpha
 
-SPEC = CompositeSpec(("LlamaForCausalLM",), (ExpertPairSpec("chat", "t", "u"), ExpertPairSpec("code", "t2", "u2")))
+SPEC = CompositeSpec((ExpertPairSpec("chat", "t", "u"), ExpertPairSpec("code", "t2", "u2")))
 HF_CONFIG = SimpleNamespace(**SPEC.hf_overrides())
 VLLM_CONFIG = SimpleNamespace(
     model_config=SimpleNamespace(hf_config=HF_CONFIG), scheduler_config=SimpleNamespace(max_num_seqs=8)
