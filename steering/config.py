@@ -7,6 +7,7 @@ Relative paths are relative to the YAML file.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -19,6 +20,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PydanticUserError,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -53,6 +56,12 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
 
 
 ModelPath = Annotated[str, AfterValidator(_resolve_path)]
+
+
+def checkpoint_name(path: str) -> str:
+    """What a checkpoint is called where anyone may read it (`/v1/models`, the engine's metric
+    labels): a hub id as it is, a local checkpoint by its folder's name, never the filesystem path."""
+    return Path(path).name if Path(path).is_absolute() else path
 
 
 class _Strict(BaseModel):
@@ -166,6 +175,31 @@ class PolicyConfig(_Strict):
     )
 
 
+@functools.cache
+def _engine_option_adapter(name: str) -> TypeAdapter | None:
+    """A validator of `AsyncEngineArgs.<name>`'s declared type; None where the type has no schema."""
+    from vllm.engine import arg_utils
+
+    annotation = arg_utils.AsyncEngineArgs.__dataclass_fields__[name].type
+    try:  # the annotation is a string (postponed evaluation) in vLLM's module namespace
+        return TypeAdapter(eval(annotation, vars(arg_utils)) if isinstance(annotation, str) else annotation)
+    except (NameError, TypeError, PydanticUserError):  # imported for type checking only, or no schema
+        return None
+
+
+def _check_engine_option(name: str, value: Any) -> None:
+    """A wrong type is refused at load, naming the field, not met as a traceback at engine start."""
+    adapter = _engine_option_adapter(name)
+    if adapter is None:
+        return
+    try:
+        adapter.validate_python(value)
+    except ValidationError as error:
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"engine.{name}" + (f".{where}" if where else ""), f"{first['msg']} (got {value!r})") from None
+
+
 class EngineOptions(BaseModel):
     """Options passed to vLLM's engine as they are (any `AsyncEngineArgs` field but the reserved).
 
@@ -206,6 +240,7 @@ class EngineOptions(BaseModel):
                 raise ConfigError(f"engine.{name}", "is set by the steering service, not the config")
             if name not in known:
                 raise ConfigError(f"engine.{name}", "is not a vLLM engine option (AsyncEngineArgs)")
+            _check_engine_option(name, self.model_extra[name])
         sizes = [name for name in KV_CACHE_SIZES if getattr(self, name) is not None]
         if len(sizes) > 1:
             raise ConfigError(f"engine.{sizes[1]}", f"give one of {', '.join(KV_CACHE_SIZES)}; {sizes[0]} is set too")

@@ -19,7 +19,7 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.utils.cpu_resource_utils import get_visible_memory_node
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from steering.config import Deployment
+from steering.config import Deployment, checkpoint_name
 from steering.errors import ConfigError, EngineStartError, InvalidRequest, SteeringError
 from steering.memory import (
     GiB,
@@ -47,7 +47,9 @@ def composite_spec(deployment: Deployment) -> CompositeSpec:
 
 def engine_args(deployment: Deployment) -> AsyncEngineArgs:
     """vLLM engine arguments: the base checkpoint as the primary model, the composite on top."""
-    options = {"disable_log_stats": True, **deployment.engine.engine_kwargs()}
+    # vLLM labels its metrics with the served model name, by default the base's path.
+    options = {"disable_log_stats": True, "served_model_name": checkpoint_name(deployment.base),
+               **deployment.engine.engine_kwargs()}
     return AsyncEngineArgs(
         model=deployment.base, hf_overrides=composite_spec(deployment).hf_overrides(), **options
     )
@@ -175,12 +177,19 @@ class SteeringEngine:
         params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: list(steering.alpha_row)}
         parsed = parse_model_prompt(self.llm.model_config, {"prompt_token_ids": prompt_ids})
         (engine_input,) = self.llm.renderer.render_cmpl([parsed])
-        stream = self.llm.generate(engine_input, params, request_id or uuid.uuid4().hex)
+        request_id = request_id or uuid.uuid4().hex
+        stream = self.llm.generate(engine_input, params, request_id)
         try:
             async for output in stream:
                 yield output
         except VLLMClientError as error:
             raise InvalidRequest(str(error), param=getattr(error, "parameter", None)) from None
+        except Exception:
+            # vLLM registers a request with its output processor before handing it to the engine
+            # core, and aborts it only if the hand-over succeeded: a failure in between (a value
+            # the core's encoder cannot carry) would leave it unfinished forever. Abort it here.
+            await self.llm.abort(request_id)
+            raise
         finally:
             # Closing vLLM's generator is what aborts the request when our caller goes away.
             await stream.aclose()

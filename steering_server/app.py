@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, TypeVar
@@ -14,18 +14,14 @@ from typing import Annotated, TypeVar
 import prometheus_client
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from vllm.config import VllmConfig
 
-from steering.config import Deployment, load_deployment
+from steering.config import Deployment, checkpoint_name, load_deployment
 from steering.engine import SteeringEngine, engine_config
 from steering.errors import SteeringError
-from steering_server.errors import (
-    EngineNotReady,
-    NotAuthenticated,
-    error_body,
-    install_error_handlers,
-)
+from steering_server.errors import EngineNotReady, error_body, install_error_handlers
+from steering_server.gate import Gate
 from steering_server.metrics import ServerMetrics
 from steering_server.protocol import (
     ChatCompletion,
@@ -51,6 +47,7 @@ class ServerSettings(BaseModel):
     port: int = 8000
     api_key: str | None = None
     graceful_shutdown_seconds: float = 60.0
+    max_body_bytes: int = Field(default=16 * 2**20, gt=0, description="A larger request body is refused (413).")
 
     @property
     def address(self) -> str:
@@ -69,6 +66,10 @@ class ServiceState:
         self.failure: BaseException | None = None
         self.chat: ChatCompletions | None = None
         self.completions: Completions | None = None
+        # Tokenizing and chat rendering run here, off the event loop, one at a time: a long prompt
+        # must not stall other requests or /health, and a Hugging Face tokenizer is not safe to
+        # call from several threads at once.
+        self.admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-admission")
 
     async def start_engine(self, vllm_config: VllmConfig, on_failure: Callable[[BaseException], None]) -> None:
         started = time.perf_counter()
@@ -101,6 +102,7 @@ class ServiceState:
         self.metrics.watch_engine(lambda: engine.num_unfinished_requests)
 
     def shutdown(self) -> None:
+        self.admission.shutdown(wait=False)
         if self.engine is not None:
             self.engine.shutdown()
             self.engine = None
@@ -108,15 +110,6 @@ class ServiceState:
 
 def _state(request: Request) -> ServiceState:
     return request.app.state.service
-
-
-def _authenticated(request: Request) -> None:
-    key = _state(request).settings.api_key
-    if key is None:
-        return
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.encode(), key.encode()):
-        raise NotAuthenticated("a valid API key is required: send 'Authorization: Bearer <key>'")
 
 
 def _ready(request: Request) -> ServiceState:
@@ -127,10 +120,9 @@ def _ready(request: Request) -> ServiceState:
     return state
 
 
-Authenticated = Depends(_authenticated)
 Ready = Annotated[ServiceState, Depends(_ready)]
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left; nobody reads it
-ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 503)}
+ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 
 
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
@@ -146,28 +138,37 @@ async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
             return None
 
 
-async def _sse(request: Request, service: GenerationService, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
-    """Server-sent events: one `data:` line per chunk, an error event if generation fails, `[DONE]`."""
+async def _sse(service: GenerationService, policy: str, chunks: AsyncIterator[BaseModel]) -> AsyncIterator[str]:
+    """Server-sent events: one `data:` line per chunk, an error event if generation fails, `[DONE]`.
+
+    The HTTP status (200) is sent with the first event, so the metrics count the stream's own
+    outcome when it ends: 200, the status its error event carries, or an abort.
+    """
+    metrics = service.metrics
     try:
         async for chunk in chunks:
             yield f"data: {chunk.model_dump_json()}\n\n"
-    except asyncio.CancelledError:
-        service.metrics.aborted.labels(request.state.policy).inc()
+    except (asyncio.CancelledError, GeneratorExit):
+        metrics.aborted.labels(policy).inc()
         raise
     except Exception as error:
-        if error_body(error)[0] == 500:
+        status, body = error_body(error)
+        if status == 500:
             logger.exception("stream failed")
-        yield f"data: {ErrorResponse(error=error_body(error)[1]).model_dump_json()}\n\n"
+        metrics.errors.labels(policy, body.code or body.type).inc()
+        metrics.requests.labels(policy, service.endpoint, str(status)).inc()
+        yield f"data: {ErrorResponse(error=body).model_dump_json()}\n\n"
+    else:
+        metrics.requests.labels(policy, service.endpoint, "200").inc()
     yield "data: [DONE]\n\n"
 
 
 async def _generate(request: Request, service: GenerationService, body) -> Response:
     request.state.policy = body.model
-    plan = service.plan(body)
+    plan = await asyncio.get_running_loop().run_in_executor(_state(request).admission, service.plan, body)
     metrics = service.metrics
     if body.stream:
-        metrics.requests.labels(plan.name, service.endpoint, "200").inc()
-        return StreamingResponse(_sse(request, service, service.chunks(body, plan)), media_type="text/event-stream")
+        return StreamingResponse(_sse(service, plan.name, service.chunks(body, plan)), media_type="text/event-stream")
     answered = await until_disconnected(request, service.answer(plan))
     if answered is None:
         metrics.aborted.labels(plan.name).inc()
@@ -210,6 +211,7 @@ def create_app(
     )
     app.state.service = state
     install_error_handlers(app)
+    app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -223,24 +225,23 @@ def create_app(
         body = state.metrics.render() + prometheus_client.generate_latest(prometheus_client.REGISTRY)
         return Response(body, media_type=prometheus_client.CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Authenticated], response_model=ModelList, responses=ERRORS)
+    @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models() -> ModelList:
         d = state.deployment
-        experts = {name: {"tuned": p.tuned, "untuned": p.untuned} for name, p in d.experts.items()}
+        experts = {name: {"tuned": checkpoint_name(p.tuned), "untuned": checkpoint_name(p.untuned)}
+                   for name, p in d.experts.items()}
         return ModelList(data=[
-            ModelCard(id=name, created=state.created, description=policy.description, base=d.base,
+            ModelCard(id=name, created=state.created, description=policy.description, base=checkpoint_name(d.base),
                       experts={pair: experts[pair] for pair in policy.alpha}, alpha=policy.alpha,
                       max_alpha=policy.max_alpha)
             for name, policy in d.policies.items()
         ])
 
-    @app.post("/v1/chat/completions", dependencies=[Authenticated], response_model=ChatCompletion,
-              responses=ERRORS, name="chat")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS, name="chat")
     async def chat_completions(request: Request, body: ChatCompletionRequest, ready: Ready) -> Response:
         return await _generate(request, ready.chat, body)
 
-    @app.post("/v1/completions", dependencies=[Authenticated], response_model=Completion,
-              responses=ERRORS, name="completions")
+    @app.post("/v1/completions", response_model=Completion, responses=ERRORS, name="completions")
     async def completions(request: Request, body: CompletionRequest, ready: Ready) -> Response:
         return await _generate(request, ready.completions, body)
 

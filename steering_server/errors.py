@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -25,12 +27,17 @@ class EngineNotReady(SteeringError):
     """The engine is still loading (or failed to load)."""
 
 
+class BodyTooLarge(SteeringError):
+    """The request body is over the server's limit."""
+
+
 # error class -> (HTTP status, OpenAI error type, code)
 STATUS = {
     UnknownPolicy: (404, "invalid_request_error", "model_not_found"),
     InvalidSteering: (400, "invalid_request_error", "invalid_steering"),
     InvalidRequest: (400, "invalid_request_error", "invalid_request"),
     NotAuthenticated: (401, "authentication_error", "invalid_api_key"),
+    BodyTooLarge: (413, "invalid_request_error", "request_too_large"),
     EngineNotReady: (503, "service_unavailable", "engine_not_ready"),
 }
 
@@ -45,11 +52,49 @@ def error_body(error: Exception) -> tuple[int, ErrorBody]:
     return 500, ErrorBody(message="internal server error", type="server_error", code="internal_error")
 
 
+def field_path(loc: tuple) -> str | None:
+    """`messages[0].content` from pydantic's location, without the union members it tried
+    (`str`, `list[TextPart]`, `function-after[...]`) or the `body` it starts with."""
+    path = ""
+    for part in loc[1:] if loc[:1] == ("body",) else loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif not _UNION_MEMBER.fullmatch(part):
+            path += f".{part}" if path else part
+    return path or None
+
+
+# What pydantic names a union member by: a type (`str`, `list[int]`, `nullable[...]`), never a field.
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|list|dict|none|is-instance|literal)(\[.*\])?|[\w-]+\[.*\]")
+
+
+def _union_member_that_got_furthest(errors: list[dict]) -> dict:
+    """The first error, or where it is one of a union's failed members (`prompt` as a string, as
+    a token list, ...), the first error of the member that came closest: fewest errors, then the
+    deepest, at the latest item (the one token that is not an int, not "should be a string")."""
+    loc = tuple(errors[0].get("loc", ()))
+    tag = next((i for i, part in enumerate(loc) if isinstance(part, str) and _UNION_MEMBER.fullmatch(part)), None)
+    if tag is None:
+        return errors[0]
+    members: dict[str, list[dict]] = {}
+    for e in errors:
+        if tuple(e["loc"])[:tag] == loc[:tag] and len(e["loc"]) > tag:
+            members.setdefault(e["loc"][tag], []).append(e)
+
+    def closeness(failed: list[dict]) -> tuple:
+        first = failed[0]["loc"]
+        return -len(failed), len(first), tuple(part for part in first if isinstance(part, int))
+
+    return max(members.values(), key=closeness)[0]
+
+
 def _validation_body(error: RequestValidationError) -> ErrorBody:
-    first = error.errors()[0]
-    loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(loc) or None
+    errors = error.errors()
+    first = _union_member_that_got_furthest(errors) if errors else {}
+    param = field_path(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid request")
+    if first.get("type") == "json_invalid":  # its loc is the character position, not a field
+        param, message = None, f"the body is not valid JSON ({first.get('ctx', {}).get('error', message)})"
     return ErrorBody(
         message=f"{param}: {message}" if param else message,
         type="invalid_request_error",
@@ -58,11 +103,13 @@ def _validation_body(error: RequestValidationError) -> ErrorBody:
     )
 
 
-def _respond(request: Request, status: int, body: ErrorBody) -> JSONResponse:
+def respond(request: Request, status: int, body: ErrorBody, *, endpoint: str | None = None) -> JSONResponse:
+    """The error envelope, counted in the metrics under the request's policy and endpoint."""
     metrics = request.app.state.service.metrics
     policy = metrics.policy_label(getattr(request.state, "policy", None))
     metrics.errors.labels(policy, body.code or body.type).inc()
-    endpoint = request.scope.get("route").name if request.scope.get("route") else "unknown"
+    if endpoint is None:
+        endpoint = request.scope["route"].name if request.scope.get("route") else "unknown"
     metrics.requests.labels(policy, endpoint, str(status)).inc()
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
@@ -72,21 +119,21 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SteeringError)
     async def steering_error(request: Request, error: SteeringError) -> JSONResponse:
         status, body = error_body(error)
-        return _respond(request, status, body)
+        return respond(request, status, body)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
         body = error.body if isinstance(error.body, dict) else {}
         request.state.policy = body.get("model")
-        return _respond(request, 400, _validation_body(error))
+        return respond(request, 400, _validation_body(error))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return _respond(request, error.status_code, ErrorBody(message=str(error.detail), type=kind))
+        return respond(request, error.status_code, ErrorBody(message=str(error.detail), type=kind))
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:
         # Starlette re-raises after this handler, so uvicorn logs the traceback.
         status, body = error_body(error)
-        return _respond(request, status, body)
+        return respond(request, status, body)

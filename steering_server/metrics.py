@@ -61,9 +61,9 @@ class ServerMetrics:
             registry=self.registry,
         )
 
-    def policy_label(self, name: str | None) -> str:
-        """A request's policy as a label; unknown names collapse to one label value."""
-        return name if name in self.policies else UNKNOWN_POLICY
+    def policy_label(self, name: object) -> str:
+        """A request's policy as a label; unknown names (and a `model` that is no string) collapse to one."""
+        return name if isinstance(name, str) and name in self.policies else UNKNOWN_POLICY
 
     def watch_engine(self, num_unfinished: Callable[[], int]) -> None:
         self.unfinished.set_function(num_unfinished)

@@ -1,6 +1,8 @@
 """OpenAI-compatible request and response models, plus the `steering` extension.
 
 Requests forbid unknown fields: a field we do not implement is refused (400), never ignored.
+They are strict: a value of the wrong JSON type (`"2"` for a number, `true` for an alpha) is
+refused, not coerced; text must be valid Unicode (a lone surrogate escape is refused).
 """
 
 from __future__ import annotations
@@ -9,19 +11,33 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from steering.config import FiniteFloat
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds on a seed
+
+
+def _unicode(text: str) -> str:
+    """JSON's `\\ud800` escapes decode to lone surrogates, which no tokenizer or encoder takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(f"is not valid Unicode: a lone surrogate at character {error.start}") from None
+    return text
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
+
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class SteeringRequest(_Request):
     """Per-request overrides of the chosen policy, within the bounds the policy sets."""
 
-    alpha: dict[str, FiniteFloat] | None = Field(
+    alpha: dict[Text, FiniteFloat] | None = Field(
         default=None,
         description="Alpha per expert pair, e.g. {\"chat\": 1.5}; |alpha| must stay within the policy's max_alpha.",
     )
@@ -39,20 +55,20 @@ class StreamOptions(_Request):
 
 
 class _GenerationRequest(_Request):
-    model: str = Field(description="A policy name, as listed by GET /v1/models.")
+    model: Text = Field(description="A policy name, as listed by GET /v1/models.")
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] = 1.0
     top_p: Annotated[FiniteFloat, Field(gt=0, le=1)] = 1.0
     top_k: Annotated[int, Field(ge=-1)] | None = Field(default=None, description="vLLM extension; -1 or unset: off.")
     n: Annotated[int, Field(ge=1, le=16)] = 1
-    stop: str | Annotated[list[str], Field(max_length=16)] | None = None
-    seed: int | None = None
+    stop: Text | Annotated[list[Text], Field(max_length=16)] | None = None
+    seed: Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     presence_penalty: Annotated[FiniteFloat, Field(ge=-2, le=2)] = 0.0
     frequency_penalty: Annotated[FiniteFloat, Field(ge=-2, le=2)] = 0.0
-    logit_bias: dict[str, Annotated[FiniteFloat, Field(ge=-100, le=100)]] | None = None
+    logit_bias: dict[Text, Annotated[FiniteFloat, Field(ge=-100, le=100)]] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = Field(default=0, description="vLLM extension.")
     ignore_eos: bool = Field(default=False, description="vLLM extension.")
-    user: str | None = None
+    user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     steering: SteeringRequest | None = Field(
@@ -62,13 +78,13 @@ class _GenerationRequest(_Request):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: str
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -95,7 +111,7 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
-    prompt: str | Annotated[list[int], Field(min_length=1)] | Annotated[list[str], Field(min_length=1)] | Annotated[
+    prompt: Text | Annotated[list[int], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)] | Annotated[
         list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)
     ]
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None

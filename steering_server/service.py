@@ -72,12 +72,16 @@ class GenerationService:
         else:
             stream = generate(self.engine, plan, outcome)
         first = True
-        async for piece in stream:
-            if first:
-                self.metrics.first_token.labels(plan.name).observe(time.perf_counter() - plan.started)
-                first = False
-            yield piece
-        self._record(plan, outcome)
+        try:
+            async for piece in stream:
+                if first:
+                    self.metrics.first_token.labels(plan.name).observe(time.perf_counter() - plan.started)
+                    first = False
+                yield piece
+            self.metrics.latency.labels(plan.name, self.endpoint).observe(time.perf_counter() - plan.started)
+        finally:  # tokens of an aborted or failed request were computed too
+            self.metrics.prompt_tokens.labels(plan.name).inc(sum(len(p) for p in plan.prompts))
+            self.metrics.generation_tokens.labels(plan.name).inc(outcome.completion_tokens)
 
     def usage(self, plan: Plan, outcome: Outcome) -> Usage:
         prompt_tokens = sum(len(p) for p in plan.prompts)
@@ -88,11 +92,6 @@ class GenerationService:
         """The usage a stream reports at its end: only when `stream_options.include_usage` asks."""
         include = request.stream_options is not None and request.stream_options.include_usage
         return self.usage(plan, outcome) if include else None
-
-    def _record(self, plan: Plan, outcome: Outcome) -> None:
-        self.metrics.prompt_tokens.labels(plan.name).inc(sum(len(p) for p in plan.prompts))
-        self.metrics.generation_tokens.labels(plan.name).inc(outcome.completion_tokens)
-        self.metrics.latency.labels(plan.name, self.endpoint).observe(time.perf_counter() - plan.started)
 
 
 def _outcome(plan: Plan) -> Outcome:

@@ -27,6 +27,10 @@ def sampling_params(request: GenerationRequest, *, prompt_len: int, max_model_le
     if request.n > 1 and request.temperature == 0:
         raise InvalidRequest("n must be 1 with greedy sampling (temperature 0): the choices would be identical",
                              param="n")
+    if request.stream_options is not None and not request.stream:
+        raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
+    if isinstance(request, ChatCompletionRequest) and request.top_logprobs is not None and not request.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     # At least 1, so that a prompt that fills the context is refused for its length, by name.
     max_tokens = request.token_limit if request.token_limit is not None else max(1, max_model_len - prompt_len)
     try:

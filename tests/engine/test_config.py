@@ -61,6 +61,10 @@ def test_relative_paths_are_relative_to_the_yaml_file(llama_family, tmp_path):
         ({"engine": {"max_model_len": 0}}, "engine.max_model_len", "greater than 0"),
         ({"engine": {"not_an_option": 1}}, "engine.not_an_option", "not a vLLM engine option"),
         ({"engine": {"hf_overrides": {}}}, "engine.hf_overrides", "set by the steering service"),
+        # Any engine option of the wrong type, checked against vLLM's own annotation at load.
+        ({"engine": {"max_num_seqs": "many"}}, "engine.max_num_seqs", "valid integer, unable to parse string as an integer (got 'many')"),
+        ({"engine": {"enable_prefix_caching": "sometimes"}}, "engine.enable_prefix_caching", "valid boolean"),
+        ({"engine": {"compilation_config": {"level": 0}}}, "engine.compilation_config.level", "Unexpected keyword"),
         ({"experts": {"bad.name": {"tuned": "a", "untuned": "b"}}}, "experts.bad.name", "pattern"),
         ({"extra": 1}, "extra", "Extra inputs"),
     ],
@@ -70,6 +74,21 @@ def test_schema_errors_name_the_field(llama_family, change, field, reason):
         parse_deployment(config_of(llama_family, **change))
     assert caught.value.field.startswith(field.split(".bad")[0])
     assert reason in str(caught.value)
+
+
+def test_engine_options_of_the_right_type_pass_through(llama_family):
+    engine = {"max_num_seqs": 4, "enable_prefix_caching": True, "compilation_config": {"mode": 0}, "block_size": 32}
+    deployment = parse_deployment(config_of(llama_family, engine=engine))
+    assert deployment.engine.engine_kwargs() | engine == deployment.engine.engine_kwargs()
+
+
+def test_vllm_names_the_engine_by_the_base_folder_not_its_path(llama_family):
+    from steering.engine import engine_args
+
+    deployment = parse_deployment(config_of(llama_family))
+    assert engine_args(deployment).served_model_name == "base" == llama_family["base"].rsplit("/", 1)[1]
+    named = parse_deployment(config_of(llama_family, engine={"served_model_name": "prod-base"}))
+    assert engine_args(named).served_model_name == "prod-base"
 
 
 def test_missing_checkpoint_names_the_field(llama_family, tmp_path):

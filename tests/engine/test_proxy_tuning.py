@@ -155,3 +155,14 @@ def test_prompt_beyond_context_is_refused(llama_engine):
         llama_engine.greedy([[5] * 300], [{}])
     with pytest.raises(InvalidRequest, match="max_tokens"):
         llama_engine.greedy([[5] * 200], [{}], max_tokens=100)
+
+
+def test_a_request_the_engine_cannot_take_leaves_nothing_unfinished(llama_engine, tokenizer):
+    """vLLM registers a request before its engine core takes it; a seed past 64 bits fails in
+    between, and used to stay unfinished forever (the server refuses such seeds at the door too)."""
+    params = SamplingParams(max_tokens=4, temperature=1.0, seed=2**64)
+    for _ in range(2):
+        with pytest.raises(Exception):  # noqa: B017 - whatever vLLM raises; the point is what is left
+            llama_engine.outputs(prompts(tokenizer)[:1], [{"chat": 1.0}], params)
+    assert llama_engine.engine.num_unfinished_requests == 0
+    assert len(llama_engine.greedy(prompts(tokenizer)[:1], [{"chat": 1.0}], max_tokens=4)[0]) == 4, "it still serves"
