@@ -56,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STEER_API_KEY)")
+    serve.add_argument("--max-body-bytes", type=int, help="refuse a larger request body with 413 (default: 16 MiB)")
     serve.set_defaults(handler=_serve)
 
     calibrate = commands.add_parser(
@@ -87,11 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--family", type=Path, help="a built demo family (default: build or reuse the cached one)")
     perf = bench_commands.add_parser("perf", help="tokens/s and latency: vllm serve, steer serve, the reference")
     perf.add_argument("--preset", choices=["cpu", "tiny", "gpu"], default="cpu", help="model sizes (base ~10x experts)")
-    perf.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32])
+    perf.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32],
+                      help="levels; at each, at most this many requests in flight (the reference's batch size)")
     perf.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     perf.add_argument("--prompt-tokens", type=int, default=64)
     perf.add_argument("--max-tokens", type=int, default=64)
+    perf.add_argument("--workload", choices=["equal", "mixed"], default="equal",
+                      help="equal: --prompt-tokens in, --max-tokens out, all at once; mixed: lengths from --lengths, "
+                           "arrivals at --rate")
+    perf.add_argument("--lengths", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"),
+                      help="mixed: prompt and output lengths, each uniform in MIN..MAX tokens")
+    perf.add_argument("--rate", type=float, default=float("inf"),
+                      help="mixed: requests/s, Poisson arrivals (default inf: all at once)")
     perf.add_argument("--no-vllm-serve", dest="vllm_serve", action="store_false")
+    perf.add_argument("--no-base-only", dest="base_only", action="store_false",
+                      help="skip `steer serve` with a base-only deployment")
+    perf.add_argument("--sharing", action="store_true",
+                      help="also two pairs that share their untuned model, against the same with that model copied")
     perf.add_argument("--no-reference", dest="reference", action="store_false")
     perf.add_argument("--eager", action="store_true", help="no torch.compile (faster start, slower steps)")
     for command in (quality, perf):
@@ -179,7 +192,8 @@ def _serve(args) -> int:
         print(NO_CONFIG, file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key)
+    settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key,
+                              **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     logging.getLogger("steer.server").info("loading the deployment from %s", args.config)
     failures: list[BaseException] = []
 
@@ -238,8 +252,9 @@ def _bench(args) -> int:
         from steering_tools.bench import perf as job
 
         report = job.run(preset=args.preset, concurrency=tuple(args.concurrency), requests=args.requests,
-                         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens,
-                         vllm_serve=args.vllm_serve, reference=args.reference, eager=args.eager)
+                         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, workload=args.workload,
+                         lengths=tuple(args.lengths), rate=args.rate, vllm_serve=args.vllm_serve,
+                         base_only=args.base_only, sharing=args.sharing, reference=args.reference, eager=args.eager)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.bench_command}.json").write_text(json.dumps(report, indent=2))

@@ -1,20 +1,25 @@
 """`steer bench perf`: what steering costs in speed, measured in one run on one machine.
 
-Random-weight models of chosen sizes (a base and one expert pair), the same prompts, greedy,
+Random-weight models of chosen sizes (a base and one expert pair), the same requests, greedy,
 `ignore_eos`, streamed over HTTP with the same load generator for:
 - `vllm serve` on the base alone (prices our server layer),
 - `steer serve` with a base-only deployment (no experts),
 - `steer serve` with the base and the pair, steered (alpha 1),
-and the transformers reference implementation (steered, batched) on the same prompts.
-At each concurrency: output tokens/s, time to first token, inter-token latency. The
-FLOPs-ideal ratio `base / (base + experts)` comes from parameter counts.
+and the transformers reference implementation (steered, in static batches) on the same requests.
+Two workloads: `equal` (every prompt and output the same length, all sent at once: the static
+batcher's best case) and `mixed` (lengths drawn from a wide range, Poisson arrivals: where
+continuous batching earns its keep). At each concurrency: output tokens/s, time to first token,
+inter-token and end-to-end latency. The FLOPs-ideal ratio `base / (base + experts)` comes from
+parameter counts.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -25,6 +30,7 @@ import httpx
 import numpy as np
 import torch
 import yaml
+from transformers import AutoConfig
 
 from steering.memory import MiB, kv_bytes_per_token
 from steering.testing.families import Shape, save_model, train_tokenizer
@@ -37,6 +43,25 @@ PRESETS = {
     "gpu": (Shape("llama", hidden=2048, heads=16, kv_heads=8, layers=16), Shape("llama", hidden=512, heads=8, kv_heads=4, layers=8)),
 }
 VOCAB = 8192
+WORKLOADS = ("equal", "mixed")
+
+
+@dataclass(frozen=True)
+class Request:
+    """One benchmark request: its prompt, its own output length, and when it arrives (s after the start)."""
+
+    prompt: list[int]
+    output_tokens: int
+    arrival: float = 0.0
+
+
+@dataclass
+class Trace:
+    """One request as served: its latencies count from `origin`; times in s since the run started."""
+
+    origin: float
+    token_times: list[float]
+    tokens: int
 
 
 @dataclass
@@ -44,13 +69,48 @@ class Load:
     concurrency: int
     requests: int
     tokens: int
-    seconds: float
+    seconds: float  # makespan: from the first arrival to the last token
     ttft_ms: float  # median time to first token
     itl_ms: float  # median gap between tokens
+    ttft_p90_ms: float
+    e2e_ms: float  # median time to last token
 
     @property
     def tokens_per_second(self) -> float:
         return self.tokens / self.seconds
+
+    @classmethod
+    def measure(cls, concurrency: int, traces: list[Trace]) -> Load:
+        ttfts = [t.token_times[0] - t.origin for t in traces]
+        gaps = np.concatenate([np.diff(t.token_times) for t in traces])
+        e2es = [t.token_times[-1] - t.origin for t in traces]
+
+        def ms(values, q: float = 50) -> float:
+            return 1000 * float(np.percentile(values, q))
+
+        return cls(concurrency, len(traces), sum(t.tokens for t in traces), max(t.token_times[-1] for t in traces),
+                   ms(ttfts), ms(gaps) if gaps.size else math.nan, ms(ttfts, 90), ms(e2es))
+
+
+def equal_requests(rng: np.random.Generator, vocab: int, count: int, prompt_tokens: int,
+                   max_tokens: int) -> list[Request]:
+    """`count` random prompts of `prompt_tokens`, each answered with `max_tokens`, all arriving at once."""
+    return [Request(rng.integers(10, vocab, size=prompt_tokens).tolist(), max_tokens) for _ in range(count)]
+
+
+def mixed_requests(rng: np.random.Generator, vocab: int, count: int, lengths: tuple[int, int],
+                   rate: float) -> list[Request]:
+    """Prompt and output lengths uniform in `lengths` (inclusive); Poisson arrivals at `rate`/s, the first at 0."""
+    low, high = lengths
+    if not 0 < low <= high:
+        raise ValueError(f"lengths must satisfy 0 < MIN <= MAX, got {low} {high}")
+    if not rate > 0:
+        raise ValueError(f"rate must be positive (inf: all at once), got {rate}")
+    prompt_lengths, output_lengths = rng.integers(low, high + 1, size=(2, count))
+    gaps = rng.exponential(1 / rate, size=count) if math.isfinite(rate) else np.zeros(count)
+    arrivals = np.cumsum(gaps) - gaps[0]
+    return [Request(rng.integers(10, vocab, size=p).tolist(), int(o), float(a))
+            for p, o, a in zip(prompt_lengths, output_lengths, arrivals)]
 
 
 def parameters(path: Path) -> int:
@@ -60,39 +120,49 @@ def parameters(path: Path) -> int:
         return sum(int(np.prod(f.get_slice(name).get_shape())) for name in f.keys())
 
 
-def make_models(root: Path, base: Shape, expert: Shape) -> dict:
+def make_models(root: Path, base: Shape, expert: Shape, max_model_len: int) -> dict:
     """Random base and expert pair with a padded vocabulary, sharing one small tokenizer."""
     tokenizer = train_tokenizer()
-    padded = lambda s: replace(s, vocab_pad=VOCAB - len(tokenizer))  # noqa: E731
+
+    def padded(shape: Shape) -> Shape:
+        return replace(shape, vocab_pad=VOCAB - len(tokenizer), max_positions=max(shape.max_positions, max_model_len))
+
     save_model(padded(base), tokenizer, root / "base", seed=1)
     save_model(padded(expert), tokenizer, root / "untuned", seed=2)
     save_model(padded(expert), tokenizer, root / "tuned", seed=3)
     return {"base": root / "base", "tuned": root / "tuned", "untuned": root / "untuned", "tokens": len(tokenizer)}
 
 
-def kv_cache_bytes(models: dict, max_model_len: int, sequences: int) -> int:
-    """KV bytes for `sequences` full-length sequences of the base and the pair together (float32)."""
-    from transformers import AutoConfig
+def add_sharing_models(models: dict, root: Path, expert: Shape) -> None:
+    """A second fine-tune of the same untuned model, and a byte-for-byte copy of that untuned
+    model under another path: naming the copy makes a deployment that cannot share it."""
+    tokenizer = train_tokenizer()
+    shape = replace(expert, vocab_pad=VOCAB - len(tokenizer),
+                    max_positions=AutoConfig.from_pretrained(models["untuned"]).max_position_embeddings)
+    save_model(shape, tokenizer, root / "tuned2", seed=4)
+    shutil.copytree(models["untuned"], root / "untuned-copy", dirs_exist_ok=True)
+    models.update(tuned2=root / "tuned2", untuned_copy=root / "untuned-copy")
 
+
+def kv_cache_bytes(models: dict, max_model_len: int, sequences: int) -> int:
+    """KV bytes for `sequences` full-length sequences of every model in `models` together (float32)."""
     configs = [AutoConfig.from_pretrained(models[name]) for name in ("base", "tuned", "untuned")]
+    configs += [AutoConfig.from_pretrained(models[name]) for name in ("tuned2", "untuned_copy") if name in models]
     return kv_bytes_per_token(configs, dtype_bytes=4) * max_model_len * sequences + 64 * MiB
 
 
-async def load(url: str, model: str, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Load:
-    """`concurrency` clients streaming greedy completions until every prompt is answered."""
-    queue: asyncio.Queue = asyncio.Queue()
-    for prompt in prompts:
-        queue.put_nowait(prompt)
-    ttfts, gaps, tokens = [], [], 0
+async def load(url: str, model: str, requests: list[Request], concurrency: int, *, from_arrival: bool) -> Load:
+    """Stream each request from its arrival, at most `concurrency` at a time; latencies count from
+    its arrival (so waiting for a slot counts) or, `from_arrival` off, from when it was sent."""
+    slots = asyncio.Semaphore(concurrency)
 
-    async def client(http: httpx.AsyncClient):
-        nonlocal tokens
-        while not queue.empty():
-            prompt = queue.get_nowait()
-            body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
-                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-            start = last = time.perf_counter()
-            first = True
+    async def send(http: httpx.AsyncClient, request: Request, started: float) -> Trace:
+        await asyncio.sleep(request.arrival - (time.perf_counter() - started))
+        async with slots:
+            sent = time.perf_counter() - started
+            body = {"model": model, "prompt": request.prompt, "max_tokens": request.output_tokens,
+                    "temperature": 0.0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            times, tokens = [], 0
             async with http.stream("POST", "/v1/completions", json=body) as response:
                 response.raise_for_status()
                 async for line in response.aiter_lines():
@@ -100,50 +170,61 @@ async def load(url: str, model: str, prompts: list[list[int]], concurrency: int,
                         continue
                     event = json.loads(line[6:])
                     if event.get("usage"):
-                        tokens += event["usage"]["completion_tokens"]
-                    if not event.get("choices"):
-                        continue
-                    now = time.perf_counter()
-                    (ttfts if first else gaps).append(now - (start if first else last))
-                    first, last = False, now
+                        tokens = event["usage"]["completion_tokens"]
+                    if event.get("choices"):
+                        times.append(time.perf_counter() - started)
+        return Trace(request.arrival if from_arrival else sent, times, tokens)
 
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
         started = time.perf_counter()
-        await asyncio.gather(*(client(http) for _ in range(concurrency)))
-        seconds = time.perf_counter() - started
-    return Load(concurrency, len(prompts), tokens, seconds, 1000 * float(np.median(ttfts)), 1000 * float(np.median(gaps)))
+        traces = await asyncio.gather(*(send(http, request, started) for request in requests))
+    return Load.measure(concurrency, list(traces))
 
 
-def reference_load(models: dict, prompts: list[list[int]], concurrency: int, max_tokens: int) -> Load:
-    """The transformers reference, steered, in batches of `concurrency` prompts."""
-    from steering.testing.reference import ReferenceSteerer
-
-    reference = ReferenceSteerer(str(models["base"]), {"pair": (str(models["tuned"]), str(models["untuned"]))})
-    ttfts, gaps, tokens = [], [], 0
-    started = time.perf_counter()
-    for i in range(0, len(prompts), concurrency):
-        batch = prompts[i : i + concurrency]
-        outputs = [[] for _ in batch]
-        t0 = last = time.perf_counter()
-        for step, logits in enumerate(reference.steered_logits(batch, [{"pair": 1.0}] * len(batch), outputs, max_tokens)):
-            for row, token in enumerate(logits.argmax(dim=-1).tolist()):
-                outputs[row].append(token)
-            now = time.perf_counter()
-            (ttfts if step == 0 else gaps).append(now - (t0 if step == 0 else last))
-            last = now
-        tokens += sum(len(o) for o in outputs)
-    seconds = time.perf_counter() - started
-    return Load(concurrency, len(prompts), tokens, seconds, 1000 * float(np.median(ttfts)), 1000 * float(np.median(gaps)))
+def reference_load(reference, requests: list[Request], concurrency: int, *, from_arrival: bool) -> Load:
+    """The transformers reference, steered, in static batches of up to `concurrency` requests in
+    arrival order: a batch starts once its last request has arrived and the previous batch is done,
+    and runs until its longest request is; each request counts only its own tokens. Latencies count
+    from arrival or, `from_arrival` off, from the batch's start."""
+    free_at, traces = 0.0, []  # on the run's clock; arrivals are waited for on it, not slept through
+    for i in range(0, len(requests), concurrency):
+        batch = requests[i : i + concurrency]
+        start = max(free_at, batch[-1].arrival)
+        steps = _step_times(reference, batch)
+        traces += [Trace(r.arrival if from_arrival else start, [start + s for s in steps[: r.output_tokens]],
+                         r.output_tokens) for r in batch]
+        free_at = start + steps[-1]
+    return Load.measure(concurrency, traces)
 
 
-def _deployment(models: dict, root: Path, *, steered: bool, engine: dict) -> Path:
+@torch.inference_mode()
+def _step_times(reference, batch: list[Request]) -> list[float]:
+    """Seconds from the batch's start to each greedy step, until its longest request is done."""
+    outputs = [[] for _ in batch]
+    started, times = time.perf_counter(), []
+    steps = reference.steered_logits([r.prompt for r in batch], [{"pair": 1.0}] * len(batch), outputs,
+                                     max(r.output_tokens for r in batch))
+    for logits in steps:
+        for row, token in enumerate(logits.argmax(dim=-1).tolist()):
+            outputs[row].append(token)
+        times.append(time.perf_counter() - started)
+    return times
+
+
+def _deployment(models: dict, root: Path, *, steered: bool, engine: dict, pairs: str = "one") -> Path:
+    """The base alone, or steered by one pair (`pairs="one"`) or two: `"shared"` names one untuned
+    checkpoint for both, `"copied"` gives the second pair a copy of it (the same weights, run twice)."""
+    experts = {"pair": {"tuned": str(models["tuned"]), "untuned": str(models["untuned"])}}
+    if pairs != "one":
+        second = models["untuned"] if pairs == "shared" else models["untuned_copy"]
+        experts["pair2"] = {"tuned": str(models["tuned2"]), "untuned": str(second)}
     config = {
         "base": str(models["base"]),
-        "experts": {"pair": {"tuned": str(models["tuned"]), "untuned": str(models["untuned"])}} if steered else {},
-        "policies": {"bench": {"alpha": {"pair": 1.0}} if steered else {}},
+        "experts": experts if steered else {},
+        "policies": {"bench": {"alpha": {name: 1.0 / len(experts) for name in experts}} if steered else {}},
         "engine": engine,
     }
-    path = root / ("steered.yaml" if steered else "base.yaml")
+    path = root / (f"steered-{pairs}.yaml" if steered else "base.yaml")
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -155,24 +236,42 @@ def run(
     requests: int = 32,
     prompt_tokens: int = 64,
     max_tokens: int = 64,
+    workload: str = "equal",
+    lengths: tuple[int, int] = (16, 512),
+    rate: float = math.inf,
     vllm_serve: bool = True,
+    base_only: bool = True,
+    sharing: bool = False,
     reference: bool = True,
     eager: bool = False,
     work: Path | None = None,
 ) -> dict:
+    """Measure every system on one workload. `equal`: `prompt_tokens` in and `max_tokens` out per
+    request, all sent at once; `mixed`: both lengths uniform in `lengths`, Poisson arrivals at `rate`."""
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+    mixed = workload == "mixed"
+    if mixed:
+        prompt_tokens = max_tokens = lengths[1]
+    max_model_len = prompt_tokens + max_tokens + 16
     base_shape, expert_shape = PRESETS[preset]
     root = Path(work or tempfile.mkdtemp(prefix="steer-bench-"))
-    models = make_models(root, base_shape, expert_shape)
+    models = make_models(root, base_shape, expert_shape, max_model_len)
+    if sharing:
+        add_sharing_models(models, root, expert_shape)
     rng = np.random.default_rng(0)
-    prompts = [rng.integers(10, models["tokens"], size=prompt_tokens).tolist() for _ in range(requests)]
+    if mixed:
+        jobs = mixed_requests(rng, models["tokens"], requests, lengths, rate)
+    else:
+        jobs = equal_requests(rng, models["tokens"], requests, prompt_tokens, max_tokens)
     base_params = parameters(models["base"])
     expert_params = parameters(models["tuned"]) + parameters(models["untuned"])
-    max_model_len = prompt_tokens + max_tokens + 16
     # Every system gets the same KV cache, in bytes: room for the steered composite to hold the
     # largest concurrency's sequences at full length (a fraction would depend on the machine).
     kv_bytes = kv_cache_bytes(models, max_model_len, max(concurrency))
     engine = {"dtype": "float32", "max_model_len": max_model_len, "kv_cache_memory_bytes": kv_bytes,
               "enforce_eager": eager}
+    warm_up = [replace(r, output_tokens=min(r.output_tokens, 64), arrival=0.0) for r in jobs[:8]]
     rows: dict[str, list[Load]] = {}
 
     def serve(name: str, command: list[str], model: str) -> None:
@@ -180,8 +279,8 @@ def run(
         env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
         log = root / f"{name}.log"
         with ServerProcess.start(command + ["--port", str(port)], port=port, log=log, env=env).wait_ready(900) as server:
-            asyncio.run(load(server.url, model, prompts[: min(8, requests)], 4, max_tokens))  # warm-up
-            rows[name] = [asyncio.run(load(server.url, model, prompts, c, max_tokens)) for c in concurrency]
+            asyncio.run(load(server.url, model, warm_up, 4, from_arrival=False))
+            rows[name] = [asyncio.run(load(server.url, model, jobs, c, from_arrival=mixed)) for c in concurrency]
 
     steer = [sys.executable, "-m", "steering_server.cli", "serve"]
     if vllm_serve:
@@ -191,33 +290,59 @@ def run(
                                    "--served-model-name", "bench", "--dtype", "float32", "--max-model-len",
                                    str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes),
                                    "--disable-log-stats", *(["--enforce-eager"] if eager else [])], "bench")
-    serve("steer serve, base only", steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))],
-          "bench")
+    if base_only:
+        serve("steer serve, base only", steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))],
+              "bench")
     serve("steer serve, steered", steer + ["--config", str(_deployment(models, root, steered=True, engine=engine))],
           "bench")
+    if sharing:
+        for pairs, name in (("shared", "2 pairs, untuned shared"), ("copied", "2 pairs, untuned copied")):
+            config = _deployment(models, root, steered=True, engine=engine, pairs=pairs)
+            serve(f"steer serve, {name}", steer + ["--config", str(config)], "bench")
     if reference:
-        rows["reference, steered"] = [reference_load(models, prompts, c, max_tokens) for c in concurrency]
+        from steering.testing.reference import ReferenceSteerer
+
+        steerer = ReferenceSteerer(str(models["base"]), {"pair": (str(models["tuned"]), str(models["untuned"]))})
+        _step_times(steerer, warm_up[:2])
+        rows["reference, steered"] = [reference_load(steerer, jobs, c, from_arrival=mixed) for c in concurrency]
     return {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
         "preset": preset, "base": asdict(base_shape), "expert": asdict(expert_shape),
         "base_parameters": base_params, "expert_pair_parameters": expert_params,
         "flops_ideal_ratio": base_params / (base_params + expert_params),
-        "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+        # Two pairs: base + 4 expert models unshared, base + 3 shared (the experts are one size).
+        **({"sharing_flops_ideal_speedup": (base_params + 2 * expert_params) / (base_params + 1.5 * expert_params)}
+           if sharing else {}),
+        "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "workload": workload,
+        **({"lengths": list(lengths), "rate": rate if math.isfinite(rate) else None,
+            "prompt_lengths": [len(r.prompt) for r in jobs], "output_lengths": [r.output_tokens for r in jobs]}
+           if mixed else {}),
         "rows": {name: [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in loads]
                  for name, loads in rows.items()},
     }
+
+
+def _workload_line(report: dict) -> str:
+    if report.get("workload", "equal") == "equal":
+        return (f"{report['requests']} requests, {report['prompt_tokens']} prompt + {report['max_tokens']} output "
+                "tokens, all sent at once; latencies from sending")
+    low, high = report["lengths"]
+    arrivals = f"Poisson arrivals at {report['rate']:g}/s" if report["rate"] else "all arriving at once"
+    return (f"{report['requests']} requests, prompt and output lengths uniform in {low}-{high} tokens "
+            f"({sum(report['output_lengths'])} output tokens in all), {arrivals}; latencies from arrival; "
+            "the reference in static batches of `conc`, each started when its last request has arrived")
 
 
 def summary(report: dict) -> str:
     lines = [f"{report['device']}; base {report['base_parameters'] / 1e6:.1f}M parameters, expert pair "
              f"{report['expert_pair_parameters'] / 1e6:.1f}M; FLOPs-ideal steered/base ratio "
              f"{report['flops_ideal_ratio']:.3f}",
-             f"{report['requests']} requests, {report['prompt_tokens']} prompt + {report['max_tokens']} output tokens"]
-    lines.append(f"{'':26}{'conc':>5}{'tok/s':>10}{'TTFT ms':>10}{'ITL ms':>9}")
+             _workload_line(report)]
+    lines.append(f"{'':26}{'conc':>5}{'tok/s':>10}{'TTFT ms':>10}{'p90':>9}{'ITL ms':>9}{'E2E ms':>10}")
     for name, loads in report["rows"].items():
         for r in loads:
             lines.append(f"{name:26}{r['concurrency']:>5}{r['tokens_per_second']:>10.1f}{r['ttft_ms']:>10.1f}"
-                         f"{r['itl_ms']:>9.2f}")
+                         f"{r.get('ttft_p90_ms', math.nan):>9.1f}{r['itl_ms']:>9.2f}{r.get('e2e_ms', math.nan):>10.1f}")
     ratios = ratio_table(report)
     for label, values in ratios.items():
         lines.append(f"{label}: " + ", ".join(f"c={c} {v:.3f}" for c, v in values.items()))
@@ -225,18 +350,23 @@ def summary(report: dict) -> str:
 
 
 def ratio_table(report: dict) -> dict[str, dict[int, float]]:
-    """The ratios the targets are stated in, per concurrency."""
+    """The ratios the targets are stated in, per concurrency; a mixed workload's labels say so."""
     rows = {name: {r["concurrency"]: r["tokens_per_second"] for r in loads} for name, loads in report["rows"].items()}
+    suffix = ", mixed workload" if report.get("workload") == "mixed" else ""
     ratios = {}
     base, steered = rows.get("steer serve, base only"), rows.get("steer serve, steered")
     if base and steered:
         ideal = report["flops_ideal_ratio"]
-        ratios["steered / base-only throughput, as a share of the FLOPs-ideal ratio"] = {
+        ratios["steered / base-only throughput, as a share of the FLOPs-ideal ratio" + suffix] = {
             c: steered[c] / base[c] / ideal for c in base}
     if steered and (ref := rows.get("reference, steered")):
-        ratios["steered engine / reference throughput"] = {c: steered[c] / ref[c] for c in ref}
+        ratios["steered engine / reference throughput" + suffix] = {c: steered[c] / ref[c] for c in ref}
+    shared, copied = rows.get("steer serve, 2 pairs, untuned shared"), rows.get("steer serve, 2 pairs, untuned copied")
+    if shared and copied:
+        ratios[f"2 pairs: untuned shared / copied throughput{suffix} "
+               f"(FLOPs-ideal {report['sharing_flops_ideal_speedup']:.3f})"] = {c: shared[c] / copied[c] for c in copied}
     if base and (vllm := rows.get("vllm serve, base")):
-        ratios["steer serve / vllm serve throughput, base only"] = {c: base[c] / vllm[c] for c in base}
+        ratios["steer serve / vllm serve throughput, base only" + suffix] = {c: base[c] / vllm[c] for c in base}
     return ratios
 
 
@@ -247,16 +377,18 @@ def plot(report: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    workload = report.get("workload", "equal")
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, loads in report["rows"].items():
         ax.plot([r["concurrency"] for r in loads], [r["tokens_per_second"] for r in loads], marker="o", label=name)
     ax.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens / s",
-           title=f"Throughput on {report['device']} (FLOPs-ideal steered/base {report['flops_ideal_ratio']:.2f})")
+           title=f"Throughput, {workload} workload, on {report['device']}\n"
+                 f"(FLOPs-ideal steered/base {report['flops_ideal_ratio']:.2f})")
     ticks = [r["concurrency"] for r in next(iter(report["rows"].values()))]
     ax.set_xticks(ticks, [str(t) for t in ticks])
     ax.legend()
     fig.tight_layout()
-    path = out / "perf-throughput.png"
+    path = out / ("perf-throughput.png" if workload == "equal" else f"perf-{workload}-throughput.png")
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]

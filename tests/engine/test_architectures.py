@@ -1,9 +1,9 @@
 """Any decoder architecture vLLM serves, as base or expert: steered tokens equal the reference's.
 
-Three engines, each a base and five or six expert pairs, cover sixteen model types, each an
-expert somewhere and three (one per engine) a base too: vLLM-native ones and two (helium,
+Eight engines cover sixteen model types, each an expert somewhere and eight of them a base too
+(three engines with five or six expert pairs, five with two): vLLM-native ones and two (helium,
 persimmon) that vLLM serves only through its Transformers modeling backend, which reads head
-counts from the sub-model's own model config. Between them: tied embeddings (gemma, gemma2,
+counts from the sub-model's own model config; both are a base and an expert. Between them: tied embeddings (gemma, gemma2,
 cohere, starcoder2), final-logit and attention soft-capping (gemma2), logit scaling (granite
 divides by `logits_scaling`, cohere multiplies by `logit_scale`), partial rotary embeddings
 (persimmon, stablelm, phi, gpt_neox), multi-head-only configs (persimmon, gpt_neox), head_dim 64
@@ -70,6 +70,39 @@ MATRIX = {
         },
         seed=13,
     ),
+    # Five smaller engines make eight bases in all, each base's experts of other families.
+    # Logits divided by `logits_scaling`; a Transformers-backend expert.
+    "granite": FamilySpec(
+        base=Shape("granite", hidden=128, heads=4, kv_heads=1),
+        experts={"helium": Shape("helium", hidden=64, heads=2, kv_heads=2), "llama": Shape("llama", hidden=64, heads=2, kv_heads=1)},
+        seed=14,
+    ),
+    # Multi-head attention only, partial rotary embeddings; a padded expert vocabulary.
+    "gpt_neox": FamilySpec(
+        base=Shape("gpt_neox", hidden=128, heads=4, kv_heads=4),
+        experts={"granite": Shape("granite", hidden=64, heads=2, kv_heads=1),
+                 "qwen3": Shape("qwen3", hidden=64, heads=2, kv_heads=2, vocab_pad=24)},
+        seed=15,
+    ),
+    # q/k norms in the base; tied, scaled expert logits.
+    "qwen3": FamilySpec(
+        base=Shape("qwen3", hidden=128, heads=4, kv_heads=2),
+        experts={"cohere": Shape("cohere", hidden=64, heads=2, kv_heads=1), "phi": Shape("phi", hidden=64, heads=2, kv_heads=2)},
+        seed=16,
+    ),
+    # A Transformers-backend base beside a soft-capped expert.
+    "helium": FamilySpec(
+        base=Shape("helium", hidden=128, heads=4, kv_heads=2),
+        experts={"gemma2": Shape("gemma2", hidden=64, heads=2, kv_heads=1),
+                 "persimmon": Shape("persimmon", hidden=64, heads=2, kv_heads=2)},
+        seed=17,
+    ),
+    "llama": FamilySpec(
+        base=Shape("llama", hidden=128, heads=4, kv_heads=2),
+        experts={"stablelm": Shape("stablelm", hidden=64, heads=2, kv_heads=1),
+                 "gpt_neox": Shape("gpt_neox", hidden=64, heads=2, kv_heads=2, vocab_pad=8)},
+        seed=18,
+    ),
 }
 PAIRS = [(engine, pair) for engine, spec in MATRIX.items() for pair in spec.experts]
 TRANSFORMERS_BACKEND = {"helium", "persimmon"}
@@ -134,6 +167,10 @@ def test_all_pairs_at_once(engine, reference, batch, family):
 def test_matrix_covers_every_architecture():
     shapes = [shape for spec in MATRIX.values() for shape in (spec.base, *spec.experts.values())]
     assert {shape.arch for shape in shapes} == set(ARCHITECTURES)
+    bases = {spec.base.arch for spec in MATRIX.values()}
+    experts = {shape.arch for spec in MATRIX.values() for shape in spec.experts.values()}
+    assert len(bases) >= 8 and bases <= experts and TRANSFORMERS_BACKEND <= bases, "each base is an expert too"
+    assert all(spec.base.arch not in {shape.arch for shape in spec.experts.values()} for spec in MATRIX.values())
 
 
 @pytest.mark.parametrize("arch", [*sorted(TRANSFORMERS_BACKEND), "llama"])

@@ -76,3 +76,25 @@ def test_bench_perf_measures_every_system(tmp_path):
         "steered / base-only throughput, as a share of the FLOPs-ideal ratio",
         "steered engine / reference throughput", "steer serve / vllm serve throughput, base only"}
     assert (perf.plot(report, tmp_path)[0]).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_perf_mixed_workload_and_sharing_count_each_requests_own_tokens(tmp_path):
+    report = perf.run(preset="tiny", concurrency=(3,), requests=6, workload="mixed", lengths=(8, 24), rate=50.0,
+                      vllm_serve=False, base_only=False, sharing=True, eager=True, work=tmp_path)
+    assert set(report["rows"]) == {"steer serve, steered", "steer serve, 2 pairs, untuned shared",
+                                   "steer serve, 2 pairs, untuned copied", "reference, steered"}
+    # The copy holds the same weights under another path; only the path decides sharing.
+    assert (tmp_path / "untuned-copy" / "model.safetensors").read_bytes() == (
+        tmp_path / "untuned" / "model.safetensors").read_bytes()
+    assert 1 < report["sharing_flops_ideal_speedup"] < 4 / 3, "base + 4 experts over base + 3"
+    assert all(8 <= n <= 24 for n in report["prompt_lengths"] + report["output_lengths"])
+    for loads in report["rows"].values():
+        (r,) = loads
+        assert r["tokens"] == sum(report["output_lengths"]), "each request generates its own length (ignore_eos)"
+        assert all(r[key] > 0 for key in ("tokens_per_second", "ttft_ms", "ttft_p90_ms", "itl_ms", "e2e_ms"))
+        assert r["ttft_ms"] <= r["ttft_p90_ms"] and r["ttft_ms"] < r["e2e_ms"]
+    ratios = perf.ratio_table(report)
+    assert "steered engine / reference throughput, mixed workload" in ratios
+    assert any(label.startswith("2 pairs: untuned shared / copied throughput, mixed workload") for label in ratios)
+    assert "mixed workload" in perf.summary(report)
+    assert perf.plot(report, tmp_path)[0].name == "perf-mixed-throughput.png"
