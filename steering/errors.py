@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 
 class SteeringError(Exception):
     """Base of every error this library raises on purpose."""
@@ -40,6 +42,9 @@ class RequestError(SteeringError):
 
 class UnknownPolicy(RequestError):
     """The requested policy (the OpenAI `model`) does not exist."""
+
+    def __init__(self, name: str, known: Iterable[str], *, param: str = "model"):
+        super().__init__(f"the policy {name!r} does not exist; policies: {sorted(known)}", param=param)
 
 
 class InvalidSteering(RequestError):

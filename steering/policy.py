@@ -200,8 +200,7 @@ class Policies(Mapping[str, Policy]):
         try:
             return self._policies[name]
         except KeyError:
-            raise UnknownPolicy(f"the policy {name!r} does not exist; policies: {sorted(self._policies)}",
-                                param="model") from None
+            raise UnknownPolicy(name, self._policies) from None
 
     def __contains__(self, name: object) -> bool:
         return name in self._policies

@@ -19,7 +19,7 @@ from vllm.config import VllmConfig
 
 from steering.config import Deployment, checkpoint_name, load_deployment
 from steering.engine import SteeringEngine, engine_config
-from steering.errors import SteeringError
+from steering.errors import SteeringError, UnknownPolicy
 from steering_server.errors import EngineNotReady, error_body, install_error_handlers
 from steering_server.gate import Gate
 from steering_server.metrics import ServerMetrics
@@ -100,6 +100,14 @@ class ServiceState:
         self.chat = ChatCompletions(engine, self.metrics)
         self.completions = Completions(engine, self.metrics)
         self.metrics.watch_engine(lambda: engine.num_unfinished_requests)
+
+    def model_card(self, name: str) -> ModelCard:
+        """The policy `name` as `/v1/models` lists it: checkpoints by name, never by path."""
+        d, policy = self.deployment, self.deployment.policies[name]
+        experts = {pair: {"tuned": checkpoint_name(d.experts[pair].tuned),
+                          "untuned": checkpoint_name(d.experts[pair].untuned)} for pair in policy.alpha}
+        return ModelCard(id=name, created=self.created, description=policy.description, base=checkpoint_name(d.base),
+                         experts=experts, alpha=policy.alpha, max_alpha=policy.max_alpha)
 
     def shutdown(self) -> None:
         self.admission.shutdown(wait=False)
@@ -227,15 +235,14 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models() -> ModelList:
-        d = state.deployment
-        experts = {name: {"tuned": checkpoint_name(p.tuned), "untuned": checkpoint_name(p.untuned)}
-                   for name, p in d.experts.items()}
-        return ModelList(data=[
-            ModelCard(id=name, created=state.created, description=policy.description, base=checkpoint_name(d.base),
-                      experts={pair: experts[pair] for pair in policy.alpha}, alpha=policy.alpha,
-                      max_alpha=policy.max_alpha)
-            for name, policy in d.policies.items()
-        ])
+        return ModelList(data=[state.model_card(name) for name in state.deployment.policies])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
+    async def retrieve_model(request: Request, model: str) -> ModelCard:
+        request.state.policy = model
+        if model not in state.deployment.policies:
+            raise UnknownPolicy(model, state.deployment.policies)
+        return state.model_card(model)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS, name="chat")
     async def chat_completions(request: Request, body: ChatCompletionRequest, ready: Ready) -> Response:

@@ -311,8 +311,7 @@ async def calibrate(
     """Fit the policy's calibration on part of `data`; write it, a JSON report and PNG plots."""
     config = deployment.policies.get(name)
     if config is None:
-        raise UnknownPolicy(f"the policy {name!r} does not exist; policies: {sorted(deployment.policies)}",
-                            param="--policy")
+        raise UnknownPolicy(name, deployment.policies, param="--policy")
     if config.decision:
         labels = config.decision.labels
         dataset = read_rows(data, lambda r: None if r.label in labels else f"label {r.label!r} is not one of {labels}")

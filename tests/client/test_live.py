@@ -53,6 +53,21 @@ def test_policies_are_listed_with_their_pairs_and_bounds(client, llama_family):
     assert (policies["base"].pairs, policies["base"].max_alpha) == ([], None)
 
 
+def test_a_policy_is_retrieved_as_it_is_listed(client):
+    listed = {policy.id: policy for policy in client.models.list()}
+    assert client.models.retrieve("mix") == listed["mix"]
+    with pytest.raises(NotFoundError) as missing:
+        client.policies.retrieve("nope")
+    assert (missing.value.status_code, missing.value.code) == (404, "model_not_found")
+
+
+def test_a_raw_response_parses_to_the_plain_answer(client):
+    plain = client.completions.create(model="chat", prompt=PROMPT, **GREEDY)
+    raw = client.completions.with_raw_response.create(model="chat", prompt=PROMPT, **GREEDY)
+    assert (raw.status_code, raw.headers["content-type"]) == (200, "application/json")
+    assert raw.parse().choices == plain.choices
+
+
 def test_chat_answers_as_the_openai_package_does(client, server):
     response = client.chat.completions.create(model="chat", messages=MESSAGES, **GREEDY)
     plain = server.openai().chat.completions.create(model="chat", messages=MESSAGES, **GREEDY)

@@ -45,6 +45,7 @@ def test_the_public_names_are_pinned():
         "Policy",
         "PolicyList",
         "RateLimitError",
+        "RawResponse",
         "Steering",
         "SteeringClient",
         "Stream",

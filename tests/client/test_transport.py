@@ -14,8 +14,12 @@ from steering_client import (
     APITimeoutError,
     AsyncSteeringClient,
     BadRequestError,
+    ChatCompletion,
     InternalServerError,
+    NotFoundError,
+    PolicyList,
     RateLimitError,
+    RawResponse,
     SteeringClient,
 )
 from steering_client._client import BaseClient
@@ -30,6 +34,9 @@ CHAT = {
     "steering": STEERING,
 }
 MESSAGES = [{"role": "user", "content": "hello"}]
+POLICY = {"id": "chat", "object": "model", "created": 1, "owned_by": "steering", "description": "", "base": "base",
+          "experts": {"chat": {"tuned": "chat-tuned", "untuned": "chat-untuned"}}, "alpha": {"chat": 1.0},
+          "max_alpha": 4.0}
 
 
 @dataclass
@@ -158,6 +165,78 @@ def test_without_a_key_no_authorization_is_sent(monkeypatch):
     with server.client() as client:
         client.policies.list()
     assert "Authorization" not in server.seen[0].headers
+
+
+def test_the_openai_variables_are_the_fallback_for_the_steer_ones(monkeypatch):
+    server = Server(Answer(body={"object": "list", "data": []}))
+    for name in ("STEER_BASE_URL", "STEER_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", URL)
+    monkeypatch.setenv("OPENAI_API_KEY", "openai-key")
+    with server.client(base_url=None) as client:
+        client.models.list()
+    monkeypatch.setenv("STEER_API_KEY", "steer-key")
+    with server.client(base_url=None) as client:
+        client.models.list()
+    assert [(str(seen.url), seen.headers["Authorization"]) for seen in server.seen] == [
+        (f"{URL}/models", "Bearer openai-key"), (f"{URL}/models", "Bearer steer-key")]
+
+
+def test_extra_headers_and_query_go_on_top_of_the_client_defaults():
+    server = Server(Answer(body=CHAT), Answer(body={"object": "list", "data": []}))
+    with server.client(api_key="key", default_headers={"X-Team": "a", "X-Trace": "0"},
+                       default_query={"tenant": "t"}) as client:
+        ask(client, extra_headers={"X-Trace": "1"}, extra_query={"debug": 1})
+        client.models.list()
+    chat, listing = server.seen
+    assert dict(chat.url.params) == {"tenant": "t", "debug": "1"}
+    assert (chat.headers["X-Team"], chat.headers["X-Trace"], chat.headers["Authorization"]) == ("a", "1", "Bearer key")
+    assert (dict(listing.url.params), listing.headers["X-Trace"]) == ({"tenant": "t"}, "0")
+
+
+def test_a_misspelt_or_misplaced_field_fails_before_anything_is_sent():
+    server = Server(Answer(body=CHAT))
+    with server.client() as client:
+        with pytest.raises(TypeError, match=r"'max_token' \(did you mean 'max_tokens'\?\)"):
+            ask(client, max_token=4)
+        with pytest.raises(TypeError, match="'top_logprobs'"):  # a chat field, not a completions one
+            client.completions.create(model="chat", prompt="x", top_logprobs=2)
+    assert server.seen == []
+
+
+def test_a_policy_is_retrieved_by_its_escaped_name():
+    server = Server(Answer(body=POLICY), Answer(404, {"error": {"message": "no such policy", "type": "invalid_request_error",
+                                                              "param": "model", "code": "model_not_found"}}))
+    with server.client() as client:
+        policy = client.models.retrieve("chat")
+        with pytest.raises(NotFoundError):
+            client.policies.retrieve("a b/c")
+        with pytest.raises(ValueError, match="empty"):
+            client.models.retrieve("")
+    assert (policy.id, policy.pairs, policy.alpha) == ("chat", ["chat"], {"chat": 1.0})
+    assert [seen.url.raw_path.decode() for seen in server.seen] == ["/v1/models/chat", "/v1/models/a%20b%2Fc"]
+
+
+def test_with_raw_response_gives_the_http_response_and_parses_on_demand(waits):
+    server = Server(UNAVAILABLE, Answer(body=CHAT, headers={"x-request-id": "req-1"}),
+                    Answer(body={"object": "list", "data": [POLICY]}))
+    with server.client() as client:
+        raw = client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
+        listing = client.models.with_raw_response.list()
+    assert isinstance(raw, RawResponse)
+    assert (raw.status_code, raw.headers["x-request-id"], raw.retries_taken, raw.json()) == (200, "req-1", 1, CHAT)
+    answer = raw.parse()
+    assert isinstance(answer, ChatCompletion) and answer.choices[0].message.content == "hi"
+    assert raw.parse() is answer
+    assert isinstance(listing.parse(), PolicyList)
+
+
+def test_a_raw_stream_parses_to_the_stream():
+    server = Server(sse(chunk("a"), chunk("b"), "[DONE]"))
+    with server.client() as client:
+        raw = client.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, stream=True)
+        assert raw.headers["content-type"] == "text/event-stream"
+        assert [c.choices[0].delta.content for c in raw.parse()] == ["a", "b"]
 
 
 def test_unavailable_twice_then_answered_takes_three_attempts(waits):
@@ -331,6 +410,17 @@ async def test_async_retries_and_timeouts(waits):
             await client.chat.completions.create(model="chat", messages=MESSAGES, timeout=0.2, max_retries=0)
     assert len(server.seen) == 3
     assert len(waits) == 1
+
+
+@pytest.mark.anyio
+async def test_async_retrieve_and_raw_responses():
+    server = Server(Answer(body=POLICY, headers={"x-request-id": "req-2"}))
+    async with server.async_client(default_headers={"X-Team": "a"}) as client:
+        raw = await client.models.with_raw_response.retrieve("chat", extra_query={"debug": 1})
+        assert (await client.policies.retrieve("chat")).id == "chat"
+    assert (raw.headers["x-request-id"], raw.parse().id) == ("req-2", "chat")
+    assert str(server.seen[0].url) == f"{URL}/models/chat?debug=1"
+    assert server.seen[0].headers["X-Team"] == "a"
 
 
 @pytest.mark.anyio

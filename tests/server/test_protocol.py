@@ -17,9 +17,11 @@ import openai
 import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
+from steering_client._params import ChatFields, CompletionFields
 
 from steering.config import parse_deployment
 from steering_server.app import ServerSettings, create_app
+from steering_server.protocol import ChatCompletionRequest, CompletionRequest
 from tests.server.fake_engine import (
     ANSWER_LEN,
     BOS,
@@ -201,6 +203,26 @@ def test_models_lists_every_policy(client):
         assert card["alpha"] == policy.get("alpha", {})
         assert card["experts"] == {pair: EXPERTS[pair] for pair in policy.get("alpha", {})}
         assert card["max_alpha"] == policy.get("max_alpha")
+
+
+def test_a_policy_is_retrieved_by_name_as_it_is_listed(client, app):
+    listed = {card["id"]: card for card in client.get("/v1/models").json()["data"]}
+    for name in POLICIES:
+        response = client.get(f"/v1/models/{name}")
+        assert (response.status_code, response.json()) == (200, listed[name])
+    assert_error(client.get("/v1/models/nope"), 404, type=INVALID, param="model", code="model_not_found",
+                 says="'nope' does not exist")
+    assert TestClient(app).get("/v1/models/chat").status_code == 401
+    # The `openai` package's own call, through the in-process client.
+    retrieved = openai.OpenAI(base_url="http://testserver/v1", api_key=API_KEY, http_client=client).models.retrieve("mix")
+    assert (retrieved.id, retrieved.model_extra["alpha"]) == ("mix", POLICIES["mix"]["alpha"])
+
+
+def test_the_sdk_types_every_standard_field_the_server_takes():
+    """`create(**fields)` refuses a keyword the SDK does not type; it must type every one we serve."""
+    named = {"model", "steering", "stream"}  # create()'s own arguments
+    assert set(ChatFields.__optional_keys__) == set(ChatCompletionRequest.model_fields) - named - {"messages"}
+    assert set(CompletionFields.__optional_keys__) == set(CompletionRequest.model_fields) - named - {"prompt"}
 
 
 @pytest.mark.parametrize(("model", "overrides", "alpha"), [

@@ -21,6 +21,7 @@ from ._exceptions import (
     NotFoundError,
     RateLimitError,
 )
+from ._response import RawResponse
 from ._streaming import AsyncStream, Stream
 from ._types import (
     Abstention,
@@ -60,6 +61,7 @@ __all__ = [
     "Policy",
     "PolicyList",
     "RateLimitError",
+    "RawResponse",
     "Steering",
     "SteeringClient",
     "Stream",

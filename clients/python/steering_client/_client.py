@@ -9,13 +9,14 @@ import email.utils
 import os
 import random
 import time
-from typing import Any, Generic, Optional, TypeVar, Union
+from typing import Any, Callable, Generic, Mapping, Optional, TypeVar, Union
 
 import httpx
 from pydantic import BaseModel, ValidationError
 
 from ._exceptions import APIResponseValidationError, status_error, transport_error
 from ._resources import AsyncChat, AsyncCompletions, AsyncModels, Chat, Completions, Endpoint, Models, ResponseT
+from ._response import Options, RawResponse, Timeout
 from ._streaming import AsyncStream, ChunkT, Stream
 from ._version import __version__
 
@@ -30,17 +31,19 @@ MAX_RETRY_DELAY = 8.0
 MAX_RETRY_AFTER = 60.0  # a longer Retry-After is not waited for; exponential backoff applies instead
 RETRYABLE_STATUSES = frozenset({408, 429})  # and every status >= 500
 
-Timeout = Union[float, httpx.Timeout]
 Failure = Union[httpx.Response, httpx.TransportError]  # an error status, or no answer at all
 ModelT = TypeVar("ModelT", bound=BaseModel)
+T = TypeVar("T")
 HttpT = TypeVar("HttpT", httpx.Client, httpx.AsyncClient)
 
 
 class BaseClient(Generic[HttpT]):
     """Where and how to talk to the service, shared by the sync and async clients.
 
-    `base_url` and `api_key` default to $STEER_BASE_URL and $STEER_API_KEY, read once here;
-    without either, the URL is http://127.0.0.1:8000/v1 and no key is sent.
+    `base_url` and `api_key` default to $STEER_BASE_URL and $STEER_API_KEY, then to the `openai`
+    package's $OPENAI_BASE_URL and $OPENAI_API_KEY, read once here; without any, the URL is
+    http://127.0.0.1:8000/v1 and no key is sent. `default_headers` and `default_query` go with
+    every request; a call's `extra_headers` and `extra_query` add to them or override them.
 
     `http_client` (an `httpx.Client`, or an `httpx.AsyncClient` for the async client) sends every
     request instead of one the client opens: for proxies, custom transports, event hooks, tests.
@@ -60,12 +63,18 @@ class BaseClient(Generic[HttpT]):
         timeout: Timeout = DEFAULT_TIMEOUT,
         stream_timeout: Timeout = DEFAULT_STREAM_TIMEOUT,
         max_retries: int = DEFAULT_MAX_RETRIES,
+        default_headers: Optional[Mapping[str, str]] = None,
+        default_query: Optional[Mapping[str, object]] = None,
         http_client: Optional[HttpT] = None,
     ):
         if http_client is not None and not isinstance(http_client, self._http_type):
             raise TypeError(f"http_client must be an httpx.{self._http_type.__name__}, not {type(http_client).__name__}")
-        self.base_url = (base_url or os.environ.get("STEER_BASE_URL") or DEFAULT_BASE_URL).rstrip("/")
-        self.api_key = api_key if api_key is not None else os.environ.get("STEER_API_KEY")
+        environ = os.environ
+        self.base_url = (base_url or environ.get("STEER_BASE_URL") or environ.get("OPENAI_BASE_URL")
+                         or DEFAULT_BASE_URL).rstrip("/")
+        self.api_key = api_key if api_key is not None else environ.get("STEER_API_KEY", environ.get("OPENAI_API_KEY"))
+        self.default_headers = dict(default_headers or {})
+        self.default_query = dict(default_query or {})
         self.timeout = httpx.Timeout(timeout)
         self.stream_timeout = httpx.Timeout(stream_timeout)
         self.max_retries = max_retries
@@ -81,16 +90,25 @@ class BaseClient(Generic[HttpT]):
         headers = {"Accept": "application/json", "User-Agent": f"steering-client/{__version__}"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"
-        return headers
+        return {**headers, **self.default_headers}
 
     def _build_request(
-        self, method: str, path: str, *, body: Optional[dict[str, Any]] = None, timeout: Optional[Timeout] = None
+        self, method: str, path: str, options: Options, *, body: Optional[dict[str, Any]] = None
     ) -> httpx.Request:
+        timeout = options.timeout
         if timeout is None:
             timeout = self.stream_timeout if is_stream(body) else self.timeout
         return self._http.build_request(
-            method, self.base_url + path, json=body, headers=self.headers, timeout=httpx.Timeout(timeout)
+            method, self.base_url + path, json=body, timeout=httpx.Timeout(timeout),
+            headers={**self.headers, **(options.extra_headers or {})},
+            params={**self.default_query, **(options.extra_query or {})} or None,
         )
+
+    def _result(
+        self, response: httpx.Response, retries: int, options: Options, read: Callable[[httpx.Response], T]
+    ) -> Union[T, RawResponse[T]]:
+        """What a call returns: `read(response)`, or for `with_raw_response` the response with `read` for later."""
+        return RawResponse(response, retries, read) if options.raw else read(response)
 
     def _retry_delay(self, attempt: int, max_retries: Optional[int], request: httpx.Request, failure: Failure) -> float:
         """Seconds to wait before retrying `failure`; raises it as the typed error when it is final.
@@ -159,31 +177,27 @@ class SteeringClient(BaseClient[httpx.Client]):
         self.completions = Completions(self)
         self.models = self.policies = Models(self)
 
-    def _get(
-        self, path: str, cast_to: type[ModelT], *, timeout: Optional[Timeout], max_retries: Optional[int]
-    ) -> ModelT:
-        request = self._build_request("GET", path, timeout=timeout)
-        return parse(self._send(request, stream=False, max_retries=max_retries), cast_to)
+    def _get(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
+        request = self._build_request("GET", path, options)
+        response, retries = self._send(request, stream=False, max_retries=options.max_retries)
+        return self._result(response, retries, options, lambda r: parse(r, cast_to))
 
-    def _generate(
-        self, endpoint: Endpoint[ResponseT, ChunkT], body: dict[str, Any], *,
-        timeout: Optional[Timeout], max_retries: Optional[int],
-    ) -> Union[ResponseT, Stream[ChunkT]]:
+    def _generate(self, endpoint: Endpoint[ResponseT, ChunkT], body: dict[str, Any], options: Options) -> Any:
         """POST a generation; a stream of chunks when the body asks for one, else the parsed answer."""
-        request = self._build_request("POST", endpoint.path, body=body, timeout=timeout)
-        response = self._send(request, stream=is_stream(body), max_retries=max_retries)
+        request = self._build_request("POST", endpoint.path, options, body=body)
+        response, retries = self._send(request, stream=is_stream(body), max_retries=options.max_retries)
         if is_stream(body):
-            return Stream(response, endpoint.chunk_type)
-        return parse(response, endpoint.response_type)
+            return self._result(response, retries, options, lambda r: Stream(r, endpoint.chunk_type))
+        return self._result(response, retries, options, lambda r: parse(r, endpoint.response_type))
 
-    def _send(self, request: httpx.Request, *, stream: bool, max_retries: Optional[int]) -> httpx.Response:
-        """The 2xx response (still open when streaming), after the retries `_retry_delay` allows."""
+    def _send(self, request: httpx.Request, *, stream: bool, max_retries: Optional[int]) -> tuple[httpx.Response, int]:
+        """The 2xx response (still open when streaming) and the retries it took, within what `_retry_delay` allows."""
         attempt = 0
         while True:
             try:
                 response = self._http.send(request, stream=stream)
                 if response.is_success:
-                    return response
+                    return response, attempt
                 response.read()
                 failure: Failure = response
             except httpx.TransportError as error:
@@ -216,31 +230,29 @@ class AsyncSteeringClient(BaseClient[httpx.AsyncClient]):
         self.completions = AsyncCompletions(self)
         self.models = self.policies = AsyncModels(self)
 
-    async def _get(
-        self, path: str, cast_to: type[ModelT], *, timeout: Optional[Timeout], max_retries: Optional[int]
-    ) -> ModelT:
-        request = self._build_request("GET", path, timeout=timeout)
-        return parse(await self._send(request, stream=False, max_retries=max_retries), cast_to)
+    async def _get(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
+        request = self._build_request("GET", path, options)
+        response, retries = await self._send(request, stream=False, max_retries=options.max_retries)
+        return self._result(response, retries, options, lambda r: parse(r, cast_to))
 
-    async def _generate(
-        self, endpoint: Endpoint[ResponseT, ChunkT], body: dict[str, Any], *,
-        timeout: Optional[Timeout], max_retries: Optional[int],
-    ) -> Union[ResponseT, AsyncStream[ChunkT]]:
+    async def _generate(self, endpoint: Endpoint[ResponseT, ChunkT], body: dict[str, Any], options: Options) -> Any:
         """POST a generation; a stream of chunks when the body asks for one, else the parsed answer."""
-        request = self._build_request("POST", endpoint.path, body=body, timeout=timeout)
-        response = await self._send(request, stream=is_stream(body), max_retries=max_retries)
+        request = self._build_request("POST", endpoint.path, options, body=body)
+        response, retries = await self._send(request, stream=is_stream(body), max_retries=options.max_retries)
         if is_stream(body):
-            return AsyncStream(response, endpoint.chunk_type)
-        return parse(response, endpoint.response_type)
+            return self._result(response, retries, options, lambda r: AsyncStream(r, endpoint.chunk_type))
+        return self._result(response, retries, options, lambda r: parse(r, endpoint.response_type))
 
-    async def _send(self, request: httpx.Request, *, stream: bool, max_retries: Optional[int]) -> httpx.Response:
-        """The 2xx response (still open when streaming), after the retries `_retry_delay` allows."""
+    async def _send(
+        self, request: httpx.Request, *, stream: bool, max_retries: Optional[int]
+    ) -> tuple[httpx.Response, int]:
+        """The 2xx response (still open when streaming) and the retries it took, within what `_retry_delay` allows."""
         attempt = 0
         while True:
             try:
                 response = await self._http.send(request, stream=stream)
                 if response.is_success:
-                    return response
+                    return response, attempt
                 await response.aread()
                 failure: Failure = response
             except httpx.TransportError as error:

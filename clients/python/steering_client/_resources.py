@@ -1,45 +1,68 @@
 """What a client offers: `chat.completions`, `completions`, and `models` (also called `policies`).
 
 Every option is keyword-only. A field left out (or given as None) is not sent, so the server's
-default applies; the standard fields (`max_tokens`, `temperature`, …) pass through as given,
-and `extra_body` adds to or overrides anything in the JSON body.
+default applies; the standard fields (`max_tokens`, `temperature`, …) are checked by name before
+sending (a typo is a `TypeError`), and `extra_body` adds to or overrides anything in the JSON
+body. As in the `openai` package, each call also takes `extra_headers`, `extra_query`, `timeout`
+and `max_retries`, and `resource.with_raw_response.method(...)` answers with a `RawResponse`
+(headers, status, `parse()`) instead of the parsed value.
 """
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Generic, Iterable, Literal, Optional, TypeVar, Union, overload
+from typing import TYPE_CHECKING, Any, Generic, Iterable, Literal, Mapping, Optional, TypeVar, Union, overload
+from urllib.parse import quote
 
+from ._params import ChatFields, CompletionFields
+from ._response import Options
 from ._streaming import AsyncStream, ChunkT, Stream
-from ._types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, PolicyList
+from ._types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Policy, PolicyList
 
 if TYPE_CHECKING:
-    from typing_extensions import Unpack
+    from typing_extensions import Self, Unpack
 
-    from ._client import AsyncSteeringClient, SteeringClient, Timeout
-    from ._params import ChatFields, ChatMessage, CompletionFields, Prompt, SteeringParams
+    from ._client import AsyncSteeringClient, SteeringClient
+    from ._params import ChatMessage, Prompt, SteeringParams
+    from ._response import Timeout
 
 ResponseT = TypeVar("ResponseT", ChatCompletion, Completion)
+ClientT = TypeVar("ClientT", "SteeringClient", "AsyncSteeringClient")
+Headers = Mapping[str, str]
+Query = Mapping[str, object]
 
 
 @dataclass(frozen=True)
 class Endpoint(Generic[ResponseT, ChunkT]):
-    """A generation endpoint: its path, its answer's type and its streamed chunks' type."""
+    """A generation endpoint: its path, its answer's and streamed chunks' types, its typed fields."""
 
     path: str
     response_type: type[ResponseT]
     chunk_type: type[ChunkT]
+    fields: frozenset[str]
 
 
-CHAT = Endpoint("/chat/completions", ChatCompletion, ChatCompletionChunk)
-COMPLETIONS = Endpoint("/completions", Completion, CompletionChunk)
+CHAT = Endpoint("/chat/completions", ChatCompletion, ChatCompletionChunk,
+                ChatFields.__required_keys__ | ChatFields.__optional_keys__)
+COMPLETIONS = Endpoint("/completions", Completion, CompletionChunk,
+                       CompletionFields.__required_keys__ | CompletionFields.__optional_keys__)
 
 
 def generation_body(
-    model: str, steering: Optional[SteeringParams], stream: bool, extra_body: Optional[dict[str, Any]],
-    fields: dict[str, Any], **prompt: Any,
+    endpoint: Endpoint[Any, Any], model: str, steering: Optional[SteeringParams], stream: bool,
+    extra_body: Optional[Mapping[str, Any]], fields: dict[str, Any], **prompt: Any,
 ) -> dict[str, Any]:
-    """The JSON body of a generation: what was given and nothing else, then `extra_body` on top."""
+    """The JSON body of a generation: what was given and nothing else, then `extra_body` on top.
+
+    A keyword that is not one of the endpoint's fields is a `TypeError` here, before sending.
+    """
+    for name in fields:
+        if name not in endpoint.fields:
+            close = difflib.get_close_matches(name, endpoint.fields, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise TypeError(f"create() got an unexpected keyword argument {name!r}{hint}; "
+                            "a field the SDK does not know goes in extra_body")
     body = {"model": model, **prompt, **{name: value for name, value in fields.items() if value is not None}}
     if steering is not None:
         body["steering"] = dict(steering)
@@ -48,32 +71,54 @@ def generation_body(
     return {**body, **(extra_body or {})}
 
 
-class ChatCompletions:
-    def __init__(self, client: SteeringClient):
-        self._client = client
+class Resource(Generic[ClientT]):
+    """A part of the API on one client; `with_raw_response` is the same part answering with `RawResponse`s."""
 
+    def __init__(self, client: ClientT, *, raw: bool = False):
+        self._client = client
+        self._raw = raw
+
+    @property
+    def with_raw_response(self) -> Self:
+        """The same methods, each answering with a `RawResponse` whose `parse()` gives the usual value."""
+        return type(self)(self._client, raw=True)
+
+    def _options(
+        self, timeout: Optional[Timeout], max_retries: Optional[int], extra_headers: Optional[Headers],
+        extra_query: Optional[Query],
+    ) -> Options:
+        return Options(timeout, max_retries, extra_headers, extra_query, raw=self._raw)
+
+
+class ChatCompletions(Resource["SteeringClient"]):
     @overload
     def create(
         self, *, model: str, messages: Iterable[ChatMessage], steering: Optional[SteeringParams] = None,
-        stream: Literal[False] = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[ChatFields],
+        stream: Literal[False] = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[ChatFields],
     ) -> ChatCompletion: ...
 
     @overload
     def create(
         self, *, model: str, messages: Iterable[ChatMessage], steering: Optional[SteeringParams] = None,
-        stream: Literal[True], timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[ChatFields],
+        stream: Literal[True], extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[ChatFields],
     ) -> Stream[ChatCompletionChunk]: ...
 
     def create(
         self, *, model: str, messages: Iterable[ChatMessage], steering: Optional[SteeringParams] = None,
-        stream: bool = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Any,
+        stream: bool = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Any,
     ) -> Union[ChatCompletion, Stream[ChatCompletionChunk]]:
         """Answer `messages` under the policy `model`; with `stream=True`, a `Stream` of chunks."""
-        body = generation_body(model, steering, stream, extra_body, fields, messages=list(messages))
-        return self._client._generate(CHAT, body, timeout=timeout, max_retries=max_retries)
+        body = generation_body(CHAT, model, steering, stream, extra_body, fields, messages=list(messages))
+        return self._client._generate(CHAT, body, self._options(timeout, max_retries, extra_headers, extra_query))
 
 
 class Chat:
@@ -81,69 +126,84 @@ class Chat:
         self.completions = ChatCompletions(client)
 
 
-class Completions:
-    def __init__(self, client: SteeringClient):
-        self._client = client
-
+class Completions(Resource["SteeringClient"]):
     @overload
     def create(
         self, *, model: str, prompt: Prompt, steering: Optional[SteeringParams] = None,
-        stream: Literal[False] = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[CompletionFields],
+        stream: Literal[False] = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[CompletionFields],
     ) -> Completion: ...
 
     @overload
     def create(
         self, *, model: str, prompt: Prompt, steering: Optional[SteeringParams] = None,
-        stream: Literal[True], timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[CompletionFields],
+        stream: Literal[True], extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[CompletionFields],
     ) -> Stream[CompletionChunk]: ...
 
     def create(
         self, *, model: str, prompt: Prompt, steering: Optional[SteeringParams] = None,
-        stream: bool = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Any,
+        stream: bool = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Any,
     ) -> Union[Completion, Stream[CompletionChunk]]:
         """Complete `prompt` (a text, token ids, or a list of either) under the policy `model`."""
-        body = generation_body(model, steering, stream, extra_body, fields, prompt=prompt)
-        return self._client._generate(COMPLETIONS, body, timeout=timeout, max_retries=max_retries)
+        body = generation_body(COMPLETIONS, model, steering, stream, extra_body, fields, prompt=prompt)
+        return self._client._generate(COMPLETIONS, body, self._options(timeout, max_retries, extra_headers, extra_query))
 
 
-class Models:
-    def __init__(self, client: SteeringClient):
-        self._client = client
-
-    def list(self, *, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None) -> PolicyList:
+class Models(Resource["SteeringClient"]):
+    def list(
+        self, *, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
+    ) -> PolicyList:
         """The policies served, each with its base, expert pairs, default alphas and `max_alpha`."""
-        return self._client._get("/models", PolicyList, timeout=timeout, max_retries=max_retries)
+        return self._client._get("/models", PolicyList, self._options(timeout, max_retries, extra_headers, extra_query))
+
+    def retrieve(
+        self, model: str, *, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
+    ) -> Policy:
+        """The policy `model` (a `NotFoundError` if there is none)."""
+        if not model:
+            raise ValueError("model must be a policy name, not empty")
+        return self._client._get(f"/models/{quote(model, safe='')}", Policy, self._options(timeout, max_retries, extra_headers, extra_query))
 
 
-class AsyncChatCompletions:
-    def __init__(self, client: AsyncSteeringClient):
-        self._client = client
-
+class AsyncChatCompletions(Resource["AsyncSteeringClient"]):
     @overload
     async def create(
         self, *, model: str, messages: Iterable[ChatMessage], steering: Optional[SteeringParams] = None,
-        stream: Literal[False] = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[ChatFields],
+        stream: Literal[False] = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[ChatFields],
     ) -> ChatCompletion: ...
 
     @overload
     async def create(
         self, *, model: str, messages: Iterable[ChatMessage], steering: Optional[SteeringParams] = None,
-        stream: Literal[True], timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[ChatFields],
+        stream: Literal[True], extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[ChatFields],
     ) -> AsyncStream[ChatCompletionChunk]: ...
 
     async def create(
         self, *, model: str, messages: Iterable[ChatMessage], steering: Optional[SteeringParams] = None,
-        stream: bool = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Any,
+        stream: bool = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Any,
     ) -> Union[ChatCompletion, AsyncStream[ChatCompletionChunk]]:
         """Answer `messages` under the policy `model`; with `stream=True`, an `AsyncStream` of chunks."""
-        body = generation_body(model, steering, stream, extra_body, fields, messages=list(messages))
-        return await self._client._generate(CHAT, body, timeout=timeout, max_retries=max_retries)
+        body = generation_body(CHAT, model, steering, stream, extra_body, fields, messages=list(messages))
+        return await self._client._generate(CHAT, body, self._options(timeout, max_retries, extra_headers, extra_query))
 
 
 class AsyncChat:
@@ -151,38 +211,50 @@ class AsyncChat:
         self.completions = AsyncChatCompletions(client)
 
 
-class AsyncCompletions:
-    def __init__(self, client: AsyncSteeringClient):
-        self._client = client
-
+class AsyncCompletions(Resource["AsyncSteeringClient"]):
     @overload
     async def create(
         self, *, model: str, prompt: Prompt, steering: Optional[SteeringParams] = None,
-        stream: Literal[False] = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[CompletionFields],
+        stream: Literal[False] = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[CompletionFields],
     ) -> Completion: ...
 
     @overload
     async def create(
         self, *, model: str, prompt: Prompt, steering: Optional[SteeringParams] = None,
-        stream: Literal[True], timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Unpack[CompletionFields],
+        stream: Literal[True], extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Unpack[CompletionFields],
     ) -> AsyncStream[CompletionChunk]: ...
 
     async def create(
         self, *, model: str, prompt: Prompt, steering: Optional[SteeringParams] = None,
-        stream: bool = False, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
-        extra_body: Optional[dict[str, Any]] = None, **fields: Any,
+        stream: bool = False, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        extra_body: Optional[Mapping[str, Any]] = None, timeout: Optional[Timeout] = None,
+        max_retries: Optional[int] = None,
+        **fields: Any,
     ) -> Union[Completion, AsyncStream[CompletionChunk]]:
         """Complete `prompt` (a text, token ids, or a list of either) under the policy `model`."""
-        body = generation_body(model, steering, stream, extra_body, fields, prompt=prompt)
-        return await self._client._generate(COMPLETIONS, body, timeout=timeout, max_retries=max_retries)
+        body = generation_body(COMPLETIONS, model, steering, stream, extra_body, fields, prompt=prompt)
+        return await self._client._generate(COMPLETIONS, body, self._options(timeout, max_retries, extra_headers, extra_query))
 
 
-class AsyncModels:
-    def __init__(self, client: AsyncSteeringClient):
-        self._client = client
-
-    async def list(self, *, timeout: Optional[Timeout] = None, max_retries: Optional[int] = None) -> PolicyList:
+class AsyncModels(Resource["AsyncSteeringClient"]):
+    async def list(
+        self, *, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
+    ) -> PolicyList:
         """The policies served, each with its base, expert pairs, default alphas and `max_alpha`."""
-        return await self._client._get("/models", PolicyList, timeout=timeout, max_retries=max_retries)
+        return await self._client._get("/models", PolicyList, self._options(timeout, max_retries, extra_headers, extra_query))
+
+    async def retrieve(
+        self, model: str, *, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
+    ) -> Policy:
+        """The policy `model` (a `NotFoundError` if there is none)."""
+        if not model:
+            raise ValueError("model must be a policy name, not empty")
+        return await self._client._get(f"/models/{quote(model, safe='')}", Policy, self._options(timeout, max_retries, extra_headers, extra_query))
