@@ -13,7 +13,8 @@ from typing import Annotated, TypeVar
 
 import prometheus_client
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field
 from vllm.config import VllmConfig
 
@@ -25,10 +26,13 @@ from steering_server.gate import Gate
 from steering_server.metrics import ServerMetrics
 from steering_server.protocol import (
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
     Completion,
+    CompletionChunk,
     CompletionRequest,
     ErrorResponse,
+    Health,
     ModelCard,
     ModelList,
 )
@@ -133,6 +137,33 @@ CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client left; n
 ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 
 
+def streamed(chunk: type[BaseModel]) -> dict:
+    """The OpenAPI 200 of a generation endpoint: JSON, or with `stream: true` server-sent events."""
+    events = (f"With `stream: true`: server-sent events, each `data:` one {chunk.__name__} as JSON (an error "
+              "envelope if generation fails midway), ending with `data: [DONE]`.")
+    return {200: {"description": "The answer.", "content": {"text/event-stream": {
+        "schema": {"type": "string", "description": events}}}}}
+
+
+def openapi_schema(app: FastAPI, settings: ServerSettings) -> dict:
+    """FastAPI's schema, made to say what the server does: invalid input is our 400, never
+    FastAPI's 422; with an API key, every /v1 path takes it as a bearer token."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        for path, operations in schema["paths"].items():
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+                if settings.api_key and path.startswith("/v1/"):
+                    operation["security"] = [{"apiKey": []}]
+        components = schema.setdefault("components", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            components.get("schemas", {}).pop(unused, None)
+        if settings.api_key:
+            components["securitySchemes"] = {"apiKey": {"type": "http", "scheme": "bearer"}}
+        app.openapi_schema = schema
+    return app.openapi_schema
+
+
 async def until_disconnected(request: Request, work: Awaitable[T]) -> T | None:
     """Run `work`; if the client leaves first, cancel it (aborting its engine requests): None."""
     task = asyncio.ensure_future(work)
@@ -221,14 +252,16 @@ def create_app(
     install_error_handlers(app)
     app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
 
-    @app.get("/health")
+    app.openapi = lambda: openapi_schema(app, settings)  # type: ignore[method-assign]
+
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Not ready yet."}})
     async def health() -> JSONResponse:
         if state.engine is not None:
             return JSONResponse({"status": "ready"})
         status = "failed" if state.failure else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def metrics() -> Response:
         body = state.metrics.render() + prometheus_client.generate_latest(prometheus_client.REGISTRY)
         return Response(body, media_type=prometheus_client.CONTENT_TYPE_LATEST)
@@ -244,11 +277,13 @@ def create_app(
             raise UnknownPolicy(model, state.deployment.policies)
         return state.model_card(model)
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=ERRORS, name="chat")
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **streamed(ChatCompletionChunk)},
+              name="chat")
     async def chat_completions(request: Request, body: ChatCompletionRequest, ready: Ready) -> Response:
         return await _generate(request, ready.chat, body)
 
-    @app.post("/v1/completions", response_model=Completion, responses=ERRORS, name="completions")
+    @app.post("/v1/completions", response_model=Completion, responses={**ERRORS, **streamed(CompletionChunk)},
+              name="completions")
     async def completions(request: Request, body: CompletionRequest, ready: Ready) -> Response:
         return await _generate(request, ready.completions, body)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -103,7 +104,10 @@ def _validation_body(error: RequestValidationError) -> ErrorBody:
     )
 
 
-def respond(request: Request, status: int, body: ErrorBody, *, endpoint: str | None = None) -> JSONResponse:
+def respond(
+    request: Request, status: int, body: ErrorBody, *, endpoint: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
     """The error envelope, counted in the metrics under the request's policy and endpoint."""
     metrics = request.app.state.service.metrics
     policy = metrics.policy_label(getattr(request.state, "policy", None))
@@ -111,7 +115,8 @@ def respond(request: Request, status: int, body: ErrorBody, *, endpoint: str | N
     if endpoint is None:
         endpoint = request.scope["route"].name if request.scope.get("route") else "unknown"
     metrics.requests.labels(policy, endpoint, str(status)).inc()
-    headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
+    if status == 401:
+        headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)
 
 
@@ -130,7 +135,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
-        return respond(request, error.status_code, ErrorBody(message=str(error.detail), type=kind))
+        # Starlette's own headers stay, e.g. the `Allow` of a 405.
+        return respond(request, error.status_code, ErrorBody(message=str(error.detail), type=kind),
+                       headers=error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

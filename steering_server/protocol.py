@@ -276,6 +276,10 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class Health(BaseModel):
+    status: Literal["ready", "loading", "failed"]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

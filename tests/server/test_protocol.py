@@ -218,6 +218,22 @@ def test_a_policy_is_retrieved_by_name_as_it_is_listed(client, app):
     assert (retrieved.id, retrieved.model_extra["alpha"]) == ("mix", POLICIES["mix"]["alpha"])
 
 
+def test_the_schema_says_what_the_server_sends(client):
+    """Streams as text/event-stream, metrics as text/plain, invalid input as our 400 (never
+    FastAPI's 422), and the API key as a bearer token on /v1 only. `test_fuzz.py` checks answers against it."""
+    spec = client.get("/openapi.json").json()
+    for path in ("/v1/chat/completions", "/v1/completions"):
+        responses = spec["paths"][path]["post"]["responses"]
+        assert set(responses["200"]["content"]) == {"application/json", "text/event-stream"}
+        assert "422" not in responses
+        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert set(spec["paths"]["/metrics"]["get"]["responses"]["200"]["content"]) == {"text/plain"}
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert spec["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
+    secured = {path for path, operations in spec["paths"].items() for op in operations.values() if "security" in op}
+    assert secured == {path for path in spec["paths"] if path.startswith("/v1/")}
+
+
 def test_the_sdk_types_every_standard_field_the_server_takes():
     """`create(**fields)` refuses a keyword the SDK does not type; it must type every one we serve."""
     named = {"model", "steering", "stream"}  # create()'s own arguments
