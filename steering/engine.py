@@ -156,12 +156,22 @@ class SteeringEngine:
             ) from error
         return cls(deployment, llm)
 
-    def encode(self, text: str) -> list[int]:
-        return self.tokenizer.encode(text)
+    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+    def chat_prompt(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
         """Token ids of a conversation rendered with the base tokenizer's chat template."""
-        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=True, return_dict=False)
+        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                                  tokenize=True, return_dict=False)
+
+    def decode(self, token_ids: Sequence[int], *, param: str = "tokens") -> str:
+        """The text of `token_ids`; an id outside the base tokenizer's vocabulary is the request's error."""
+        vocabulary = len(self.tokenizer)
+        for i, token in enumerate(token_ids):
+            if not 0 <= token < vocabulary:
+                raise InvalidRequest(f"token id {token} is not in the base's vocabulary of {vocabulary} tokens",
+                                     param=f"{param}[{i}]")
+        return self.tokenizer.decode(list(token_ids))
 
     async def generate(
         self,

@@ -14,7 +14,12 @@ from typing import Annotated, TypeVar
 import prometheus_client
 from fastapi import Depends, FastAPI, Request
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import (
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from pydantic import BaseModel, Field
 from vllm.config import VllmConfig
 
@@ -22,8 +27,9 @@ from steering.config import Deployment, checkpoint_name, load_deployment
 from steering.engine import SteeringEngine, engine_config
 from steering.errors import SteeringError, UnknownPolicy
 from steering_server.errors import EngineNotReady, error_body, install_error_handlers
-from steering_server.gate import Gate
+from steering_server.gate import GUARDED, Gate
 from steering_server.metrics import ServerMetrics
+from steering_server import tokens
 from steering_server.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -31,10 +37,15 @@ from steering_server.protocol import (
     Completion,
     CompletionChunk,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     Health,
     ModelCard,
     ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+    TokenizeResponse,
 )
 from steering_server.service import ChatCompletions, Completions, GenerationService
 
@@ -147,13 +158,13 @@ def streamed(chunk: type[BaseModel]) -> dict:
 
 def openapi_schema(app: FastAPI, settings: ServerSettings) -> dict:
     """FastAPI's schema, made to say what the server does: invalid input is our 400, never
-    FastAPI's 422; with an API key, every /v1 path takes it as a bearer token."""
+    FastAPI's 422; with an API key, every guarded path takes it as a bearer token."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         for path, operations in schema["paths"].items():
             for operation in operations.values():
                 operation["responses"].pop("422", None)
-                if settings.api_key and path.startswith("/v1/"):
+                if settings.api_key and path.startswith(GUARDED):
                     operation["security"] = [{"apiKey": []}]
         components = schema.setdefault("components", {})
         for unused in ("HTTPValidationError", "ValidationError"):
@@ -276,6 +287,14 @@ def create_app(
         if model not in state.deployment.policies:
             raise UnknownPolicy(model, state.deployment.policies)
         return state.model_card(model)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
+    async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest, ready: Ready) -> TokenizeResponse:
+        return await asyncio.get_running_loop().run_in_executor(ready.admission, tokens.tokenize, ready.engine, body)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
+    async def detokenize(body: DetokenizeRequest, ready: Ready) -> DetokenizeResponse:
+        return await asyncio.get_running_loop().run_in_executor(ready.admission, tokens.detokenize, ready.engine, body)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **streamed(ChatCompletionChunk)},
               name="chat")

@@ -65,8 +65,9 @@ def field_path(loc: tuple) -> str | None:
     return path or None
 
 
-# What pydantic names a union member by: a type (`str`, `list[int]`, `nullable[...]`), never a field.
-_UNION_MEMBER = re.compile(r"(str|int|float|bool|list|dict|none|is-instance|literal)(\[.*\])?|[\w-]+\[.*\]")
+# What pydantic names a union member by: a type (`str`, `list[int]`, `nullable[...]`), or one of
+# our request models by its class name (`TokenizeChatRequest`), never a field.
+_UNION_MEMBER = re.compile(r"(str|int|float|bool|list|dict|none|is-instance|literal)(\[.*\])?|[\w-]+\[.*\]|[A-Z]\w*Request")
 
 
 def _union_member_that_got_furthest(errors: list[dict]) -> dict:

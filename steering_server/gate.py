@@ -1,4 +1,5 @@
-"""What every `/v1` request passes before its body is parsed: the API key, then the body's size.
+"""What every `/v1` request (and tokenization) passes before its body is parsed: the API key,
+then the body's size.
 
 A pure ASGI middleware, so that an anonymous client learns nothing about the API from malformed
 bodies, and a body over the limit is refused while it is being received (never held whole, never
@@ -16,11 +17,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from steering_server.errors import BodyTooLarge, NotAuthenticated, error_body, respond
 
-GUARDED = "/v1/"
+# `vllm serve` leaves /tokenize open; here it takes the key too, as tokenizing is work on the
+# admission thread that generation waits behind.
+GUARDED = ("/v1/", "/tokenize", "/detokenize")
 
 
 class Gate:
-    """Refuse a `/v1` request without the API key (401), or with a body over `max_body_bytes` (413)."""
+    """Refuse a guarded request without the API key (401), or with a body over `max_body_bytes` (413)."""
 
     def __init__(self, app: ASGIApp, *, api_key: str | None, max_body_bytes: int):
         self.app = app

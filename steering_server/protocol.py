@@ -12,6 +12,7 @@ import uuid
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from vllm.entrypoints.serve.tokenize import protocol as vllm_tokenize
 
 from steering.config import FiniteFloat
 
@@ -133,6 +134,35 @@ class CompletionRequest(_GenerationRequest):
         if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
             return [self.prompt]
         return list(self.prompt)
+
+
+# /tokenize and /detokenize: vLLM's own request and response models, made strict.
+
+
+class TokenizeCompletionRequest(vllm_tokenize.TokenizeCompletionRequest):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Text | None = Field(default=None, description="A policy name; every policy shares the base's tokenizer.")
+    prompt: Text
+
+
+class TokenizeChatRequest(_Request):
+    """vLLM's chat fields that apply here, with our `ChatMessage`: vLLM's request also takes
+    images, audio, tools and its own chat template, which the base's rendering here does not."""
+
+    model: Text | None = Field(default=None, description="A policy name; every policy shares the base's tokenizer.")
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    add_special_tokens: bool = False
+    return_token_strs: bool | None = False
+
+
+class DetokenizeRequest(vllm_tokenize.DetokenizeRequest):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: Text | None = Field(default=None, description="A policy name; every policy shares the base's tokenizer.")
+
+
+TokenizeResponse = vllm_tokenize.TokenizeResponse
+DetokenizeResponse = vllm_tokenize.DetokenizeResponse
 
 
 # Responses

@@ -10,7 +10,6 @@ import time
 from collections.abc import AsyncIterator
 
 from steering.engine import SteeringEngine
-from steering.errors import InvalidRequest
 from steering.policy import AbstentionRule, DecisionRule
 from steering_server.abstention import answer_or_abstain
 from steering_server.decision import decide
@@ -33,6 +32,7 @@ from steering_server.protocol import (
     SteeringInfo,
     Usage,
 )
+from steering_server.tokens import chat_ids
 from steering_server.translate import (
     GenerationRequest,
     chat_logprobs,
@@ -104,10 +104,7 @@ class ChatCompletions(GenerationService):
     endpoint = "chat"
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[list[int]]:
-        if not self.engine.tokenizer.chat_template:
-            raise InvalidRequest("the base model has no chat template; use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": m.text()} for m in request.messages]
-        return [self.engine.chat_prompt(messages)]
+        return [chat_ids(self.engine, request.messages)]
 
     def _logprobs(self, plan: Plan, piece: Piece):
         if plan.num_logprobs is None or piece.logprobs is None:

@@ -4,7 +4,7 @@ Only vLLM's half is faked: the token stream (`generate`) and the tokenizer. What
 on top of it (`encode`, `chat_prompt`, `check_request`, `complete`, `label_logprobs`, the
 policies) is the real `SteeringEngine` and `Policies` code. The fake model, in full:
 
-- a token is a character, its id the code point; `encode` puts BOS (id 1) first.
+- a token is a character, its id the code point (below 0xD800); `encode` puts BOS (id 1) first.
 - choice j answers ANSWER_LEN lower-case letters, letter k being `(sum(prompt) + 3k + j + shift) % 26`
   of the alphabet, with `shift = round(10 * sum((i + 1) * alpha_i))` over the pairs: steering shows.
 - the k-th answer token has probability `token_prob(k)`; the top-N alternatives are upper-case letters.
@@ -61,6 +61,15 @@ class CharTokenizer:
     def apply_chat_template(self, messages, *, add_generation_prompt: bool, tokenize: bool, return_dict: bool):
         text = "".join(self.chat_template.format(**m) for m in messages)
         return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+
+    def __len__(self) -> int:
+        return 0xD800  # the code points below the surrogates: every id decodes to valid text
+
+    def decode(self, token_ids: Sequence[int]) -> str:
+        return "".join(chr(t) for t in token_ids if t != BOS)
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        return ["<s>" if t == BOS else chr(t) for t in token_ids]
 
 
 class FakeEngine(SteeringEngine):

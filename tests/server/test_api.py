@@ -70,6 +70,19 @@ def test_completions_equal_the_reference(server, llama_reference, tokenizer, pol
     assert text.steering["alpha"] == alpha
 
 
+def test_tokenize_and_detokenize_use_the_base_tokenizer(server, tokenizer):
+    with server.http() as http:
+        chat = http.post("/tokenize", json={"model": "mix", "messages": MESSAGES, "return_token_strs": True}).json()
+        text = http.post("/tokenize", json={"prompt": PROMPT}).json()
+        back = http.post("/detokenize", json={"tokens": text["tokens"]}).json()
+        outside = http.post("/detokenize", json={"tokens": [len(tokenizer)]})
+    assert chat["tokens"] == chat_ids(tokenizer) and chat["count"] == len(chat_ids(tokenizer))
+    assert chat["token_strs"] == tokenizer.convert_ids_to_tokens(chat_ids(tokenizer))
+    assert (text["tokens"], text["max_model_len"]) == (tokenizer.encode(PROMPT), MAX_MODEL_LEN)
+    assert back == {"prompt": tokenizer.decode(tokenizer.encode(PROMPT))}
+    assert (outside.status_code, outside.json()["error"]["param"]) == (400, "tokens[0]")
+
+
 def test_steering_changes_the_answer(server):
     client = server.openai()
     base = client.chat.completions.create(model="base", messages=MESSAGES, **GREEDY)

@@ -231,7 +231,50 @@ def test_the_schema_says_what_the_server_sends(client):
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     assert spec["components"]["securitySchemes"] == {"apiKey": {"type": "http", "scheme": "bearer"}}
     secured = {path for path, operations in spec["paths"].items() for op in operations.values() if "security" in op}
-    assert secured == {path for path in spec["paths"] if path.startswith("/v1/")}
+    assert secured == {path for path in spec["paths"] if path.startswith("/v1/")} | {"/tokenize", "/detokenize"}
+
+
+def test_tokenize_counts_a_prompt_as_generation_does(client):
+    text = "hi there"
+    counted = client.post("/tokenize", json={"model": "chat", "prompt": text, "return_token_strs": True}).json()
+    assert counted == {"count": 1 + len(text), "max_model_len": MAX_MODEL_LEN, "tokens": [BOS, *map(ord, text)],
+                       "token_strs": ["<s>", *text]}
+    answered = client.post("/v1/completions", json={"model": "chat", "prompt": text}).json()
+    assert answered["usage"]["prompt_tokens"] == counted["count"]
+    bare = client.post("/tokenize", json={"prompt": text, "add_special_tokens": False}).json()
+    assert (bare["tokens"], bare["token_strs"]) == (list(map(ord, text)), None)
+
+
+def test_tokenize_renders_a_chat_as_generation_does(client):
+    counted = client.post("/tokenize", json={"model": "mix", "messages": MESSAGES}).json()
+    assert counted["tokens"] == CHAT_PROMPT
+    assert chat(client, "mix").json()["usage"]["prompt_tokens"] == counted["count"]
+    open_ended = client.post("/tokenize", json={"messages": MESSAGES, "add_generation_prompt": False}).json()
+    assert open_ended["tokens"] == [BOS, *map(ord, "user: hi\n")]
+
+
+def test_detokenize_inverts_tokenize_and_refuses_ids_outside_the_vocabulary(client):
+    tokens = client.post("/tokenize", json={"prompt": "héllo"}).json()["tokens"]
+    assert client.post("/detokenize", json={"model": "chat", "tokens": tokens}).json() == {"prompt": "héllo"}
+    assert_error(client.post("/detokenize", json={"tokens": [104, 0xD800]}), 400, type=INVALID, param="tokens[1]",
+                 code="invalid_request", says="not in the base's vocabulary of 55296 tokens")
+    assert_error(client.post("/detokenize", json={"tokens": [104, -1]}), 400, type=INVALID, param="tokens[1]",
+                 code="invalid_value", says="greater than or equal to 0")
+
+
+@pytest.mark.parametrize(("path", "body", "status", "param"), [
+    ("/tokenize", {"model": "nope", "prompt": "x"}, 404, "model"),
+    ("/detokenize", {"model": "nope", "tokens": [104]}, 404, "model"),
+    ("/tokenize", {"prompt": "x", "chat_template": "{{ x }}"}, 400, "chat_template"),  # vLLM's, not ours
+    ("/tokenize", {"prompt": 3}, 400, "prompt"),
+    ("/tokenize", {"messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role"),
+    ("/tokenize", {"prompt": "x", "add_special_tokens": "yes"}, 400, "add_special_tokens"),
+    ("/detokenize", {"tokens": ["104"]}, 400, "tokens[0]"),
+])
+def test_tokenization_refuses_what_generation_refuses(client, path, body, status, param):
+    response = client.post(path, json=body)
+    assert (response.status_code, response.json()["error"]["param"]) == (status, param), response.text
+    assert TestClient(client.app).post(path, json=body).status_code == 401
 
 
 def test_the_sdk_types_every_standard_field_the_server_takes():
