@@ -20,16 +20,17 @@ from fastapi.responses import (
     Response,
     StreamingResponse,
 )
+from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import BaseModel, Field
 from vllm.config import VllmConfig
 
 from steering.config import Deployment, checkpoint_name, load_deployment
 from steering.engine import SteeringEngine, engine_config
 from steering.errors import SteeringError, UnknownPolicy
+from steering_server import tokens
 from steering_server.errors import EngineNotReady, error_body, install_error_handlers
 from steering_server.gate import GUARDED, Gate
 from steering_server.metrics import ServerMetrics
-from steering_server import tokens
 from steering_server.protocol import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -262,6 +263,9 @@ def create_app(
     app.state.service = state
     install_error_handlers(app)
     app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)
+    # HTTP metrics as `vllm serve` has them (`http_requests_total`, `http_request_duration_seconds`,
+    # …), in the app's own registry; added last, so it is outermost and counts the gate's refusals.
+    Instrumentator(excluded_handlers=["/metrics", "/health"], registry=state.metrics.registry).instrument(app)
 
     app.openapi = lambda: openapi_schema(app, settings)  # type: ignore[method-assign]
 

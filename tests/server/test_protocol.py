@@ -488,6 +488,25 @@ def test_metrics_count_requests_by_policy_and_status(client, engine):
     assert metric(text, "steer_engine_unfinished_requests") == engine.num_unfinished_requests == 0
 
 
+def test_http_metrics_are_vllm_serves(client):
+    """prometheus-fastapi-instrumentator's series, as `vllm serve` exports them: by route template,
+    method and status class, the gate's refusals included; /metrics and /health left out."""
+    assert chat(client, "chat").status_code == chat(client, "mix", stream=True).status_code == 200
+    assert chat(client, "nope").status_code == 404
+    assert client.get("/v1/models/chat").status_code == 200
+    assert TestClient(client.app).get("/v1/models/chat").status_code == 401
+    assert client.get("/health").status_code == 200
+    text = client.get("/metrics").text
+
+    def http(handler, method, status):
+        return metric(text, "http_requests_total", handler=handler, method=method, status=status)
+
+    assert (http("/v1/chat/completions", "POST", "2xx"), http("/v1/chat/completions", "POST", "4xx")) == (2, 1)
+    assert (http("/v1/models/{model}", "GET", "2xx"), http("/v1/models/{model}", "GET", "4xx")) == (1, 1)
+    assert metric(text, "http_request_duration_seconds_count", handler="/v1/chat/completions", method="POST") == 3
+    assert 'handler="/health"' not in text and 'handler="/metrics"' not in text
+
+
 def test_the_openai_sdk_over_the_in_process_transport(app):
     async def run() -> None:
         http = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fake")
