@@ -53,6 +53,9 @@ class SteeringRequest(_Request):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+    continuous_usage_stats: bool = Field(
+        default=False, description="vLLM extension: with include_usage, every chunk carries the usage so far."
+    )
 
 
 class _GenerationRequest(_Request):
@@ -69,6 +72,13 @@ class _GenerationRequest(_Request):
     logit_bias: dict[Text, Annotated[FiniteFloat, Field(ge=-100, le=100)]] | None = None
     min_tokens: Annotated[int, Field(ge=0)] = Field(default=0, description="vLLM extension.")
     ignore_eos: bool = Field(default=False, description="vLLM extension.")
+    repetition_penalty: Annotated[FiniteFloat, Field(gt=0)] = Field(
+        default=1.0, description="vLLM extension: above 1 discourages tokens already in the prompt or answer."
+    )
+    min_p: Annotated[FiniteFloat, Field(ge=0, le=1)] = Field(
+        default=0.0, description="vLLM extension: drop tokens less likely than min_p times the likeliest."
+    )
+    include_stop_str_in_output: bool = Field(default=False, description="vLLM extension.")
     user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

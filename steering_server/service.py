@@ -93,6 +93,11 @@ class GenerationService:
         include = request.stream_options is not None and request.stream_options.include_usage
         return self.usage(plan, outcome) if include else None
 
+    def chunk_usage(self, request: GenerationRequest, plan: Plan, outcome: Outcome) -> Usage | None:
+        """The usage so far on every chunk, as vLLM's `stream_options.continuous_usage_stats` asks."""
+        options = request.stream_options
+        return self.stream_usage(request, plan, outcome) if options and options.continuous_usage_stats else None
+
 
 def _outcome(plan: Plan) -> Outcome:
     return Outcome(SteeringInfo(policy=plan.name, alpha=plan.steering.alpha))
@@ -126,11 +131,13 @@ class ChatCompletions(GenerationService):
         def chunk(choices, **extra) -> ChatCompletionChunk:
             return ChatCompletionChunk(id=chunk_id, created=plan.created, model=plan.name, choices=choices, **extra)
 
-        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(request.n)])
         outcome = _outcome(plan)
+        yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(request.n)],
+                    usage=self.chunk_usage(request, plan, outcome))
         async for p in self.pieces(plan, outcome):
             yield chunk([ChatChunkChoice(index=p.index, delta=ChatDelta(content=p.text),
-                                         logprobs=self._logprobs(plan, p), finish_reason=p.finish_reason)])
+                                         logprobs=self._logprobs(plan, p), finish_reason=p.finish_reason)],
+                        usage=self.chunk_usage(request, plan, outcome))
         yield chunk([], usage=self.stream_usage(request, plan, outcome), steering=outcome.steering)
 
 
@@ -158,6 +165,6 @@ class Completions(GenerationService):
         outcome = _outcome(plan)
         async for p in self.pieces(plan, outcome):
             yield CompletionChunk(id=chunk_id, created=plan.created, model=plan.name,
-                                  choices=[self._choice(request, plan, p)])
+                                  choices=[self._choice(request, plan, p)], usage=self.chunk_usage(request, plan, outcome))
         yield CompletionChunk(id=chunk_id, created=plan.created, model=plan.name, choices=[],
                               usage=self.stream_usage(request, plan, outcome), steering=outcome.steering)

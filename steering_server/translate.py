@@ -51,6 +51,9 @@ def sampling_params(request: GenerationRequest, *, prompt_len: int, max_model_le
             frequency_penalty=request.frequency_penalty,
             logit_bias=logit_bias or None,
             ignore_eos=request.ignore_eos,
+            repetition_penalty=request.repetition_penalty,
+            min_p=request.min_p,
+            include_stop_str_in_output=request.include_stop_str_in_output,
             logprobs=request.num_logprobs,
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import torch
 
 from tests.live_server import API_KEY, MAX_MODEL_LEN
 
@@ -100,6 +101,24 @@ def test_alpha_override_equals_the_reference_at_that_alpha(server, llama_referen
     assert override.steering["alpha"] == alpha
     assert override.choices[0].message.content != default.choices[0].message.content
     assert override.choices[0].message.content == expected_text(llama_reference, tokenizer, chat_ids(tokenizer), alpha)
+
+
+def test_repetition_penalty_acts_on_the_steered_logits(server, llama_reference, tokenizer):
+    """vLLM's rule by hand over the reference's steered logits: a token already in the prompt or
+    the answer has a positive logit divided by the penalty, a negative one multiplied."""
+    prompt, alpha, penalty = tokenizer.encode(PROMPT), {"chat": 1.5, "code": -0.5}, 1.8
+    outputs: list[list[int]] = [[]]
+    for logits in llama_reference.steered_logits([prompt], [alpha], outputs, 16):
+        seen = torch.tensor(sorted(set(prompt) | set(outputs[0])))
+        row = logits[0]
+        row[seen] = torch.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
+        outputs[0].append(int(row.argmax()))
+        if outputs[0][-1] in llama_reference.eos_token_ids:
+            break
+    response = server.openai().completions.create(model="mix", prompt=prompt, extra_body={"repetition_penalty": penalty},
+                                                  **GREEDY)
+    plain = server.openai().completions.create(model="mix", prompt=prompt, **GREEDY)
+    assert response.choices[0].text == tokenizer.decode(outputs[0], skip_special_tokens=True) != plain.choices[0].text
 
 
 def test_a_batch_of_prompts_answers_each_as_alone(server, tokenizer):

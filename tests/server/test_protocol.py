@@ -22,6 +22,7 @@ from steering_client._params import ChatFields, CompletionFields
 from steering.config import parse_deployment
 from steering_server.app import ServerSettings, create_app
 from steering_server.protocol import ChatCompletionRequest, CompletionRequest
+from steering_server.translate import sampling_params
 from tests.server.fake_engine import (
     ANSWER_LEN,
     BOS,
@@ -383,6 +384,43 @@ def test_completions_stream_interleaves_choices(client):
                      for p, prompt in enumerate(["ab", "xyz"]) for j in range(2)}
     assert chunks[-1]["usage"]["completion_tokens"] == 4 * ANSWER_LEN
     assert chunks[-1]["steering"]["alpha"] == {"chat": 0.5, "code": -0.5}
+
+
+def test_continuous_usage_counts_every_chunk_as_vllm_does(client):
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    chunks = [json.loads(e) for e in sse_events(chat(client, "chat", stream=True, stream_options=options))[:-1]]
+    assert [c["usage"]["completion_tokens"] for c in chunks] == [0, *range(1, ANSWER_LEN + 1), ANSWER_LEN]
+    assert {(c["usage"]["prompt_tokens"], c["usage"]["total_tokens"] - c["usage"]["completion_tokens"])
+            for c in chunks} == {(len(CHAT_PROMPT), len(CHAT_PROMPT))}
+    # Without include_usage it asks for nothing, as in vLLM.
+    quiet = sse_events(chat(client, "chat", stream=True, stream_options={"continuous_usage_stats": True}))[:-1]
+    assert all(json.loads(e)["usage"] is None for e in quiet)
+
+
+def test_vllm_bench_serves_completion_request_is_served(client):
+    """The body `vllm bench serve --backend openai` sends (vLLM 0.32), unchanged."""
+    body = {"model": "chat", "prompt": "ab", "repetition_penalty": 1.0, "max_tokens": 4, "logprobs": None,
+            "stream": True, "stream_options": {"include_usage": True}, "ignore_eos": True}
+    chunks = [json.loads(e) for e in sse_events(client.post("/v1/completions", json=body))[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == answer([BOS, ord("a"), ord("b")], (1.0, 0.0))[:4]
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_vllms_sampling_extensions_reach_the_engine():
+    request = CompletionRequest(model="chat", prompt="x", repetition_penalty=1.3, min_p=0.05,
+                                include_stop_str_in_output=True, stop=["."])
+    params = sampling_params(request, prompt_len=2, max_model_len=MAX_MODEL_LEN)
+    assert (params.repetition_penalty, params.min_p, params.include_stop_str_in_output) == (1.3, 0.05, True)
+
+
+@pytest.mark.parametrize(("field", "value", "says"), [
+    ("repetition_penalty", 0.0, "greater than 0"),
+    ("min_p", 1.5, "less than or equal to 1"),
+    ("min_p", "0.1", "valid number"),
+    ("include_stop_str_in_output", 1, "valid boolean"),
+])
+def test_vllms_sampling_extensions_are_bounded_and_typed(client, field, value, says):
+    assert_error(chat(client, "chat", **{field: value}), 400, type=INVALID, param=field, code="invalid_value", says=says)
 
 
 Y, N = ord("y"), ord("n")  # the labels' first tokens

@@ -18,6 +18,7 @@ class SteeringParams(TypedDict, total=False):
 
 class StreamOptions(TypedDict, total=False):
     include_usage: bool
+    continuous_usage_stats: bool
 
 
 class TextPart(TypedDict):
@@ -47,6 +48,9 @@ class _GenerationFields(TypedDict, total=False):
     logit_bias: dict[str, float]
     min_tokens: int
     ignore_eos: bool
+    repetition_penalty: float
+    min_p: float
+    include_stop_str_in_output: bool
     user: str
     stream_options: StreamOptions
 
