@@ -251,6 +251,17 @@ class SteeringEngine:
                 f"the context of {self.max_model_len}",
                 param=limit_field,
             )
+        try:
+            self.verify(params)
+        except VLLMClientError as error:
+            raise InvalidRequest(str(error), param=getattr(error, "parameter", None)) from None
+
+    def verify(self, params: SamplingParams) -> None:
+        """vLLM's own checks of sampling parameters against this engine (logprob limits, token
+        ids, structured-output schemas and grammars), run at admission instead of mid-stream."""
+        config = self.llm.vllm_config
+        params.clone().verify(config.model_config, config.speculative_config, config.structured_outputs_config,
+                              self.llm.tokenizer)
 
     @property
     def num_unfinished_requests(self) -> int:

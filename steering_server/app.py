@@ -150,11 +150,13 @@ ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 50
 
 
 def streamed(chunk: type[BaseModel]) -> dict:
-    """The OpenAPI 200 of a generation endpoint: JSON, or with `stream: true` server-sent events."""
-    events = (f"With `stream: true`: server-sent events, each `data:` one {chunk.__name__} as JSON (an error "
-              "envelope if generation fails midway), ending with `data: [DONE]`.")
-    return {200: {"description": "The answer.", "content": {"text/event-stream": {
-        "schema": {"type": "string", "description": events}}}}}
+    """The OpenAPI 200 of a generation endpoint: JSON, or with `stream: true` server-sent events
+    (before OpenAPI 3.2, a stream's `schema` describes one event)."""
+    data = (f"One {chunk.__name__} as JSON; an ErrorResponse if generation fails midway; `[DONE]` to end.")
+    event = {"type": "object", "required": ["data"],
+             "properties": {"data": {"type": "string", "description": data}, "event": {"type": "string"}}}
+    return {200: {"description": "The answer; with `stream: true`, server-sent events.",
+                  "content": {"text/event-stream": {"schema": event}}}}
 
 
 def openapi_schema(app: FastAPI, settings: ServerSettings) -> dict:

@@ -50,6 +50,11 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
     if isinstance(rule, DecisionRule) and request.num_logprobs is not None:
         raise InvalidRequest("decision policies answer with a label: logprobs are in steering.decision",
                              param="logprobs")
+    constrains = request.response_format is not None and request.response_format.type != "text"
+    if isinstance(rule, DecisionRule) and (constrains or request.structured_outputs):
+        field = "response_format" if constrains else "structured_outputs"
+        raise InvalidRequest(f"decision policies answer with one of their labels: {field} does not apply",
+                             param=field)
     params = []
     for prompt in prompts:
         sampling = sampling_params(request, prompt_len=len(prompt), max_model_len=engine.max_model_len)

@@ -11,7 +11,8 @@ import time
 import uuid
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from vllm.entrypoints.generate.base import protocol as vllm_generate
 from vllm.entrypoints.serve.tokenize import protocol as vllm_tokenize
 
 from steering.config import FiniteFloat
@@ -58,6 +59,40 @@ class StreamOptions(_Request):
     )
 
 
+class JsonSchemaResponseFormat(vllm_generate.JsonSchemaResponseFormat):
+    model_config = ConfigDict(extra="forbid", strict=True, serialize_by_alias=True)
+    name: Text
+
+
+class ResponseFormat(vllm_generate.ResponseFormat):
+    """vLLM's `response_format`, made strict: `text`, `json_object`, or `json_schema` with its schema.
+    (vLLM's structural-tag formats are not offered: they name tool-call tags we do not parse.)"""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    json_schema: JsonSchemaResponseFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_with_its_type(self) -> ResponseFormat:
+        if (self.type == "json_schema") != (self.json_schema is not None):
+            raise ValueError("json_schema is given with type json_schema, and only then")
+        if self.json_schema is not None and self.json_schema.json_schema is None:
+            raise ValueError("json_schema.schema is required")
+        return self
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs` (its `StructuredOutputsParams` fields): exactly one constraint."""
+
+    json_: dict | Text | None = Field(default=None, alias="json", description="A JSON schema.")
+    regex: Text | None = None
+    choice: Annotated[list[Text], Field(min_length=1)] | None = None
+    grammar: Text | None = Field(default=None, description="An EBNF / GBNF grammar.")
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: Text | None = None
+
+
 class _GenerationRequest(_Request):
     model: Text = Field(description="A policy name, as listed by GET /v1/models.")
     max_tokens: Annotated[int, Field(ge=1)] | None = None
@@ -79,6 +114,12 @@ class _GenerationRequest(_Request):
         default=0.0, description="vLLM extension: drop tokens less likely than min_p times the likeliest."
     )
     include_stop_str_in_output: bool = Field(default=False, description="vLLM extension.")
+    response_format: ResponseFormat | None = Field(
+        default=None, description="Constrain the steered answer: text, any JSON object, or JSON of a schema."
+    )
+    structured_outputs: StructuredOutputs | None = Field(
+        default=None, description="vLLM extension: constrain the steered answer by a schema, regex, choice or grammar."
+    )
     user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None

@@ -5,9 +5,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from vllm import SamplingParams
-from vllm.exceptions import VLLMClientError
+from vllm.entrypoints.generate.base.protocol import (
+    structured_outputs_from_response_format,
+)
+from vllm.exceptions import VLLMClientError, VLLMValidationError
 from vllm.logprobs import Logprob
-from vllm.sampling_params import RequestOutputKind
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
 from steering.errors import InvalidRequest
 from steering_server.protocol import (
@@ -54,11 +57,23 @@ def sampling_params(request: GenerationRequest, *, prompt_len: int, max_model_le
             repetition_penalty=request.repetition_penalty,
             min_p=request.min_p,
             include_stop_str_in_output=request.include_stop_str_in_output,
+            structured_outputs=structured_outputs(request),
             logprobs=request.num_logprobs,
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )
     except (ValueError, VLLMClientError) as error:
         raise InvalidRequest(str(error), param=getattr(error, "parameter", None)) from None
+
+
+def structured_outputs(request: GenerationRequest) -> StructuredOutputsParams | None:
+    """vLLM's own parameters and conversion (`response_format` wins over `structured_outputs`);
+    its refusal of no constraint, or of several, names the field."""
+    given = request.structured_outputs
+    try:
+        params = StructuredOutputsParams(**given.model_dump(by_alias=True, exclude_unset=True)) if given else None
+        return structured_outputs_from_response_format(params, request.response_format)
+    except VLLMValidationError as error:
+        raise InvalidRequest(str(error).split(": {")[0], param="structured_outputs") from None
 
 
 def _token_bytes(text: str) -> list[int]:

@@ -110,6 +110,9 @@ class FakeEngine(SteeringEngine):
         finally:
             self.running -= 1
 
+    def verify(self, params: SamplingParams) -> None:
+        """There is no vLLM configuration to check against: what it refuses is tested live."""
+
     @property
     def num_unfinished_requests(self) -> int:
         return self.running

@@ -121,6 +121,41 @@ def test_repetition_penalty_acts_on_the_steered_logits(server, llama_reference, 
     assert response.choices[0].text == tokenizer.decode(outputs[0], skip_special_tokens=True) != plain.choices[0].text
 
 
+def constrained_greedy(reference, tokenizer, prompt, alpha, choices) -> str:
+    """Greedy over the reference's steered logits, each step restricted to the tokens that keep
+    the text a prefix of one of `choices`, and to EOS once it is one: what a choice grammar allows."""
+    pieces = {t: tokenizer.decode([t]) for t in range(len(tokenizer)) if t not in tokenizer.all_special_ids}
+    outputs, text = [[]], ""
+    for logits in reference.steered_logits([prompt], [alpha], outputs, 32):
+        allowed = [t for t, piece in pieces.items() if piece and any(c.startswith(text + piece) for c in choices)]
+        allowed += [tokenizer.eos_token_id] if text in choices else []
+        token = max(allowed, key=lambda t: logits[0, t].item())
+        if token == tokenizer.eos_token_id:
+            return text
+        outputs[0].append(token)
+        text += pieces[token]
+    return text
+
+
+@pytest.mark.parametrize("alpha", [None, {"chat": -2.0, "code": 2.0}])
+def test_a_choice_grammar_constrains_the_steered_distribution(server, llama_reference, tokenizer, alpha):
+    choices = ["every", "cat", "story", "reads"]
+    prompt = tokenizer.encode(PROMPT)
+    steering = {"steering": {"alpha": alpha}} if alpha else {}
+    response = server.openai().completions.create(
+        model="mix", prompt=prompt, **GREEDY, extra_body={"structured_outputs": {"choice": choices}, **steering})
+    want = constrained_greedy(llama_reference, tokenizer, prompt, alpha or {"chat": 1.5, "code": -0.5}, choices)
+    assert (response.choices[0].text, response.choices[0].finish_reason) == (want, "stop")
+
+
+def test_a_grammar_vllm_cannot_compile_is_refused_before_the_stream(server):
+    with server.http() as http:
+        for extra in ({"structured_outputs": {"grammar": "root ::= ("}},
+                      {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 5}}}}):
+            response = http.post("/v1/completions", json={"model": "mix", "prompt": PROMPT, "stream": True, **extra})
+            assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_request"), extra
+
+
 def test_a_batch_of_prompts_answers_each_as_alone(server, tokenizer):
     client = server.openai()
     prompts = [PROMPT, "our team builds"]

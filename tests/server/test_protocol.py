@@ -423,6 +423,57 @@ def test_vllms_sampling_extensions_are_bounded_and_typed(client, field, value, s
     assert_error(chat(client, "chat", **{field: value}), 400, type=INVALID, param=field, code="invalid_value", says=says)
 
 
+SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}}
+
+
+@pytest.mark.parametrize(("fields", "constraint"), [
+    ({"response_format": {"type": "text"}}, None),
+    ({"response_format": {"type": "json_object"}}, {"json_object": True}),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": SCHEMA, "strict": True}}},
+     {"json": SCHEMA}),
+    ({"structured_outputs": {"choice": ["yes", "no"]}}, {"choice": ["yes", "no"]}),
+    ({"structured_outputs": {"regex": "[ab]+", "disable_any_whitespace": True}},
+     {"regex": "[ab]+", "disable_any_whitespace": True}),
+])
+def test_structured_outputs_become_vllms_own_parameters(fields, constraint):
+    """vLLM's conversion (`structured_outputs_from_response_format`)."""
+    request = ChatCompletionRequest.model_validate({"model": "chat", "messages": MESSAGES, **fields})
+    params = sampling_params(request, prompt_len=2, max_model_len=MAX_MODEL_LEN).structured_outputs
+    if constraint is None:
+        assert params is None
+    else:
+        set_fields = {k: v for k, v in vars(params).items() if not k.startswith("_") and v not in (None, False)}
+        assert set_fields == constraint
+
+
+@pytest.mark.parametrize(("fields", "param", "says"), [
+    ({"response_format": {"type": "json_schema"}}, "response_format", "only then"),
+    ({"response_format": {"type": "json_object", "json_schema": {"name": "a", "schema": {}}}}, "response_format",
+     "only then"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format", "is required"),
+    ({"response_format": {"type": "xml"}}, "response_format.type", "Input should be"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {}, "x": 1}}},
+     "response_format.json_schema.x", "Extra inputs"),
+    ({"structured_outputs": {"choice": ["a"], "regex": "a"}}, "structured_outputs", "only use one kind"),
+    ({"structured_outputs": {}}, "structured_outputs", "must use one kind"),
+    ({"structured_outputs": {"json": SCHEMA}, "response_format": {"type": "json_object"}}, "structured_outputs",
+     "only use one kind"),
+    ({"structured_outputs": {"choice": []}}, "structured_outputs.choice", "at least 1"),
+])
+def test_malformed_structured_outputs_are_400(client, fields, param, says):
+    response = chat(client, "chat", **fields)
+    assert response.status_code == 400, response.text
+    assert (response.json()["error"]["param"], says in response.json()["error"]["message"]) == (param, True), response.text
+
+
+def test_a_decision_policy_refuses_a_format_it_cannot_answer_in(client):
+    assert_error(chat(client, "triage", response_format={"type": "json_object"}), 400, type=INVALID,
+                 param="response_format", code="invalid_request", says="one of their labels")
+    assert_error(chat(client, "triage", structured_outputs={"choice": ["yes"]}), 400, type=INVALID,
+                 param="structured_outputs", code="invalid_request", says="one of their labels")
+    assert chat(client, "triage", response_format={"type": "text"}).status_code == 200
+
+
 Y, N = ord("y"), ord("n")  # the labels' first tokens
 COSTS = [[0, DECISION["cost_fp"]], [DECISION["cost_fn"], 0]]  # rows: acting yes, no; columns: truly yes, no
 

@@ -4,7 +4,7 @@ They are for type checkers and editors; at run time the fields pass through as g
 server refuses (400) any it does not know.
 """
 
-from typing import TypedDict, Union
+from typing import Any, Literal, TypedDict, Union
 
 
 class SteeringParams(TypedDict, total=False):
@@ -19,6 +19,31 @@ class SteeringParams(TypedDict, total=False):
 class StreamOptions(TypedDict, total=False):
     include_usage: bool
     continuous_usage_stats: bool
+
+
+class JSONSchema(TypedDict, total=False):
+    name: str
+    description: str
+    schema: dict[str, Any]
+    strict: bool
+
+
+class ResponseFormat(TypedDict, total=False):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchema
+
+
+class StructuredOutputs(TypedDict, total=False):
+    """vLLM's structured outputs: exactly one of json, regex, choice, grammar, json_object."""
+
+    json: Union[dict[str, Any], str]
+    regex: str
+    choice: list[str]
+    grammar: str
+    json_object: bool
+    disable_any_whitespace: bool
+    disable_additional_properties: bool
+    whitespace_pattern: str
 
 
 class TextPart(TypedDict):
@@ -51,6 +76,8 @@ class _GenerationFields(TypedDict, total=False):
     repetition_penalty: float
     min_p: float
     include_stop_str_in_output: bool
+    response_format: ResponseFormat
+    structured_outputs: StructuredOutputs
     user: str
     stream_options: StreamOptions
 
