@@ -117,6 +117,10 @@ class ServiceState:
         self.completions = Completions(engine, self.metrics)
         self.metrics.watch_engine(lambda: engine.num_unfinished_requests)
 
+    async def admit(self, work: Callable[..., T], *args: object) -> T:
+        """`work(*args)` on the admission thread: tokenizing, rendering, planning."""
+        return await asyncio.get_running_loop().run_in_executor(self.admission, work, *args)
+
     def model_card(self, name: str) -> ModelCard:
         """The policy `name` as `/v1/models` lists it: checkpoints by name, never by path."""
         d, policy = self.deployment, self.deployment.policies[name]
@@ -218,7 +222,7 @@ async def _sse(service: GenerationService, policy: str, chunks: AsyncIterator[Ba
 
 async def _generate(request: Request, service: GenerationService, body) -> Response:
     request.state.policy = body.model
-    plan = await asyncio.get_running_loop().run_in_executor(_state(request).admission, service.plan, body)
+    plan = await _state(request).admit(service.plan, body)
     metrics = service.metrics
     if body.stream:
         return StreamingResponse(_sse(service, plan.name, service.chunks(body, plan)), media_type="text/event-stream")
@@ -296,11 +300,11 @@ def create_app(
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest, ready: Ready) -> TokenizeResponse:
-        return await asyncio.get_running_loop().run_in_executor(ready.admission, tokens.tokenize, ready.engine, body)
+        return await ready.admit(tokens.tokenize, ready.engine, body)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses=ERRORS)
     async def detokenize(body: DetokenizeRequest, ready: Ready) -> DetokenizeResponse:
-        return await asyncio.get_running_loop().run_in_executor(ready.admission, tokens.detokenize, ready.engine, body)
+        return await ready.admit(tokens.detokenize, ready.engine, body)
 
     @app.post("/v1/chat/completions", response_model=ChatCompletion, responses={**ERRORS, **streamed(ChatCompletionChunk)},
               name="chat")
