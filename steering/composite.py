@@ -6,10 +6,16 @@ states; `compute_logits` splits them, computes each pair's `tuned - untuned` log
 the base logits with each request's alphas through `steering.steer.LINK`.
 
 Every sub-model runs on every token, always: a prefix-cached block must hold expert KV too.
+
+Besides the sampler's rows (one per request, in batch order), vLLM's V1 runner asks
+`compute_logits` for prompt logprobs with a slice of one request's rows of this step's hidden
+states. `_Step` recognises such a slice and names its request, so it is steered with that
+request's alphas: prompt logprobs are of the steered distribution too.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import itertools
 from collections.abc import Iterable
@@ -18,11 +24,47 @@ import torch
 from torch import nn
 from vllm.compilation.backends import set_model_tag
 from vllm.config import ModelConfig, VllmConfig
+from vllm.forward_context import get_forward_context, is_forward_context_available
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 
 from steering.spec import CompositeSpec
 from steering.steer import LINK, fit_vocab
+
+
+@dataclasses.dataclass(frozen=True)
+class _Step:
+    """Where the last forward's hidden states live, and where each request's tokens start in them."""
+
+    storage: int  # data_ptr of the hidden states' storage: alive until the runner's step ends
+    offset: int
+    row_stride: int
+    query_starts: torch.Tensor | None  # [num_reqs + 1], batch order; None outside a real step
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor) -> _Step:
+        starts = None
+        if is_forward_context_available():
+            metadata = get_forward_context().attn_metadata
+            for layer in (metadata.values() if isinstance(metadata, dict) else ()):
+                if getattr(layer, "query_start_loc", None) is not None:
+                    starts = layer.query_start_loc.clone()  # the runner reuses its buffer next step
+                    break
+        return cls(hidden.untyped_storage().data_ptr(), hidden.storage_offset(), hidden.stride(0), starts)
+
+    def request_of(self, rows: torch.Tensor) -> int | None:
+        """The batch index of the request whose tokens `rows` are, if they are a slice of this
+        step's hidden states (prompt logprobs); None for anything else (the sampler's gather)."""
+        if rows.numel() == 0 or rows.untyped_storage().data_ptr() != self.storage:
+            return None
+        if self.query_starts is None:
+            raise RuntimeError("prompt logprobs without the batch's query_start_loc: cannot steer them")
+        first = (rows.storage_offset() - self.offset) // self.row_stride
+        starts = self.query_starts.tolist()
+        request = bisect.bisect_right(starts, first) - 1
+        if not (0 <= request < len(starts) - 1 and first + rows.shape[0] <= starts[request + 1]):
+            raise RuntimeError(f"rows {first}..{first + rows.shape[0]} are not one request's tokens: {starts}")
+        return request
 
 
 def _sub_model_config(engine: ModelConfig, checkpoint: str) -> ModelConfig:
@@ -93,6 +135,7 @@ class ProxyTunedForCausalLM(nn.Module):
             DefaultModelLoader.Source(path, revision=None, prefix=f"{name}.") for path, name in owners.items()
             if name != "base"
         ]
+        self._step: _Step | None = None
 
     def embed_input_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError("proxy-tuning runs every sub-model on token ids, not embeddings")
@@ -107,7 +150,9 @@ class ProxyTunedForCausalLM(nn.Module):
         if inputs_embeds is not None or intermediate_tensors is not None:
             raise NotImplementedError("proxy-tuning supports neither prompt embeddings nor pipeline parallelism")
         # input_ids, positions: [T] -> hidden: [T, sum(hidden_widths)]
-        return torch.cat([model(input_ids, positions) for model in self.sub_models], dim=-1)
+        hidden = torch.cat([model(input_ids, positions) for model in self.sub_models], dim=-1)
+        self._step = _Step.of(hidden)
+        return hidden
 
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [N, sum(hidden_widths)] -> steered logits [N, V] (deltas: P x [N, V]).
@@ -117,7 +162,8 @@ class ProxyTunedForCausalLM(nn.Module):
         logits = {i: fit_vocab(self.sub_models[i].compute_logits(parts[i]), self.vocab_size)
                   for i in sorted({i for pair in self.pair_models for i in pair})}
         deltas = [logits[tuned] - logits[untuned] for tuned, untuned in self.pair_models]
-        return LINK.steer(base_logits, deltas)
+        request = self._step.request_of(hidden_states) if self._step is not None else None
+        return LINK.steer(base_logits, deltas, request=request)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
         """Route each source's weights to its sub-model; sources arrive one after another."""

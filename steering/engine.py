@@ -236,9 +236,9 @@ class SteeringEngine:
         """
         if not prompt_ids:
             raise InvalidRequest("the prompt is empty", param="prompt")
-        if params.prompt_logprobs is not None:
-            raise InvalidRequest("prompt logprobs are not served: vLLM computes them from the base alone",
-                                 param="prompt_logprobs")
+        if params.prompt_logprobs is not None and not self.logprobs_at_temperature_one:
+            raise InvalidRequest("prompt logprobs are steered on vLLM's V1 model runner only; this engine runs "
+                                 "Model Runner V2", param="prompt_logprobs")
         room = self.max_model_len - len(prompt_ids)
         if room <= 0:
             raise InvalidRequest(

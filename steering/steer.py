@@ -46,9 +46,14 @@ class SteeringLink:
         self.steers_in_processor = False  # V2
         self._deltas: Sequence[torch.Tensor] | None = None
 
-    def steer(self, logits: torch.Tensor, deltas: Sequence[torch.Tensor]) -> torch.Tensor:
-        """Called by `compute_logits` with base logits [N, V] and P deltas [N, V]."""
+    def steer(self, logits: torch.Tensor, deltas: Sequence[torch.Tensor], *, request: int | None = None) -> torch.Tensor:
+        """Called by `compute_logits` with base logits [N, V] and P deltas [N, V]: one row per
+        request in batch order, or all rows of the request at batch index `request` (its prompt)."""
         num_rows = logits.shape[0]
+        if request is not None:
+            if self.alpha is None:
+                raise RuntimeError("prompt logprobs are steered on vLLM's V1 model runner only")
+            return apply_alpha(logits, self.alpha[request].expand(num_rows, -1), deltas)
         if self.alpha is not None:
             if num_rows > self.alpha.shape[0]:
                 raise RuntimeError(f"{num_rows} logits rows but alphas for only {self.alpha.shape[0]} requests")

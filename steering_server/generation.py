@@ -20,4 +20,4 @@ async def generate(engine: SteeringEngine, plan: Plan, outcome: Outcome) -> Asyn
     async for prompt_index, output in merge_async_iterators(*streams):
         for c in output.outputs:
             outcome.completion_tokens += len(c.token_ids)
-            yield Piece(prompt_index, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason)
+            yield Piece(prompt_index, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, output.prompt_logprobs)

@@ -20,6 +20,7 @@ class Piece:
     token_ids: Sequence[int] = ()
     logprobs: Sequence[dict[int, Logprob]] | None = None
     finish_reason: str | None = None
+    prompt_logprobs: Sequence[dict[int, Logprob] | None] | None = None  # on a prompt's first piece, if asked
 
 
 @dataclass
@@ -43,4 +44,5 @@ def joined(pieces: list[Piece]) -> list[Piece]:
         if p.logprobs is not None and w.logprobs is not None:
             w.logprobs = [*w.logprobs, *p.logprobs]
         w.finish_reason = p.finish_reason or w.finish_reason
+        w.prompt_logprobs = w.prompt_logprobs or p.prompt_logprobs
     return [whole[key] for key in sorted(whole)]

@@ -16,6 +16,7 @@ from vllm import SamplingParams
 from steering.engine import SteeringEngine
 from steering.errors import InvalidRequest
 from steering.policy import AbstentionRule, DecisionRule, Overrides, Steering
+from steering_server.protocol import CompletionRequest
 from steering_server.translate import GenerationRequest, sampling_params
 
 
@@ -50,6 +51,11 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
     if isinstance(rule, DecisionRule) and request.num_logprobs is not None:
         raise InvalidRequest("decision policies answer with a label: logprobs are in steering.decision",
                              param="logprobs")
+    echo = isinstance(request, CompletionRequest) and request.echo
+    if rule is not None and (echo or request.prompt_logprobs is not None):
+        field = "echo" if echo else "prompt_logprobs"
+        raise InvalidRequest(f"abstention and decision policies score their answer, not the prompt: {field} is "
+                             "served by plain policies", param=field)
     constrains = request.response_format is not None and request.response_format.type != "text"
     if isinstance(rule, DecisionRule) and (constrains or request.structured_outputs):
         field = "response_format" if constrains else "structured_outputs"

@@ -120,6 +120,10 @@ class _GenerationRequest(_Request):
     structured_outputs: StructuredOutputs | None = Field(
         default=None, description="vLLM extension: constrain the steered answer by a schema, regex, choice or grammar."
     )
+    prompt_logprobs: Annotated[int, Field(ge=0, le=20)] | None = Field(
+        default=None, description="vLLM extension: the steered log-probability of every prompt token after the "
+        "first, with this many alternatives (not with stream).",
+    )
     user: Text | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -163,6 +167,11 @@ class ChatCompletionRequest(_GenerationRequest):
 
 
 class CompletionRequest(_GenerationRequest):
+    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
+        default=None, description="0 (with echo) scores the prompt without generating."
+    )
+    echo: bool = Field(default=False, description="Prepend the prompt to the text, and its steered logprobs to "
+                       "the logprobs: how loglikelihood evaluations score a policy.")
     prompt: Text | Annotated[list[int], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)] | Annotated[
         list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)
     ]
@@ -256,6 +265,17 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's shape of one candidate prompt token (keyed by its token id)."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+PromptLogprobs = list[dict[str, PromptLogprob] | None]
+
+
 class CompletionLogprobs(BaseModel):
     tokens: list[str]
     token_logprobs: list[float | None]
@@ -280,6 +300,8 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    prompt_logprobs: PromptLogprobs | None = Field(
+        default=None, description="With prompt_logprobs: one entry per prompt token, the first null.")
 
 
 def _response_id(prefix: str) -> str:
@@ -294,6 +316,9 @@ class ChatCompletion(BaseModel):
     choices: list[ChatChoice]
     usage: Usage
     steering: SteeringInfo
+    prompt_logprobs: PromptLogprobs | None = Field(
+        default=None, description="With prompt_logprobs: one entry per token of the rendered conversation, "
+        "the first null.")
 
 
 class Completion(BaseModel):

@@ -37,6 +37,7 @@ from steering_server.translate import (
     GenerationRequest,
     chat_logprobs,
     completion_logprobs,
+    prompt_logprobs_body,
 )
 
 
@@ -122,8 +123,10 @@ class ChatCompletions(GenerationService):
                        finish_reason=p.finish_reason)
             for p in pieces
         ]
+        prompt_logprobs = next((p.prompt_logprobs for p in pieces if p.prompt_logprobs is not None), None)
         return ChatCompletion(model=plan.name, choices=choices, usage=self.usage(plan, outcome),
-                              steering=outcome.steering)
+                              steering=outcome.steering,
+                              prompt_logprobs=prompt_logprobs_body(prompt_logprobs) if prompt_logprobs else None)
 
     async def chunks(self, request: ChatCompletionRequest, plan: Plan) -> AsyncIterator[ChatCompletionChunk]:
         chunk_id = f"chatcmpl-{plan.request_id}"
@@ -149,22 +152,45 @@ class Completions(GenerationService):
     def prompt_ids(self, request: CompletionRequest) -> list[list[int]]:
         return [self.engine.encode(p) if isinstance(p, str) else list(p) for p in request.prompts()]
 
-    def _choice(self, request: CompletionRequest, plan: Plan, p: Piece) -> CompletionChoice:
-        logprobs = None
-        if plan.num_logprobs is not None and p.logprobs is not None:
-            logprobs = completion_logprobs(p.token_ids, p.logprobs, plan.num_logprobs)
-        return CompletionChoice(index=p.prompt_index * request.n + p.index, text=p.text, logprobs=logprobs,
-                                finish_reason=p.finish_reason)
+    def _choice(self, request: CompletionRequest, plan: Plan, p: Piece, *, echo: bool = False,
+                prompt_logprobs=None) -> CompletionChoice:
+        """One choice's piece; with `echo`, the prompt (and its logprobs) goes first, as in vLLM."""
+        prompt_logprobs = p.prompt_logprobs or prompt_logprobs
+        text, token_ids, logprobs = p.text, list(p.token_ids), p.logprobs
+        if request.max_tokens == 0:  # echo only: the one token generated is left out
+            text, token_ids, logprobs = "", [], None if logprobs is None else []
+        if echo:
+            prompt = plan.prompts[p.prompt_index]
+            given = request.prompts()[p.prompt_index]
+            text = (given if isinstance(given, str) else self.engine.decode(prompt)) + text
+            token_ids = [*prompt, *token_ids]
+            if logprobs is not None:
+                logprobs = [*prompt_logprobs, *logprobs]
+        body = None
+        if plan.num_logprobs is not None and logprobs is not None:
+            body = completion_logprobs(token_ids, logprobs, plan.num_logprobs,
+                                       decode=lambda token: self.engine.decode([token]))
+        return CompletionChoice(index=p.prompt_index * request.n + p.index, text=text, logprobs=body,
+                                finish_reason=p.finish_reason,
+                                prompt_logprobs=prompt_logprobs_body(prompt_logprobs)
+                                if request.prompt_logprobs is not None and prompt_logprobs else None)
 
     def response(self, request: CompletionRequest, plan: Plan, pieces: list[Piece], outcome: Outcome) -> Completion:
-        return Completion(model=plan.name, choices=[self._choice(request, plan, p) for p in pieces],
+        return Completion(model=plan.name, choices=[self._choice(request, plan, p, echo=request.echo) for p in pieces],
                           usage=self.usage(plan, outcome), steering=outcome.steering)
 
     async def chunks(self, request: CompletionRequest, plan: Plan) -> AsyncIterator[CompletionChunk]:
         chunk_id = f"cmpl-{plan.request_id}"
         outcome = _outcome(plan)
+        echoed: set[tuple[int, int]] = set()  # (prompt, choice): the prompt goes before its first piece
+        prompt_logprobs: dict[int, list] = {}  # by prompt; with n > 1 they come with one choice's piece
         async for p in self.pieces(plan, outcome):
+            if p.prompt_logprobs is not None:
+                prompt_logprobs[p.prompt_index] = p.prompt_logprobs
+            echo = request.echo and (p.prompt_index, p.index) not in echoed
+            echoed.add((p.prompt_index, p.index))
+            choice = self._choice(request, plan, p, echo=echo, prompt_logprobs=prompt_logprobs.get(p.prompt_index))
             yield CompletionChunk(id=chunk_id, created=plan.created, model=plan.name,
-                                  choices=[self._choice(request, plan, p)], usage=self.chunk_usage(request, plan, outcome))
+                                  choices=[choice], usage=self.chunk_usage(request, plan, outcome))
         yield CompletionChunk(id=chunk_id, created=plan.created, model=plan.name, choices=[],
                               usage=self.stream_usage(request, plan, outcome), steering=outcome.steering)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from vllm import SamplingParams
 from vllm.entrypoints.generate.base.protocol import (
@@ -18,6 +18,8 @@ from steering_server.protocol import (
     ChatLogprobs,
     CompletionLogprobs,
     CompletionRequest,
+    PromptLogprob,
+    PromptLogprobs,
     TokenLogprob,
     TopLogprob,
 )
@@ -34,8 +36,19 @@ def sampling_params(request: GenerationRequest, *, prompt_len: int, max_model_le
         raise InvalidRequest("stream_options is only allowed with stream: true", param="stream_options")
     if isinstance(request, ChatCompletionRequest) and request.top_logprobs is not None and not request.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    # At least 1, so that a prompt that fills the context is refused for its length, by name.
+    echo = isinstance(request, CompletionRequest) and request.echo
+    if request.token_limit == 0 and not echo:
+        raise InvalidRequest("max_tokens 0 needs echo: true (it scores the prompt without generating)",
+                             param="max_tokens")
+    prompt_logprobs = request.prompt_logprobs
+    if prompt_logprobs is not None and request.stream:
+        raise InvalidRequest("prompt_logprobs are not available with stream: true", param="prompt_logprobs")
+    if echo and prompt_logprobs is None:
+        prompt_logprobs = request.logprobs  # the echoed prompt's logprobs, as vLLM does
+    # At least 1, so that a prompt that fills the context is refused for its length, by name. With
+    # echo, max_tokens 0 generates one token that the answer leaves out, as in vLLM.
     max_tokens = request.token_limit if request.token_limit is not None else max(1, max_model_len - prompt_len)
+    max_tokens = max(max_tokens, 1)
     try:
         logit_bias = {int(token): bias for token, bias in (request.logit_bias or {}).items()}
     except ValueError:
@@ -59,6 +72,7 @@ def sampling_params(request: GenerationRequest, *, prompt_len: int, max_model_le
             include_stop_str_in_output=request.include_stop_str_in_output,
             structured_outputs=structured_outputs(request),
             logprobs=request.num_logprobs,
+            prompt_logprobs=prompt_logprobs,
             output_kind=RequestOutputKind.DELTA if request.stream else RequestOutputKind.FINAL_ONLY,
         )
     except (ValueError, VLLMClientError) as error:
@@ -101,17 +115,38 @@ def chat_logprobs(token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob
 
 
 def completion_logprobs(
-    token_ids: Sequence[int], logprobs: Sequence[dict[int, Logprob]], top: int, *, text_offset: int = 0
+    token_ids: Sequence[int],
+    logprobs: Sequence[dict[int, Logprob] | None],
+    top: int,
+    *,
+    decode: Callable[[int], str],
+    text_offset: int = 0,
 ) -> CompletionLogprobs:
-    """Legacy completions logprobs: parallel lists of tokens, logprobs, top alternatives, offsets."""
+    """Legacy completions logprobs: parallel lists of tokens, logprobs, top alternatives, offsets.
+    An echoed prompt's first token has no logprob (null), and `decode` spells it."""
     tokens, token_logprobs, top_logprobs, offsets = [], [], [], []
     for token_id, candidates in zip(token_ids, logprobs):
-        chosen = candidates[token_id]
-        text = chosen.decoded_token or ""
+        if candidates is None:
+            text, logprob, alternatives = decode(token_id), None, None
+        else:
+            chosen = candidates[token_id]
+            text, logprob = chosen.decoded_token or "", chosen.logprob
+            ranked = sorted(candidates.values(), key=lambda lp: lp.rank or 0)[:top]
+            alternatives = {lp.decoded_token or "": lp.logprob for lp in ranked} if top else None
         tokens.append(text)
-        token_logprobs.append(chosen.logprob)
-        ranked = sorted(candidates.values(), key=lambda lp: lp.rank or 0)[:top]
-        top_logprobs.append({lp.decoded_token or "": lp.logprob for lp in ranked} if top else None)
+        token_logprobs.append(logprob)
+        top_logprobs.append(alternatives)
         offsets.append(text_offset)
         text_offset += len(text)
     return CompletionLogprobs(tokens=tokens, token_logprobs=token_logprobs, top_logprobs=top_logprobs, text_offset=offsets)
+
+
+def prompt_logprobs_body(prompt_logprobs: Sequence[dict[int, Logprob] | None]) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` shape, with -inf clamped as vLLM clamps it (JSON has no -inf)."""
+    return [
+        None if step is None else {
+            str(token): PromptLogprob(logprob=max(lp.logprob, -9999.0), rank=lp.rank, decoded_token=lp.decoded_token)
+            for token, lp in step.items()
+        }
+        for step in prompt_logprobs
+    ]

@@ -95,6 +95,18 @@ class ReferenceSteerer:
             outputs[0].append(completion[step])
         return logprobs
 
+    @torch.inference_mode()
+    def prompt_logprobs(self, prompt: Sequence[int], alpha: Mapping[str, float]) -> list[float]:
+        """Steered log-probabilities at temperature 1 of prompt tokens 1.. given the ones before,
+        all positions in one forward pass per model (token 0 has none)."""
+        input_ids = torch.tensor([list(prompt)])  # [1, L]
+        logits = [fit_vocab(model(input_ids=input_ids).logits[0, :-1].float(), self.vocab_size)
+                  for model in (self.base, *(m for pair in self.pairs.values() for m in pair))]  # [L-1, V] each
+        deltas = [logits[1 + 2 * i] - logits[2 + 2 * i] for i in range(len(self.pairs))]
+        row = torch.tensor([[float(alpha.get(name, 0.0)) for name in self.pairs]]).expand(len(prompt) - 1, -1)
+        steered = apply_alpha(logits[0].clone(), row, deltas).log_softmax(dim=-1)
+        return steered.gather(1, input_ids[0, 1:, None])[:, 0].tolist()
+
     def steered_logits(self, prompts, alphas, outputs, max_steps):
         """Yield [B, V] steered logits per step; `outputs` must be extended by the caller."""
         alpha = torch.tensor(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
@@ -129,6 +131,35 @@ def test_logprobs_of_chosen_token_ids(llama_engine, llama_reference, tokenizer):
     want = llama_reference.next_token_logprobs([prompt], [alpha])[0]
     assert set(labels) <= set(got)
     assert [got[t].logprob for t in labels] == pytest.approx([want[t].item() for t in labels], abs=1e-4)
+
+
+def test_prompt_logprobs_are_steered_per_request_across_chunks(llama_engine, llama_reference, tokenizer):
+    """vLLM's runner computes prompt logprobs from one request's slice of the step's rows; each is
+    steered by its own request's alphas, chunk after chunk, beside a request that only decodes."""
+    asks = [  # (prompt, alpha, prompt_logprobs): the decoding one first, so it takes batch index 0
+        (prompts(tokenizer)[1], {"code": 2.5}, None),
+        (long_prompt(tokenizer, 7), {"chat": 2.5, "code": -1.0}, 2),
+        (prompts(tokenizer)[0] + long_prompt(tokenizer, 5), {"chat": -1.0}, 0),
+    ]
+    assert len(asks[1][0]) > 32 and len(asks[2][0]) > 32, "prefilled in several chunks"
+    for prompt, _, _ in asks:
+        llama_engine.engine.check_request(prompt, SamplingParams(max_tokens=2, prompt_logprobs=2))
+
+    async def together():
+        return await asyncio.gather(*(llama_engine.engine.complete(
+            prompt, SamplingParams(max_tokens=16 if k is None else 2, temperature=0.0, prompt_logprobs=k),
+            steering=llama_engine.steering(alpha)) for prompt, alpha, k in asks))
+
+    outputs = llama_engine.run(together())
+    assert outputs[0].prompt_logprobs is None
+    for output, (prompt, alpha, k) in zip(outputs[1:], asks[1:]):
+        got = output.prompt_logprobs
+        assert got[0] is None and len(got) == len(prompt)
+        want = llama_reference.prompt_logprobs(prompt, alpha)
+        assert [step[token].logprob for step, token in zip(got[1:], prompt[1:])] == pytest.approx(want, abs=1e-4)
+        assert all(len(step) in (k, k + 1) for step in got[1:]), "the top k, and the prompt's own token"
+        unsteered = llama_reference.prompt_logprobs(prompt, {})
+        assert max(abs(a - b) for a, b in zip(want, unsteered)) > 0.1, "the alphas matter here"
 
 
 def test_streamed_deltas_add_up(llama_engine, llama_reference, tokenizer):

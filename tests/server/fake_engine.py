@@ -9,6 +9,7 @@ policies) is the real `SteeringEngine` and `Policies` code. The fake model, in f
   of the alphabet, with `shift = round(10 * sum((i + 1) * alpha_i))` over the pairs: steering shows.
 - the k-th answer token has probability `token_prob(k)`; the top-N alternatives are upper-case letters.
 - a token named in `logprob_token_ids` (decision labels) has probability `label_prob(token, alpha_row)`.
+- every prompt token after the first has probability PROMPT_PROB (prompt logprobs, rank 1).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from steering.policy import Policies, Steering
 
 BOS = 1
 ANSWER_LEN = 6
+PROMPT_PROB = 0.5
 
 
 def shift(alpha_row: Sequence[float]) -> int:
@@ -97,7 +99,11 @@ class FakeEngine(SteeringEngine):
             done = stop == length
             choices = [_completion(j, ids[start:stop], start, params, steering, finish if done else None)
                        for j, ids in enumerate(answers)]
-            return RequestOutput(request_id or "fake", None, prompt_ids, None, choices, finished=done)
+            prompt_logprobs = None
+            if params.prompt_logprobs is not None and start == 0:  # sent once, with the first output
+                prompt_logprobs = [None, *({t: Logprob(math.log(PROMPT_PROB), rank=1, decoded_token=chr(t))}
+                                           for t in prompt_ids[1:])]
+            return RequestOutput(request_id or "fake", None, prompt_ids, prompt_logprobs, choices, finished=done)
 
         self.running += 1
         try:

@@ -206,6 +206,48 @@ def test_completion_logprobs(server):
     assert logprobs.text_offset[1] == len(logprobs.tokens[0])
 
 
+def test_echo_scores_a_continuation_under_the_steered_policy(server, llama_reference, tokenizer):
+    """lm-eval's loglikelihood request, as its `local-completions` model sends it: the context and
+    continuation as token ids, echo, logprobs 1, one token. The continuation's logprobs are the
+    steered policy's, as the reference scores them."""
+    context, continuation = tokenizer.encode("every cat reads"), tokenizer.encode(" a long story", add_special_tokens=False)
+    prompt = context + continuation
+    alpha = {"chat": 1.5, "code": -0.5}
+    response = server.openai().completions.create(model="mix", prompt=[prompt], max_tokens=1, temperature=0.0,
+                                                  logprobs=1, echo=True, seed=1234)
+    (choice,) = response.choices
+    assert choice.text.startswith(tokenizer.decode(prompt))
+    logprobs = choice.logprobs
+    assert len(logprobs.token_logprobs) == len(prompt) + 1 and logprobs.token_logprobs[0] is None
+    want = llama_reference.prompt_logprobs(prompt, alpha)
+    assert logprobs.token_logprobs[1:-1] == pytest.approx(want, abs=1e-4)
+    next_token = llama_reference.next_token_logprobs([prompt], [alpha])[0]
+    assert logprobs.token_logprobs[-1] == pytest.approx(next_token.max().item(), abs=1e-4), "greedy, steered"
+    # What lm-eval sums: the continuation's logprobs; they are not the base's.
+    score = sum(logprobs.token_logprobs[len(context):-1])
+    assert score == pytest.approx(sum(want[len(context) - 1:]), abs=1e-3)
+    assert abs(score - sum(llama_reference.prompt_logprobs(prompt, {})[len(context) - 1:])) > 0.05
+
+    # max_tokens 0 leaves the generated token out; prompt_logprobs by name comes in vLLM's shape.
+    scored = server.openai().completions.create(model="mix", prompt=prompt, max_tokens=0, logprobs=0, echo=True,
+                                                extra_body={"prompt_logprobs": 0}).choices[0]
+    assert len(scored.logprobs.tokens) == len(prompt) and scored.logprobs.token_logprobs[1:] == pytest.approx(want,
+                                                                                                            abs=1e-4)
+    assert scored.prompt_logprobs[0] is None
+    assert [step[str(token)]["logprob"] for step, token in zip(scored.prompt_logprobs[1:], prompt[1:])] == pytest.approx(
+        want, abs=1e-4)
+
+
+def test_chat_prompt_logprobs_are_steered(server, llama_reference, tokenizer):
+    response = server.openai().chat.completions.create(model="chat", messages=MESSAGES, max_tokens=1,
+                                                       extra_body={"prompt_logprobs": 1})
+    prompt = chat_ids(tokenizer)
+    got = response.model_extra["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(prompt)
+    want = llama_reference.prompt_logprobs(prompt, {"chat": 1.0})
+    assert [step[str(token)]["logprob"] for step, token in zip(got[1:], prompt[1:])] == pytest.approx(want, abs=1e-4)
+
+
 def test_chat_stream(server):
     client = server.openai()
     full = client.chat.completions.create(model="chat", messages=MESSAGES, **GREEDY)

@@ -26,6 +26,8 @@ from steering_server.translate import sampling_params
 from tests.server.fake_engine import (
     ANSWER_LEN,
     BOS,
+    PROMPT_PROB,
+    CharTokenizer,
     FakeEngine,
     answer,
     label_prob,
@@ -147,6 +149,10 @@ TOO_LONG = "x" * MAX_MODEL_LEN  # BOS + 64 characters: 65 tokens
     ({"prompt": ["a", "b"], "model": "triage"}, "prompt", "one prompt with one choice"),
     ({"prompt": "hi", "model": "triage", "logprobs": 0}, "logprobs", "decision policies"),
     ({"prompt": "hi", "logit_bias": {"x": 1}}, "logit_bias", "token ids"),
+    ({"prompt": "hi", "max_tokens": 0}, "max_tokens", "needs echo: true"),
+    ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available with stream"),
+    ({"prompt": "hi", "model": "triage", "echo": True}, "echo", "served by plain policies"),
+    ({"prompt": "hi", "model": "qa", "prompt_logprobs": 0}, "prompt_logprobs", "served by plain policies"),
 ])
 def test_completion_refusals_are_400_naming_the_param(client, body, param, says):
     response = client.post("/v1/completions", json={"model": "chat", **body})
@@ -404,6 +410,52 @@ def test_vllm_bench_serves_completion_request_is_served(client):
     chunks = [json.loads(e) for e in sse_events(client.post("/v1/completions", json=body))[:-1]]
     assert "".join(c["choices"][0]["text"] for c in chunks[:-1]) == answer([BOS, ord("a"), ord("b")], (1.0, 0.0))[:4]
     assert chunks[-1]["usage"]["completion_tokens"] == 4
+
+
+def test_echo_puts_the_prompt_and_its_logprobs_first(client):
+    """vLLM's echo: text, tokens and logprobs of the prompt, then of the answer; the prompt's first
+    token has no logprob. lm-eval's loglikelihood requests read exactly these lists."""
+    body = {"model": "chat", "prompt": "ab", "max_tokens": 2, "logprobs": 1, "echo": True}
+    (choice,) = client.post("/v1/completions", json=body).json()["choices"]
+    generated = answer([BOS, ord("a"), ord("b")], (1.0, 0.0))[:2]
+    assert choice["text"] == "ab" + generated
+    logprobs = choice["logprobs"]
+    assert logprobs["tokens"] == ["", "a", "b", *generated], "BOS spells as nothing"
+    assert logprobs["token_logprobs"] == pytest.approx(
+        [None, math.log(PROMPT_PROB), math.log(PROMPT_PROB), math.log(token_prob(0)), math.log(token_prob(1))])
+    assert logprobs["top_logprobs"][0] is None and logprobs["top_logprobs"][1] == {"a": pytest.approx(math.log(0.5))}
+    assert logprobs["text_offset"] == [0, 0, 1, 2, 3]
+    assert choice["prompt_logprobs"] is None, "only when asked for by name"
+
+
+def test_echo_with_max_tokens_0_scores_the_prompt_alone(client):
+    body = {"model": "chat", "prompt": [BOS, ord("x"), ord("y")], "max_tokens": 0, "logprobs": 0, "echo": True,
+            "prompt_logprobs": 0}
+    response = client.post("/v1/completions", json=body).json()
+    (choice,) = response["choices"]
+    assert choice["text"] == "xy" and choice["logprobs"]["tokens"] == ["", "x", "y"]
+    assert choice["logprobs"]["token_logprobs"][1:] == pytest.approx([math.log(PROMPT_PROB)] * 2)
+    assert choice["prompt_logprobs"] == [None, *({str(t): {"logprob": pytest.approx(math.log(PROMPT_PROB)), "rank": 1,
+                                                            "decoded_token": chr(t)}} for t in (ord("x"), ord("y")))]
+
+
+def test_an_echoed_stream_sends_the_prompt_once_per_choice(client):
+    body = {"model": "chat", "prompt": "ab", "max_tokens": 3, "n": 2, "echo": True, "stream": True}
+    texts: dict[int, str] = {}
+    for chunk in map(json.loads, sse_events(client.post("/v1/completions", json=body))[:-2]):
+        for c in chunk["choices"]:
+            texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    prompt = [BOS, ord("a"), ord("b")]
+    assert texts == {j: "ab" + answer(prompt, (1.0, 0.0), j)[:3] for j in range(2)}
+
+
+def test_chat_prompt_logprobs_cover_the_rendered_conversation(client):
+    body = {"model": "chat", "messages": MESSAGES, "max_tokens": 1, "prompt_logprobs": 0}
+    response = client.post("/v1/chat/completions", json=body).json()
+    rendered = CharTokenizer().apply_chat_template(MESSAGES, add_generation_prompt=True, tokenize=True,
+                                                   return_dict=False)
+    assert response["prompt_logprobs"][0] is None and len(response["prompt_logprobs"]) == len(rendered)
+    assert [int(next(iter(step))) for step in response["prompt_logprobs"][1:]] == rendered[1:]
 
 
 def test_vllms_sampling_extensions_reach_the_engine():

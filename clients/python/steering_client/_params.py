@@ -76,6 +76,7 @@ class _GenerationFields(TypedDict, total=False):
     repetition_penalty: float
     min_p: float
     include_stop_str_in_output: bool
+    prompt_logprobs: int
     response_format: ResponseFormat
     structured_outputs: StructuredOutputs
     user: str
@@ -90,6 +91,7 @@ class ChatFields(_GenerationFields, total=False):
 
 class CompletionFields(_GenerationFields, total=False):
     logprobs: int
+    echo: bool
 
 
 Prompt = Union[str, list[int], list[str], list[list[int]]]

@@ -96,10 +96,21 @@ class ChatChoice(_Model):
     finish_reason: Optional[str] = None
 
 
+class PromptLogprob(_Model):
+    logprob: float
+    rank: Optional[int] = None
+    decoded_token: Optional[str] = None
+
+
+PromptLogprobs = list[Optional[dict[str, PromptLogprob]]]
+"""One entry per prompt token, keyed by token id; the first is None."""
+
+
 class ChatCompletion(_Response):
     choices: list[ChatChoice]
     usage: Usage
     steering: Steering
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class ChatDelta(_Model):
@@ -123,6 +134,7 @@ class CompletionChoice(_Model):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
+    prompt_logprobs: Optional[PromptLogprobs] = None
 
 
 class Completion(_Response):
