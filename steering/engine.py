@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import gc
 import logging
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import nullcontext
+from typing import Any
+
+import jinja2
+import jinja2.meta
 
 from transformers import AutoTokenizer
 from vllm import SamplingParams
@@ -15,6 +21,7 @@ from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
 from vllm.platforms import current_platform
+from vllm.renderers.params import ChatParams
 from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.utils.cpu_resource_utils import get_visible_memory_node
 from vllm.v1.engine.async_llm import AsyncLLM
@@ -159,10 +166,31 @@ class SteeringEngine:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
 
-    def chat_prompt(self, messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a conversation rendered with the base tokenizer's chat template."""
-        return self.tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
-                                                  tokenize=True, return_dict=False)
+    def chat_prompt(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        template_kwargs: Mapping[str, Any] | None = None,
+    ) -> list[int]:
+        """Token ids of a conversation, rendered by vLLM's chat renderer with the base tokenizer's
+        template, as `vllm serve` renders it. The context length is checked at admission, by name."""
+        params = ChatParams(chat_template_kwargs={**(template_kwargs or {}), "add_generation_prompt": add_generation_prompt})
+        tokenize = dataclasses.replace(self.llm.renderer.default_chat_tok_params, max_total_tokens=None)
+        try:
+            _, (prompt,) = self.llm.renderer.render_chat([list(messages)], params, tokenize)
+        except (ValueError, jinja2.TemplateError) as error:  # vLLM's template resolution; the template's own raise
+            raise InvalidRequest(f"the base's chat template cannot render this conversation: {error}",
+                                 param="messages") from None
+        return list(prompt["prompt_token_ids"])
+
+    @functools.cached_property
+    def chat_template_variables(self) -> frozenset[str]:
+        """The variables the base's chat template reads: what `chat_template_kwargs` may set."""
+        template = self.tokenizer.chat_template
+        if not isinstance(template, str):
+            return frozenset()
+        return frozenset(jinja2.meta.find_undeclared_variables(jinja2.Environment().parse(template)))
 
     def decode(self, token_ids: Sequence[int], *, param: str = "tokens") -> str:
         """The text of `token_ids`; an id outside the base tokenizer's vocabulary is the request's error."""

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from vllm.entrypoints.generate.base import protocol as vllm_generate
@@ -142,12 +142,15 @@ class ChatMessage(_Request):
     content: Text | list[TextPart]
     name: Text | None = None
 
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+
+TemplateKwargs = dict[Text, Any]
+TEMPLATE_KWARGS = "vLLM extension: variables for the base's chat template (e.g. {\"enable_thinking\": false}); " \
+    "one the template does not read is refused."
 
 
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -214,6 +217,7 @@ class TokenizeChatRequest(_Request):
     add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool | None = False
+    chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)
 
 
 class DetokenizeRequest(vllm_tokenize.DetokenizeRequest):

@@ -110,7 +110,7 @@ class ChatCompletions(GenerationService):
     endpoint = "chat"
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[list[int]]:
-        return [chat_ids(self.engine, request.messages)]
+        return [chat_ids(self.engine, request.messages, template_kwargs=request.chat_template_kwargs)]
 
     def _logprobs(self, plan: Plan, piece: Piece):
         if plan.num_logprobs is None or piece.logprobs is None:

@@ -1,8 +1,8 @@
 """A `SteeringEngine` whose vLLM and base tokenizer are fakes, so the app runs in-process in milliseconds.
 
-Only vLLM's half is faked: the token stream (`generate`) and the tokenizer. What the server calls
-on top of it (`encode`, `chat_prompt`, `check_request`, `complete`, `label_logprobs`, the
-policies) is the real `SteeringEngine` and `Policies` code. The fake model, in full:
+Only vLLM's half is faked: the token stream (`generate`), the tokenizer and the chat renderer
+(`chat_prompt`). What the server calls on top of it (`encode`, `check_request`, `complete`,
+`label_logprobs`, the policies) is the real `SteeringEngine` and `Policies` code. The fake model, in full:
 
 - a token is a character, its id the code point (below 0xD800); `encode` puts BOS (id 1) first.
 - choice j answers ANSWER_LEN lower-case letters, letter k being `(sum(prompt) + 3k + j + shift) % 26`
@@ -115,6 +115,18 @@ class FakeEngine(SteeringEngine):
                     yield output(k, k + 1)
         finally:
             self.running -= 1
+
+    def chat_prompt(self, messages, *, add_generation_prompt: bool = True, template_kwargs=None) -> list[int]:
+        """vLLM's renderer, faked: text parts joined by newlines, as vLLM joins them; the template's
+        one variable, `persona`, is said first."""
+        flat = [{**m, "content": m["content"] if isinstance(m["content"], str) else "\n".join(p["text"] for p in m["content"])}
+                for m in messages]
+        ids = self.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, tokenize=True,
+                                                 return_dict=False)
+        persona = (template_kwargs or {}).get("persona")
+        return [*ids[:1], *self.tokenizer.encode(f"{persona}\n", add_special_tokens=False), *ids[1:]] if persona else ids
+
+    chat_template_variables = frozenset({"messages", "add_generation_prompt", "persona"})
 
     def verify(self, params: SamplingParams) -> None:
         """There is no vLLM configuration to check against: what it refuses is tested live."""

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 import torch
 
@@ -69,6 +70,20 @@ def test_completions_equal_the_reference(server, llama_reference, tokenizer, pol
     want = expected_text(llama_reference, tokenizer, tokenizer.encode(PROMPT), alpha)
     assert text.choices[0].text == ids.choices[0].text == want
     assert text.steering["alpha"] == alpha
+
+
+def test_chats_are_rendered_as_vllm_serve_renders_them(server, tokenizer):
+    """vLLM's chat renderer: text parts joined by newlines; a template variable the base's
+    template does not read is refused (vLLM would drop it), naming it."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "the model"}, {"type": "text", "text": "answers"}]}]
+    response = server.openai().chat.completions.create(model="chat", messages=parts, max_tokens=1)
+    joined = [{"role": "user", "content": "the model\nanswers"}]
+    assert response.usage.prompt_tokens == len(chat_ids(tokenizer, joined))
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.openai().chat.completions.create(model="chat", messages=MESSAGES, max_tokens=1,
+                                                extra_body={"chat_template_kwargs": {"enable_thinking": False}})
+    assert refused.value.body["param"] == "chat_template_kwargs.enable_thinking"
+    assert "does not read 'enable_thinking'" in refused.value.body["message"]
 
 
 def test_tokenize_and_detokenize_use_the_base_tokenizer(server, tokenizer):

@@ -458,6 +458,18 @@ def test_chat_prompt_logprobs_cover_the_rendered_conversation(client):
     assert [int(next(iter(step))) for step in response["prompt_logprobs"][1:]] == rendered[1:]
 
 
+def test_chat_template_kwargs_reach_the_template_and_unread_ones_are_refused(client):
+    """vLLM passes only the variables a template reads and drops the rest; a dropped one is refused here."""
+    plain = chat(client, "chat", max_tokens=1).json()["usage"]["prompt_tokens"]
+    given = chat(client, "chat", max_tokens=1, chat_template_kwargs={"persona": "pirate"}).json()
+    assert given["usage"]["prompt_tokens"] == plain + len("pirate\n")
+    tokens = client.post("/tokenize", json={"messages": MESSAGES, "chat_template_kwargs": {"persona": "pirate"}}).json()
+    assert tokens["count"] == given["usage"]["prompt_tokens"], "counted as generation renders it"
+    for key in ("enable_thinking", "add_generation_prompt", "messages"):
+        assert_error(chat(client, "chat", chat_template_kwargs={key: True}), 400, type=INVALID,
+                     param=f"chat_template_kwargs.{key}", code="invalid_request", says="it reads ['persona']")
+
+
 def test_vllms_sampling_extensions_reach_the_engine():
     request = CompletionRequest(model="chat", prompt="x", repetition_penalty=1.3, min_p=0.05,
                                 include_stop_str_in_output=True, stop=["."])

@@ -85,6 +85,7 @@ class _GenerationFields(TypedDict, total=False):
 
 class ChatFields(_GenerationFields, total=False):
     max_completion_tokens: int
+    chat_template_kwargs: dict[str, Any]
     logprobs: bool
     top_logprobs: int
 
