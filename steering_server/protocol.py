@@ -3,6 +3,12 @@
 Requests forbid unknown fields: a field we do not implement is refused (400), never ignored.
 They are strict: a value of the wrong JSON type (`"2"` for a number, `true` for an alpha) is
 refused, not coerced; text must be valid Unicode (a lone surrogate escape is refused).
+
+Where vLLM's own model fits, it is subclassed and made strict (`response_format`, `/tokenize`,
+`/detokenize`), and vLLM converts (structured outputs, chat rendering, sampling checks). vLLM's
+chat and completion requests are not: they coerce types, ignore unknown fields, and carry some
+eighty fields for what one composite engine cannot honour per policy (beam search, LoRA, KV
+transfer, images, prompt embeddings), each of which would have to be re-declared to be refused.
 """
 
 from __future__ import annotations

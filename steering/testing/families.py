@@ -39,16 +39,24 @@ def corpus() -> list[str]:
     return [" ".join(words) for words in itertools.product(_SUBJECTS, _VERBS, _OBJECTS, _TAILS)]
 
 
+# What JSON (structured outputs, tool calls) needs beyond the corpus's characters: with them the
+# default tokenizer spells any JSON object of corpus words.
+JSON_CHARACTERS = '{}[]":,_0123456789'
+
+
 def train_tokenizer(
     vocab_size: int = 512, *, lowercase_only: bool = False, texts: list[str] | None = None
 ) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer with a chat template, trained on `texts` (default `corpus()`)."""
+    """A byte-level BPE tokenizer with a chat template, trained on `texts`, or on `corpus()` plus
+    single-character tokens for JSON_CHARACTERS."""
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
     # Only the corpus's own (ASCII) characters, no full byte alphabet: every token then decodes
     # to whole characters, so streamed and one-shot detokenization agree on random outputs.
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False)
+    alphabet = list(JSON_CHARACTERS) if texts is None else []
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=alphabet)
     text = texts if texts is not None else corpus()
     if lowercase_only:
         text = [line.replace(" ", "") for line in text]

@@ -163,6 +163,22 @@ def test_a_choice_grammar_constrains_the_steered_distribution(server, llama_refe
     assert (response.choices[0].text, response.choices[0].finish_reason) == (want, "stop")
 
 
+def test_a_json_schema_shapes_a_steered_answer(server):
+    """The fixture tokenizer spells JSON: a steered greedy answer is an object of the schema."""
+    schema = {"type": "object", "additionalProperties": False, "required": ["answer", "count"],
+              "properties": {"answer": {"enum": ["yes", "no"]}, "count": {"type": "integer", "minimum": 0, "maximum": 9}}}
+    for alpha in (0.0, 3.0):
+        response = server.openai().chat.completions.create(
+            model="chat", messages=MESSAGES, temperature=0.0, max_tokens=48,
+            extra_body={"structured_outputs": {"json": schema, "disable_any_whitespace": True},
+                        "steering": {"alpha": {"chat": alpha}}})
+        (choice,) = response.choices
+        assert choice.finish_reason == "stop", choice.message.content
+        answer = json.loads(choice.message.content)
+        assert set(answer) == {"answer", "count"} and answer["answer"] in ("yes", "no") and 0 <= answer["count"] <= 9
+        assert response.steering["alpha"] == {"chat": alpha}
+
+
 def test_a_grammar_vllm_cannot_compile_is_refused_before_the_stream(server):
     with server.http() as http:
         for extra in ({"structured_outputs": {"grammar": "root ::= ("}},
