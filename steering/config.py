@@ -269,6 +269,19 @@ class Deployment(_Strict):
     experts: dict[PairName, ExpertPair] = Field(default_factory=dict)
     policies: dict[PolicyName, PolicyConfig] = Field(min_length=1)
     engine: EngineOptions = Field(default_factory=EngineOptions)
+    tool_call_parser: str | None = Field(
+        default=None, description="vLLM's tool parser for chat `tools` (as `vllm serve --tool-call-parser`), "
+        "e.g. hermes, llama3_json, mistral: the format the base writes tool calls in.",
+    )
+
+    @field_validator("tool_call_parser")
+    @classmethod
+    def _vllm_has_the_parser(cls, name: str | None) -> str | None:
+        from vllm.tool_parsers import ToolParserManager  # the registry is vLLM's; importing it is light
+
+        if name is not None and name not in ToolParserManager.list_registered():
+            raise ValueError(f"vLLM has no tool parser {name!r}; it has {ToolParserManager.list_registered()}")
+        return name
 
     @model_validator(mode="after")
     def _policies_are_consistent(self) -> Deployment:

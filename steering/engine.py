@@ -20,6 +20,8 @@ from vllm.config import VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
+from vllm.parser.abstract_parser import Parser
+from vllm.parser.parser_manager import ParserManager
 from vllm.platforms import current_platform
 from vllm.renderers.params import ChatParams
 from vllm.renderers.inputs.preprocess import parse_model_prompt
@@ -142,6 +144,7 @@ class SteeringEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
         self.policies = Policies.build(deployment, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
         self.max_model_len: int = llm.model_config.max_model_len
+        _ = self.tool_parser_class  # a parser the base's tokenizer cannot serve fails the start-up
 
     @classmethod
     def start(cls, deployment: Deployment, vllm_config: VllmConfig | None = None) -> SteeringEngine:
@@ -172,10 +175,15 @@ class SteeringEngine:
         *,
         add_generation_prompt: bool = True,
         template_kwargs: Mapping[str, Any] | None = None,
+        tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
-        """Token ids of a conversation, rendered by vLLM's chat renderer with the base tokenizer's
-        template, as `vllm serve` renders it. The context length is checked at admission, by name."""
-        params = ChatParams(chat_template_kwargs={**(template_kwargs or {}), "add_generation_prompt": add_generation_prompt})
+        """Token ids of a conversation (and its tools), rendered by vLLM's chat renderer with the
+        base tokenizer's template, as `vllm serve` renders it. The context length is checked at
+        admission, by name."""
+        variables = {**(template_kwargs or {}), "add_generation_prompt": add_generation_prompt}
+        if tools:
+            variables["tools"] = list(tools)
+        params = ChatParams(chat_template_kwargs=variables)
         tokenize = dataclasses.replace(self.llm.renderer.default_chat_tok_params, max_total_tokens=None)
         try:
             _, (prompt,) = self.llm.renderer.render_chat([list(messages)], params, tokenize)
@@ -183,6 +191,24 @@ class SteeringEngine:
             raise InvalidRequest(f"the base's chat template cannot render this conversation: {error}",
                                  param="messages") from None
         return list(prompt["prompt_token_ids"])
+
+    @functools.cached_property
+    def tool_parser_class(self) -> type[Parser] | None:
+        """vLLM's parser (tool calls, as `vllm serve --tool-call-parser --enable-auto-tool-choice`)
+        for the deployment's `tool_call_parser`, checked against the base's tokenizer."""
+        name = self.deployment.tool_call_parser
+        if name is None:
+            return None
+        try:
+            return ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True,
+                                            model_name=checkpoint_name(self.deployment.base),
+                                            tokenizer=self.llm.renderer.tokenizer)
+        except TypeError as error:  # vLLM's check that the tokenizer has what the parser needs
+            raise ConfigError("tool_call_parser", str(error)) from None
+
+    def tool_parser(self, tools: Sequence[Any]) -> Parser:
+        """A fresh parser for one answer (parsers keep state while they read a stream)."""
+        return self.tool_parser_class(self.llm.renderer.tokenizer, list(tools), model_config=self.llm.model_config)
 
     @functools.cached_property
     def chat_template_variables(self) -> frozenset[str]:

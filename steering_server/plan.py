@@ -17,6 +17,7 @@ from steering.engine import SteeringEngine
 from steering.errors import InvalidRequest
 from steering.policy import AbstentionRule, DecisionRule, Overrides, Steering
 from steering_server.protocol import CompletionRequest
+from steering_server.tools import ToolCalling
 from steering_server.translate import GenerationRequest, sampling_params
 
 
@@ -28,6 +29,7 @@ class Plan:
     prompts: list[list[int]]
     params: list[SamplingParams]
     num_logprobs: int | None  # what the client asked for; abstention asks the engine for more
+    tools: ToolCalling | None = None
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -37,8 +39,10 @@ class Plan:
         return self.steering.policy
 
 
-def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: list[list[int]]) -> Plan:
-    """Admit `request` (its prompts already tokenized) or raise the error the client gets."""
+def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: list[list[int]],
+                 tools: ToolCalling | None = None) -> Plan:
+    """Admit `request` (its prompts already tokenized, its tools admitted) or raise the error the
+    client gets."""
     overrides = request.steering
     steering = engine.policies[request.model].resolve(
         Overrides(overrides.alpha, overrides.abstain_threshold, overrides.costs, overrides.abstain_cost)
@@ -51,6 +55,9 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
     if isinstance(rule, DecisionRule) and request.num_logprobs is not None:
         raise InvalidRequest("decision policies answer with a label: logprobs are in steering.decision",
                              param="logprobs")
+    if rule is not None and tools is not None:
+        raise InvalidRequest("abstention and decision policies answer in text or with a label: tools do not apply",
+                             param="tools")
     echo = isinstance(request, CompletionRequest) and request.echo
     if rule is not None and (echo or request.prompt_logprobs is not None):
         field = "echo" if echo else "prompt_logprobs"
@@ -66,6 +73,8 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
         sampling = sampling_params(request, prompt_len=len(prompt), max_model_len=engine.max_model_len)
         if isinstance(rule, AbstentionRule) and sampling.logprobs is None:
             sampling.logprobs = 0  # the answer's own token logprobs, for its confidence score
+        if tools is not None:
+            tools.constrain(sampling)
         engine.check_request(prompt, sampling, limit_field=request.token_limit_field)
         params.append(sampling)
-    return Plan(steering, prompts, params, request.num_logprobs)
+    return Plan(steering, prompts, params, request.num_logprobs, tools)

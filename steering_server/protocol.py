@@ -19,6 +19,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from vllm.entrypoints.generate.base import protocol as vllm_generate
+from vllm.entrypoints.openai.chat_completion import protocol as vllm_chat
 from vllm.entrypoints.serve.tokenize import protocol as vllm_tokenize
 
 from steering.config import FiniteFloat
@@ -143,10 +144,60 @@ class TextPart(_Request):
     text: Text
 
 
+class FunctionCall(_Request):
+    name: Text
+    arguments: Text = Field(description="The arguments as a JSON text, as the model wrote them.")
+
+
+class AssistantToolCall(_Request):
+    """A tool call of an earlier assistant turn, sent back in the conversation."""
+
+    id: Text
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Text | list[TextPart] | None = Field(default=None, description="Optional only beside tool_calls.")
     name: Text | None = None
+    tool_calls: list[AssistantToolCall] | None = Field(default=None, description="Assistant turns: the calls made.")
+    tool_call_id: Text | None = Field(default=None, description="Tool turns: the call this answers.")
+
+    @model_validator(mode="after")
+    def _fields_of_its_role(self) -> ChatMessage:
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("tool_calls belong to assistant messages")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool messages, and only they, name the tool_call_id they answer")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content is required (it may be left out only beside tool_calls)")
+        return self
+
+
+class FunctionDefinition(vllm_generate.FunctionDefinition):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    name: Annotated[Text, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: Text | None = None
+    parameters: dict[Text, Any] | None = Field(default=None, description="A JSON schema of the arguments.")
+    defer_loading: None = Field(default=None, exclude=True)  # the Responses API's; not offered here
+
+
+class Tool(vllm_chat.ChatCompletionToolsParam):
+    """vLLM's (and OpenAI's) function tool, made strict."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    function: FunctionDefinition
+    defer_loading: None = Field(default=None, exclude=True)
+
+
+class NamedFunction(_Request):
+    name: Text
+
+
+class NamedToolChoice(_Request):
+    type: Literal["function"] = "function"
+    function: NamedFunction
 
 
 TemplateKwargs = dict[Text, Any]
@@ -157,6 +208,12 @@ TEMPLATE_KWARGS = "vLLM extension: variables for the base's chat template (e.g. 
 class ChatCompletionRequest(_GenerationRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)
+    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = Field(
+        default=None, description="Functions the policy may call, parsed by the deployment's tool_call_parser.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        default=None, description="auto (the default with tools): the model decides; required or a named "
+        "function: the steered answer is constrained to a call.")
+    parallel_tool_calls: bool | None = Field(default=None, description="With required: false allows one call.")
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     logprobs: bool = False
     top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
@@ -296,6 +353,7 @@ class CompletionLogprobs(BaseModel):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
+    tool_calls: list[vllm_generate.ToolCall] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
 
 class ChatChoice(BaseModel):
@@ -344,6 +402,7 @@ class Completion(BaseModel):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[vllm_generate.DeltaToolCall] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
 
 class ChatChunkChoice(BaseModel):

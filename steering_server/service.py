@@ -33,6 +33,7 @@ from steering_server.protocol import (
     Usage,
 )
 from steering_server.tokens import chat_ids
+from steering_server.tools import tool_calling
 from steering_server.translate import (
     GenerationRequest,
     chat_logprobs,
@@ -110,19 +111,30 @@ class ChatCompletions(GenerationService):
     endpoint = "chat"
 
     def prompt_ids(self, request: ChatCompletionRequest) -> list[list[int]]:
-        return [chat_ids(self.engine, request.messages, template_kwargs=request.chat_template_kwargs)]
+        tools = [tool.model_dump() for tool in request.tools] if request.tools else None
+        return [chat_ids(self.engine, request.messages, template_kwargs=request.chat_template_kwargs, tools=tools)]
+
+    def plan(self, request: ChatCompletionRequest) -> Plan:
+        tools = tool_calling(self.engine, request)
+        return plan_request(self.engine, request, self.prompt_ids(request), tools)
 
     def _logprobs(self, plan: Plan, piece: Piece):
         if plan.num_logprobs is None or piece.logprobs is None:
             return None
         return chat_logprobs(piece.token_ids, piece.logprobs, plan.num_logprobs)
 
+    def _message(self, plan: Plan, p: Piece) -> tuple[AssistantMessage, str | None]:
+        if plan.tools is None:
+            return AssistantMessage(content=p.text), p.finish_reason
+        prompt = plan.prompts[p.prompt_index]
+        return plan.tools.message(plan.tools.parser(prompt), p.text, p.token_ids, p.finish_reason)
+
     def response(self, request: ChatCompletionRequest, plan: Plan, pieces: list[Piece], outcome: Outcome) -> ChatCompletion:
-        choices = [
-            ChatChoice(index=p.index, message=AssistantMessage(content=p.text), logprobs=self._logprobs(plan, p),
-                       finish_reason=p.finish_reason)
-            for p in pieces
-        ]
+        choices = []
+        for p in pieces:
+            message, finish_reason = self._message(plan, p)
+            choices.append(ChatChoice(index=p.index, message=message, logprobs=self._logprobs(plan, p),
+                                      finish_reason=finish_reason))
         prompt_logprobs = next((p.prompt_logprobs for p in pieces if p.prompt_logprobs is not None), None)
         return ChatCompletion(model=plan.name, choices=choices, usage=self.usage(plan, outcome),
                               steering=outcome.steering,
@@ -137,9 +149,22 @@ class ChatCompletions(GenerationService):
         outcome = _outcome(plan)
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(request.n)],
                     usage=self.chunk_usage(request, plan, outcome))
+        tools = plan.tools
+        parsers = {i: tools.parser(plan.prompts[0]) for i in range(request.n)} if tools else {}
+        called: set[int] = set()  # choices that streamed a tool call
         async for p in self.pieces(plan, outcome):
-            yield chunk([ChatChunkChoice(index=p.index, delta=ChatDelta(content=p.text),
-                                         logprobs=self._logprobs(plan, p), finish_reason=p.finish_reason)],
+            delta, finish_reason = ChatDelta(content=p.text), p.finish_reason
+            if tools is not None:
+                delta = tools.delta(parsers[p.index], p.text, p.token_ids, plan.prompts[0],
+                                    finished=p.finish_reason is not None) or ChatDelta()
+                if delta.tool_calls:
+                    called.add(p.index)
+                if finish_reason is not None and tools.ends_with_calls(p.index in called, finish_reason):
+                    finish_reason = "tool_calls"
+            if delta == ChatDelta() and finish_reason is None:
+                continue  # the parser holds it back (a tool call being read)
+            yield chunk([ChatChunkChoice(index=p.index, delta=delta, logprobs=self._logprobs(plan, p),
+                                         finish_reason=finish_reason)],
                         usage=self.chunk_usage(request, plan, outcome))
         yield chunk([], usage=self.stream_usage(request, plan, outcome), steering=outcome.steering)
 

@@ -28,6 +28,7 @@ def chat_ids(
     *,
     add_generation_prompt: bool = True,
     template_kwargs: Mapping[str, Any] | None = None,
+    tools: Sequence[Mapping[str, Any]] | None = None,
 ) -> list[int]:
     """A conversation's token ids, rendered with the base tokenizer's chat template.
 
@@ -41,7 +42,8 @@ def chat_ids(
             raise InvalidRequest(f"the base's chat template does not read {key!r}; it reads {readable}",
                                  param=f"chat_template_kwargs.{key}")
     rendered = [m.model_dump(exclude_none=True) for m in messages]
-    return engine.chat_prompt(rendered, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs)
+    return engine.chat_prompt(rendered, add_generation_prompt=add_generation_prompt, template_kwargs=template_kwargs,
+                              tools=tools)
 
 
 def tokenize(engine: SteeringEngine, request: TokenizeCompletionRequest | TokenizeChatRequest) -> TokenizeResponse:

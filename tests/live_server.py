@@ -65,6 +65,7 @@ def write_config(family: dict, path: Path, **engine) -> Path:
         },
         "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "enforce_eager": True,
                    "kv_cache_memory_bytes": 256 * 2**20, **engine},
+        "tool_call_parser": "hermes",
     }
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path

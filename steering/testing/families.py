@@ -39,9 +39,10 @@ def corpus() -> list[str]:
     return [" ".join(words) for words in itertools.product(_SUBJECTS, _VERBS, _OBJECTS, _TAILS)]
 
 
-# What JSON (structured outputs, tool calls) needs beyond the corpus's characters: with them the
-# default tokenizer spells any JSON object of corpus words.
-JSON_CHARACTERS = '{}[]":,_0123456789'
+# What JSON (structured outputs) and tool-call tags (`<tool_call>` and newlines, as vLLM's
+# hermes format writes them) need beyond the corpus's characters: with them the default
+# tokenizer spells any JSON object of corpus words, and a tool call. "Ċ" is byte-level BPE's "\n".
+JSON_CHARACTERS = '{}[]":,_0123456789<>/Ċ'
 
 
 def train_tokenizer(

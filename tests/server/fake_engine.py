@@ -116,11 +116,13 @@ class FakeEngine(SteeringEngine):
         finally:
             self.running -= 1
 
-    def chat_prompt(self, messages, *, add_generation_prompt: bool = True, template_kwargs=None) -> list[int]:
+    def chat_prompt(self, messages, *, add_generation_prompt: bool = True, template_kwargs=None, tools=None) -> list[int]:
         """vLLM's renderer, faked: text parts joined by newlines, as vLLM joins them; the template's
-        one variable, `persona`, is said first."""
-        flat = [{**m, "content": m["content"] if isinstance(m["content"], str) else "\n".join(p["text"] for p in m["content"])}
-                for m in messages]
+        one variable, `persona`, is said first; tools are not shown to the fake model."""
+        def text(content) -> str:  # a string, text parts, or none beside tool calls
+            return content if isinstance(content, str) else "\n".join(p["text"] for p in content or ())
+
+        flat = [{**m, "content": text(m.get("content"))} for m in messages]
         ids = self.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, tokenize=True,
                                                  return_dict=False)
         persona = (template_kwargs or {}).get("persona")

@@ -179,6 +179,105 @@ def test_a_json_schema_shapes_a_steered_answer(server):
         assert response.steering["alpha"] == {"chat": alpha}
 
 
+# strict: vLLM holds the arguments to the schema (otherwise to any JSON).
+WEATHER = {"type": "function", "function": {
+    "name": "weather", "description": "the weather in a city", "strict": True,
+    "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],
+                   "properties": {"city": {"enum": ["paris", "rome"]}}}}}
+NOTE = {"type": "function", "function": {"name": "note", "strict": True, "parameters": {
+    "type": "object", "additionalProperties": False, "required": ["n"],
+    "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}}}
+
+
+def test_a_named_tool_choice_constrains_the_steered_answer_to_a_call(server):
+    """vLLM's parser turns the named function into a JSON schema on the steered distribution and
+    reads the call back (finish_reason stop, as OpenAI's for a named function)."""
+    response = server.openai().chat.completions.create(
+        model="chat", messages=MESSAGES, temperature=0.0, max_tokens=128, tools=[WEATHER, NOTE],
+        tool_choice={"type": "function", "function": {"name": "weather"}})
+    (choice,) = response.choices
+    assert choice.finish_reason == "stop", choice.message
+    (call,) = choice.message.tool_calls
+    assert call.type == "function" and call.function.name == "weather" and call.id
+    assert json.loads(call.function.arguments) in ({"city": "paris"}, {"city": "rome"})
+
+
+def test_required_tools_stream_the_calls_they_answer_whole(server):
+    client = server.openai()
+    ask = {"model": "mix", "messages": MESSAGES, "temperature": 0.0, "max_tokens": 128, "tools": [WEATHER, NOTE],
+           "tool_choice": "required", "parallel_tool_calls": False}
+    whole = client.chat.completions.create(**ask).choices[0]
+    assert whole.finish_reason == "tool_calls", whole
+    (call,) = whole.message.tool_calls
+    assert call.function.name in ("weather", "note")
+    chunks = [c for c in client.chat.completions.create(**ask, stream=True) if c.choices]
+    streamed = [d for c in chunks for d in c.choices[0].delta.tool_calls or ()]
+    assert {d.function.name for d in streamed if d.function and d.function.name} == {call.function.name}
+    # Streamed arguments are the model's text; whole ones, the parser's JSON of it (both vLLM's).
+    assert json.loads("".join(d.function.arguments or "" for d in streamed if d.function)) == json.loads(
+        call.function.arguments)
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+
+
+def test_a_conversation_with_tool_results_is_answered_under_auto(server, tokenizer):
+    """An earlier call and its result go back to the model; under auto, an answer without a call
+    comes back as content, unchanged by the parser."""
+    turns = [*MESSAGES,
+             {"role": "assistant", "content": None, "tool_calls": [
+                 {"id": "call-1", "type": "function", "function": {"name": "weather", "arguments": '{"city": "rome"}'}}]},
+             {"role": "tool", "tool_call_id": "call-1", "content": "the moon"}]
+    client = server.openai()
+    plain = client.chat.completions.create(model="chat", messages=turns, temperature=0.0, max_tokens=12)
+    auto = client.chat.completions.create(model="chat", messages=turns, temperature=0.0, max_tokens=12,
+                                          tools=[WEATHER], tool_choice="auto")
+    # The fixture template does not show tools; the answer has no call, so it passes unchanged.
+    assert "<tool_call>" not in plain.choices[0].message.content
+    assert (auto.choices[0].message.content, auto.choices[0].message.tool_calls, auto.choices[0].finish_reason) == (
+        plain.choices[0].message.content, None, plain.choices[0].finish_reason)
+
+
+def test_an_auto_answer_that_calls_is_read_by_vllms_parser(tokenizer):
+    """The hermes format in a steered answer becomes a tool call and finish_reason tool_calls."""
+    from vllm.parser.parser_manager import ParserManager
+
+    from steering_server.protocol import ChatCompletionRequest
+    from steering_server.tools import ToolCalling, tool_calling
+
+    class Deployment:  # what tool_calling reads of the engine: the parser, built on the real tokenizer
+        tool_call_parser = "hermes"
+
+    class Engine:
+        deployment = Deployment()
+        parser_class = ParserManager.get_parser(tool_parser_name="hermes", enable_auto_tools=True, tokenizer=tokenizer)
+
+        def tool_parser(self, tools):
+            return self.parser_class(tokenizer, list(tools))
+
+    request = ChatCompletionRequest.model_validate({"model": "chat", "messages": MESSAGES, "tools": [WEATHER]})
+    calling = tool_calling(Engine(), request)
+    assert isinstance(calling, ToolCalling) and calling.choice == "auto"
+    text = 'the moon <tool_call>\n{"name": "weather", "arguments": {"city": "paris"}}\n</tool_call>'
+    message, finish = calling.message(calling.parser([1, 2]), text, tokenizer.encode(text), "stop")
+    assert finish == "tool_calls"
+    (call,) = message.tool_calls
+    assert (call.function.name, json.loads(call.function.arguments)) == ("weather", {"city": "paris"})
+    assert message.content.strip() == "the moon"
+
+
+def test_tools_are_refused_where_they_cannot_work(server):
+    client = server.openai()
+    for policy, extra, param in (("triage", {"tools": [WEATHER]}, "tools"),
+                                 ("chat", {"tool_choice": "required"}, "tool_choice"),
+                                 ("chat", {"tools": [WEATHER], "tool_choice": {"type": "function",
+                                                                               "function": {"name": "nope"}}},
+                                  "tool_choice.function.name"),
+                                 ("chat", {"tools": [WEATHER], "response_format": {"type": "json_object"}},
+                                  "response_format")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            client.chat.completions.create(model=policy, messages=MESSAGES, max_tokens=4, **extra)
+        assert refused.value.body["param"] == param, refused.value.body
+
+
 def test_a_grammar_vllm_cannot_compile_is_refused_before_the_stream(server):
     with server.http() as http:
         for extra in ({"structured_outputs": {"grammar": "root ::= ("}},
@@ -403,7 +502,8 @@ CHAT = {"model": "chat", "messages": MESSAGES, "max_tokens": 4}
         ({**CHAT, "steering": {"alhpa": {"chat": 1.0}}}, 400, "steering.alhpa", "Extra inputs"),
         ({**CHAT, "max_tokens": MAX_MODEL_LEN}, 400, "max_tokens", "exceed the context"),
         ({**CHAT, "temperature": 9}, 400, "temperature", "less than or equal to 2"),
-        ({**CHAT, "tools": []}, 400, "tools", "Extra inputs"),
+        ({**CHAT, "tools": []}, 400, "tools", "at least 1"),
+        ({**CHAT, "best_of": 2}, 400, "best_of", "Extra inputs"),
         ({**CHAT, "messages": []}, 400, "messages", "at least 1"),
         ({**CHAT, "n": 2, "temperature": 0}, 400, "n", "greedy"),
     ],

@@ -110,6 +110,7 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 
 INVALID = "invalid_request_error"
+TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}
 
 
 @pytest.mark.parametrize(("model", "body", "param", "code", "says"), [
@@ -132,6 +133,11 @@ INVALID = "invalid_request_error"
     ("triage", {"steering": {"costs": [[0, 11], [1, 0]]}}, "steering.costs", "invalid_steering", "[0, 10.0]"),
     ("triage", {"steering": {"costs": [[0, 1]]}}, "steering.costs", "invalid_steering", "2 x 2 matrix"),
     ("chat", {"temperature": 2.5}, "temperature", "invalid_value", "less than or equal to 2"),
+    ("chat", {"tools": [TOOL]}, "tools", "invalid_request", "names no tool_call_parser"),
+    ("chat", {"tool_choice": "auto"}, "tool_choice", "invalid_request", "needs tools"),
+    ("chat", {"tools": [{**TOOL, "function": {"name": "a b"}}]}, "tools[0].function.name", "invalid_value", "pattern"),
+    ("chat", {"messages": [{"role": "tool", "content": "4"}]}, "messages[0]", "invalid_value", "tool_call_id"),
+    ("chat", {"messages": [{"role": "user", "content": None}]}, "messages[0]", "invalid_value", "content is required"),
 ])
 def test_chat_refusals_are_400_naming_the_param(client, model, body, param, code, says):
     assert_error(chat(client, model, **body), 400, type=INVALID, param=param, code=code, says=says)

@@ -51,13 +51,46 @@ class TextPart(TypedDict):
     text: str
 
 
+class FunctionCall(TypedDict):
+    name: str
+    arguments: str  # JSON text
+
+
+class ToolCall(TypedDict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class _Message(TypedDict):
     role: str
-    content: Union[str, list[TextPart]]
 
 
 class ChatMessage(_Message, total=False):
+    content: Union[str, list[TextPart], None]  # None only beside tool_calls
     name: str
+    tool_calls: list[ToolCall]  # assistant turns
+    tool_call_id: str  # tool turns
+
+
+class _Function(TypedDict):
+    name: str
+
+
+class FunctionDefinition(_Function, total=False):
+    description: str
+    parameters: dict[str, Any]  # a JSON schema
+    strict: bool
+
+
+class Tool(TypedDict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedToolChoice(TypedDict):
+    type: Literal["function"]
+    function: _Function
 
 
 class _GenerationFields(TypedDict, total=False):
@@ -86,6 +119,9 @@ class _GenerationFields(TypedDict, total=False):
 class ChatFields(_GenerationFields, total=False):
     max_completion_tokens: int
     chat_template_kwargs: dict[str, Any]
+    tools: list[Tool]
+    tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice]
+    parallel_tool_calls: bool
     logprobs: bool
     top_logprobs: int
 

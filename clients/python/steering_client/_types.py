@@ -84,9 +84,21 @@ class Chunk(_Response):
     steering: Optional[Steering] = None
 
 
+class FunctionCall(_Model):
+    name: str
+    arguments: str
+
+
+class ToolCall(_Model):
+    id: str
+    type: str = "function"
+    function: FunctionCall
+
+
 class ChatCompletionMessage(_Model):
     role: str
     content: Optional[str] = None
+    tool_calls: Optional[list[ToolCall]] = None
 
 
 class ChatChoice(_Model):
@@ -113,9 +125,22 @@ class ChatCompletion(_Response):
     prompt_logprobs: Optional[PromptLogprobs] = None
 
 
+class DeltaFunctionCall(_Model):
+    name: Optional[str] = None
+    arguments: Optional[str] = None  # a piece of the JSON text: concatenate a call's pieces
+
+
+class DeltaToolCall(_Model):
+    index: int
+    id: Optional[str] = None
+    type: Optional[str] = None
+    function: Optional[DeltaFunctionCall] = None
+
+
 class ChatDelta(_Model):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[DeltaToolCall]] = None
 
 
 class ChatChunkChoice(_Model):
