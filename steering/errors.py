@@ -3,6 +3,7 @@
     SteeringError
     ├── ConfigError              bad deployment config, found at start-up (names the field)
     │   └── EngineStartError     the engine did not start although the config passed every check
+    ├── GenerationFailed         vLLM ended a request with finish_reason "error" (vllm serve's 500)
     └── RequestError             a request that must not be served as asked
         ├── UnknownPolicy        `model` names no policy
         ├── InvalidSteering      an unknown pair or field, a non-finite or out-of-bounds value
@@ -29,6 +30,11 @@ class ConfigError(SteeringError):
 
 class EngineStartError(ConfigError):
     """vLLM's engine failed to start after every check before it passed; the log has vLLM's reason."""
+
+
+class GenerationFailed(SteeringError):
+    """vLLM's engine ended a request with an error of its own (e.g. a grammar the tokenizer cannot
+    follow); `vllm serve` answers these with a 500, so no client takes an empty answer for one."""
 
 
 class RequestError(SteeringError):

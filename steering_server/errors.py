@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from steering.errors import (
+    GenerationFailed,
     InvalidRequest,
     InvalidSteering,
     RequestError,
@@ -40,6 +41,7 @@ STATUS = {
     NotAuthenticated: (401, "authentication_error", "invalid_api_key"),
     BodyTooLarge: (413, "invalid_request_error", "request_too_large"),
     EngineNotReady: (503, "service_unavailable", "engine_not_ready"),
+    GenerationFailed: (500, "server_error", "generation_failed"),
 }
 
 

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from vllm.utils.async_utils import merge_async_iterators
 
 from steering.engine import SteeringEngine
+from steering.errors import GenerationFailed
 from steering_server.pieces import Outcome, Piece
 from steering_server.plan import Plan
 
@@ -20,4 +21,7 @@ async def generate(engine: SteeringEngine, plan: Plan, outcome: Outcome) -> Asyn
     async for prompt_index, output in merge_async_iterators(*streams):
         for c in output.outputs:
             outcome.completion_tokens += len(c.token_ids)
+            if c.finish_reason == "error":
+                raise GenerationFailed("the engine ended the answer with an error of its own; the server log says "
+                                       "why (e.g. a structured-output grammar the tokenizer cannot spell)")
             yield Piece(prompt_index, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, output.prompt_logprobs)

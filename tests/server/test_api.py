@@ -278,6 +278,19 @@ def test_tools_are_refused_where_they_cannot_work(server):
         assert refused.value.body["param"] == param, refused.value.body
 
 
+def test_an_answer_the_engine_ends_with_an_error_is_a_500_not_an_empty_answer(server, tokenizer):
+    """A grammar the tokenizer cannot spell ('#' is no token of the fixture's) ends the request in
+    the engine with finish_reason "error"; as under vllm serve, that is a server error."""
+    assert "#" not in tokenizer.decode(list(range(len(tokenizer))))
+    body = {"model": "chat", "prompt": PROMPT, "max_tokens": 4, "structured_outputs": {"regex": "#"}}
+    with server.http() as http:
+        whole = http.post("/v1/completions", json=body)
+        streamed = http.post("/v1/completions", json={**body, "stream": True})
+    assert (whole.status_code, whole.json()["error"]["code"]) == (500, "generation_failed")
+    events = [line.removeprefix("data: ") for line in streamed.text.split("\n\n") if line]
+    assert json.loads(events[-2])["error"]["code"] == "generation_failed" and events[-1] == "[DONE]", events
+
+
 def test_a_grammar_vllm_cannot_compile_is_refused_before_the_stream(server):
     with server.http() as http:
         for extra in ({"structured_outputs": {"grammar": "root ::= ("}},
