@@ -273,6 +273,11 @@ class Deployment(_Strict):
         default=None, description="vLLM's tool parser for chat `tools` (as `vllm serve --tool-call-parser`), "
         "e.g. hermes, llama3_json, mistral: the format the base writes tool calls in.",
     )
+    tool_strict_level: Literal["auto", "function", "parameter"] = Field(
+        default="auto", description="vLLM's --tool-strict-level: auto holds a call's arguments to its schema only "
+        "for functions marked strict; parameter, for every function; function constrains the call's envelope "
+        "on every request with tools.",
+    )
 
     @field_validator("tool_call_parser")
     @classmethod

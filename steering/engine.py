@@ -201,6 +201,7 @@ class SteeringEngine:
             return None
         try:
             return ParserManager.get_parser(tool_parser_name=name, enable_auto_tools=True,
+                                            tool_strict_level=self.deployment.tool_strict_level,
                                             model_name=checkpoint_name(self.deployment.base),
                                             tokenizer=self.llm.renderer.tokenizer)
         except TypeError as error:  # vLLM's check that the tokenizer has what the parser needs

@@ -1,9 +1,10 @@
 """Tool calls on steered answers, through vLLM's own parsers.
 
 A chat request with `tools` is handed to vLLM's parser for the deployment's `tool_call_parser`
-as vLLM's own request object: the parser adjusts it (for `required` or a named function: a JSON
-schema that constrains the steered distribution; special tokens kept), and reads tool calls out
-of the steered answer, whole or as a stream, exactly as `vllm serve` does.
+as vLLM's own request object: the parser adjusts it (its call format as a structural tag that
+constrains the steered distribution: throughout under `required` or a named function, from an
+opened call on under `auto`; special tokens kept), and reads tool calls out of the steered
+answer, whole or as a stream, as `vllm serve` does.
 """
 
 from __future__ import annotations

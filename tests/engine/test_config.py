@@ -68,6 +68,7 @@ def test_relative_paths_are_relative_to_the_yaml_file(llama_family, tmp_path):
         ({"experts": {"bad.name": {"tuned": "a", "untuned": "b"}}}, "experts.bad.name", "pattern"),
         ({"extra": 1}, "extra", "Extra inputs"),
         ({"tool_call_parser": "hermez"}, "tool_call_parser", "vLLM has no tool parser 'hermez'"),
+        ({"tool_strict_level": "always"}, "tool_strict_level", "'auto', 'function' or 'parameter'"),
     ],
 )
 def test_schema_errors_name_the_field(llama_family, change, field, reason):
