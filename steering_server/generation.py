@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 from vllm.utils.async_utils import merge_async_iterators
 
 from steering.engine import SteeringEngine
-from steering.errors import GenerationFailed
+from steering.errors import GenerationFailed, InvalidRequest
 from steering_server.pieces import Outcome, Piece
 from steering_server.plan import Plan
 
@@ -22,6 +22,15 @@ async def generate(engine: SteeringEngine, plan: Plan, outcome: Outcome) -> Asyn
         for c in output.outputs:
             outcome.completion_tokens += len(c.token_ids)
             if c.finish_reason == "error":
-                raise GenerationFailed("the engine ended the answer with an error of its own; the server log says "
-                                       "why (e.g. a structured-output grammar the tokenizer cannot spell)")
+                raise _failure(plan)
             yield Piece(prompt_index, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, output.prompt_logprobs)
+
+
+def _failure(plan: Plan) -> Exception:
+    """vLLM ended an answer with an error of its own. Under a format constraint that is the
+    constraint asking for what the base's tokenizer cannot spell (the grammar left no token):
+    the request's to change, not the server's to retry."""
+    if plan.constraint is not None:
+        return InvalidRequest(f"the base's tokenizer cannot spell what {plan.constraint} requires: the grammar left "
+                              "no token of its vocabulary, and the engine ended the answer", param=plan.constraint)
+    return GenerationFailed("the engine ended the answer with an error of its own; the server log says why")

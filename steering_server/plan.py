@@ -30,6 +30,7 @@ class Plan:
     params: list[SamplingParams]
     num_logprobs: int | None  # what the client asked for; abstention asks the engine for more
     tools: ToolCalling | None = None
+    constraint: str | None = None  # the field that constrains the answer's format, if one does
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -77,4 +78,7 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
             tools.constrain(sampling)
         engine.check_request(prompt, sampling, limit_field=request.token_limit_field)
         params.append(sampling)
-    return Plan(steering, prompts, params, request.num_logprobs, tools)
+    constraint = ("tools" if tools is not None and tools.request.structured_outputs is not None
+                  else "structured_outputs" if request.structured_outputs is not None
+                  else "response_format" if constrains else None)
+    return Plan(steering, prompts, params, request.num_logprobs, tools, constraint)

@@ -10,6 +10,7 @@ Only vLLM's half is faked: the token stream (`generate`), the tokenizer and the 
 - the k-th answer token has probability `token_prob(k)`; the top-N alternatives are upper-case letters.
 - a token named in `logprob_token_ids` (decision labels) has probability `label_prob(token, alpha_row)`.
 - every prompt token after the first has probability PROMPT_PROB (prompt logprobs, rank 1).
+- a prompt with the BEL character (id 7) ends its answers with vLLM's finish_reason "error".
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from steering.engine import SteeringEngine
 from steering.policy import Policies, Steering
 
 BOS = 1
+BEL = 7
 ANSWER_LEN = 6
 PROMPT_PROB = 0.5
 
@@ -93,7 +95,7 @@ class FakeEngine(SteeringEngine):
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         length = min(ANSWER_LEN, params.max_tokens)
         answers = [[ord(c) for c in answer(prompt_ids, steering.alpha_row, j)[:length]] for j in range(params.n)]
-        finish = "length" if length < ANSWER_LEN else "stop"
+        finish = "error" if BEL in prompt_ids else "length" if length < ANSWER_LEN else "stop"
 
         def output(start: int, stop: int) -> RequestOutput:
             done = stop == length

@@ -121,7 +121,8 @@ def test_alpha_override_equals_the_reference_at_that_alpha(server, llama_referen
 def test_repetition_penalty_acts_on_the_steered_logits(server, llama_reference, tokenizer):
     """vLLM's rule by hand over the reference's steered logits: a token already in the prompt or
     the answer has a positive logit divided by the penalty, a negative one multiplied."""
-    prompt, alpha, penalty = tokenizer.encode(PROMPT), {"chat": 1.5, "code": -0.5}, 1.8
+    # A prompt whose greedy answer the penalty changes (checked below) on the fixture family.
+    prompt, alpha, penalty = tokenizer.encode("the model answers the question"), {"chat": 1.5, "code": -0.5}, 1.8
     outputs: list[list[int]] = [[]]
     for logits in llama_reference.steered_logits([prompt], [alpha], outputs, 16):
         seen = torch.tensor(sorted(set(prompt) | set(outputs[0])))
@@ -283,17 +284,19 @@ def test_tools_are_refused_where_they_cannot_work(server):
         assert refused.value.body["param"] == param, refused.value.body
 
 
-def test_an_answer_the_engine_ends_with_an_error_is_a_500_not_an_empty_answer(server, tokenizer):
-    """A grammar the tokenizer cannot spell ('#' is no token of the fixture's) ends the request in
-    the engine with finish_reason "error"; as under vllm serve, that is a server error."""
+def test_a_format_the_tokenizer_cannot_spell_is_refused_not_answered_empty(server, tokenizer):
+    """A grammar the tokenizer cannot spell ('#' is no token of the fixture's) leaves the engine no
+    token: vLLM ends the answer with finish_reason "error". That is the request's constraint to
+    change (a 400 naming it, not a 200 with an empty answer, nor a 500 clients retry)."""
     assert "#" not in tokenizer.decode(list(range(len(tokenizer))))
     body = {"model": "chat", "prompt": PROMPT, "max_tokens": 4, "structured_outputs": {"regex": "#"}}
     with server.http() as http:
         whole = http.post("/v1/completions", json=body)
         streamed = http.post("/v1/completions", json={**body, "stream": True})
-    assert (whole.status_code, whole.json()["error"]["code"]) == (500, "generation_failed")
+    assert whole.status_code == 400 and whole.json()["error"]["param"] == "structured_outputs", whole.text
+    assert "cannot spell" in whole.json()["error"]["message"]
     events = [line.removeprefix("data: ") for line in streamed.text.split("\n\n") if line]
-    assert json.loads(events[-2])["error"]["code"] == "generation_failed" and events[-1] == "[DONE]", events
+    assert json.loads(events[-2])["error"]["param"] == "structured_outputs" and events[-1] == "[DONE]", events
 
 
 def test_a_grammar_vllm_cannot_compile_is_refused_before_the_stream(server):

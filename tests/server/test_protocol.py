@@ -476,6 +476,16 @@ def test_chat_template_kwargs_reach_the_template_and_unread_ones_are_refused(cli
                      param=f"chat_template_kwargs.{key}", code="invalid_request", says="it reads ['persona']")
 
 
+def test_an_answer_the_engine_ends_with_an_error_is_a_500_or_the_constraints_400(client):
+    """vLLM's finish_reason "error" never reaches a client as an answer: a 500 as under vllm serve,
+    or, under a format constraint (what it asks the tokenizer cannot spell), a 400 naming it."""
+    response = client.post("/v1/completions", json={"model": "chat", "prompt": "a\u0007", "max_tokens": 2})
+    assert_error(response, 500, type="server_error", param=None, code="generation_failed", says="server log")
+    constrained = client.post("/v1/completions", json={"model": "chat", "prompt": "a\u0007", "max_tokens": 2,
+                                                        "response_format": {"type": "json_object"}})
+    assert_error(constrained, 400, type=INVALID, param="response_format", code="invalid_request", says="cannot spell")
+
+
 def test_vllms_sampling_extensions_reach_the_engine():
     request = CompletionRequest(model="chat", prompt="x", repetition_penalty=1.3, min_p=0.05,
                                 include_stop_str_in_output=True, stop=["."])
