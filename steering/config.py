@@ -8,8 +8,10 @@ Relative paths are relative to the YAML file.
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,7 +30,7 @@ from pydantic import (
     model_validator,
 )
 
-from steering.errors import ConfigError
+from steering.errors import ConfigError, RestartRequired
 from steering.memory import GiB
 from steering.rules.abstention import SCORES
 from steering.rules.calibration import Calibration, FiniteFloat
@@ -338,8 +340,9 @@ def parse_deployment(raw: Any, *, root: Path | None = None) -> Deployment:
         raise _config_error(error) from None
 
 
-def load_deployment(path: str | Path) -> Deployment:
-    """Read, validate and check a deployment YAML file; fail with the offending field named."""
+def read_deployment(path: str | Path) -> Deployment:
+    """Read and validate a deployment YAML file (its calibration files too), without opening a
+    checkpoint: what a reload needs, the checkpoints being those already running."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -347,9 +350,85 @@ def load_deployment(path: str | Path) -> Deployment:
         raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
     except yaml.YAMLError as error:
         raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
-    deployment = parse_deployment(raw, root=path.parent)
+    return parse_deployment(raw, root=path.parent)
+
+
+def load_deployment(path: str | Path) -> Deployment:
+    """Read, validate and check a deployment YAML file; fail with the offending field named."""
+    deployment = read_deployment(path)
     check_checkpoints(deployment)
     return deployment
+
+
+def digest(deployment: Deployment) -> str:
+    """A short fingerprint of what a deployment serves (calibrations included, key order not)."""
+    canonical = json.dumps(deployment.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PolicyChanges:
+    """What a reload changed: policies added, removed, and changed (with the fields that changed)."""
+
+    previous_digest: str
+    digest: str
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    changed: dict[str, tuple[str, ...]]
+
+    @classmethod
+    def between(cls, old: Deployment, new: Deployment) -> PolicyChanges:
+        before, after = old.policies, new.policies
+        changed = {}
+        for name in before.keys() & after.keys():
+            fields = tuple(f for f in PolicyConfig.model_fields if getattr(before[name], f) != getattr(after[name], f))
+            if fields:
+                changed[name] = fields
+        return cls(digest(old), digest(new), tuple(n for n in after if n not in before),
+                   tuple(n for n in before if n not in after), dict(sorted(changed.items())))
+
+    @property
+    def unchanged(self) -> bool:
+        return self.digest == self.previous_digest
+
+    def describe(self) -> str:
+        if self.unchanged:
+            return f"config {self.digest} unchanged"
+        parts = [f"config {self.previous_digest} -> {self.digest}"]
+        parts += [f"added {list(self.added)}"] * bool(self.added)
+        parts += [f"removed {list(self.removed)}"] * bool(self.removed)
+        parts += [f"changed {name} ({', '.join(fields)})" for name, fields in self.changed.items()]
+        return "; ".join(parts)
+
+
+def check_reloadable(running: Deployment, new: Deployment) -> None:
+    """Only policies change without a restart: the base, the experts and the engine are loaded into
+    vLLM's engine, the tool parser is checked against its tokenizer. Raises `RestartRequired`
+    naming the first field that differs."""
+    before = running.model_dump(mode="json", exclude={"policies"})
+    after = new.model_dump(mode="json", exclude={"policies"})
+    field = _first_difference(before, after, "")
+    if field is not None:
+        section = field.split(".")[0]
+        raise RestartRequired(field, f"the running engine has {_shown(before, field)}, the file now has "
+                                     f"{_shown(after, field)}; `{section}` takes effect only when the server "
+                                     "restarts (a reload changes policies only)")
+
+
+def _first_difference(a: Any, b: Any, path: str) -> str | None:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in [*a, *(k for k in b if k not in a)]:
+            found = _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+            if found is not None:
+                return found
+        return None
+    return None if a == b else path
+
+
+def _shown(tree: dict, field: str) -> str:
+    for key in field.split("."):
+        tree = tree.get(key) if isinstance(tree, dict) else None
+    return "none" if tree is None else repr(tree)
 
 
 def check_checkpoints(deployment: Deployment) -> None:

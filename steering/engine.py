@@ -28,7 +28,7 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.utils.cpu_resource_utils import get_visible_memory_node
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from steering.config import Deployment, checkpoint_name
+from steering.config import Deployment, PolicyChanges, check_reloadable, checkpoint_name
 from steering.errors import ConfigError, EngineStartError, InvalidRequest, SteeringError
 from steering.memory import (
     GiB,
@@ -137,14 +137,35 @@ class SteeringEngine:
     """Async generation with per-request alphas over one deployment."""
 
     def __init__(self, deployment: Deployment, llm: AsyncLLM):
-        self.deployment = deployment
         self.llm = llm
         # True on the V1 runner: logprobs are of the steered distribution at temperature 1.
         self.logprobs_at_temperature_one = llm.model_config.logprobs_mode == "raw_logprobs"
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
-        self.policies = Policies.build(deployment, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        self.policies = Policies.build(deployment, self._encode_label)
         self.max_model_len: int = llm.model_config.max_model_len
         _ = self.tool_parser_class  # a parser the base's tokenizer cannot serve fails the start-up
+
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment whose policies are served now (its base, experts and engine never change)."""
+        return self.policies.deployment
+
+    def _encode_label(self, text: str) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=False)
+
+    def reload(self, deployment: Deployment) -> PolicyChanges:
+        """Serve `deployment`'s policies from the next admission on, or raise (`ConfigError`, or
+        `RestartRequired` for anything but policies) and keep serving the current ones.
+
+        A request admitted before keeps the `Steering` it resolved, so it finishes on its old
+        policy. Call it where requests are admitted (the tokenizer is not shared across threads).
+        """
+        check_reloadable(self.deployment, deployment)
+        if not self.logprobs_at_temperature_one:
+            _refuse_rules_without_temperature_one(deployment)
+        policies = Policies.build(deployment, self._encode_label)
+        previous, self.policies = self.policies, policies  # one assignment: the swap is atomic
+        return PolicyChanges.between(previous.deployment, deployment)
 
     @classmethod
     def start(cls, deployment: Deployment, vllm_config: VllmConfig | None = None) -> SteeringEngine:

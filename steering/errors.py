@@ -1,8 +1,9 @@
 """One error hierarchy for the steering library; the server maps it to HTTP once.
 
     SteeringError
-    ├── ConfigError              bad deployment config, found at start-up (names the field)
-    │   └── EngineStartError     the engine did not start although the config passed every check
+    ├── ConfigError              bad deployment config, found at start-up or reload (names the field)
+    │   ├── EngineStartError     the engine did not start although the config passed every check
+    │   └── RestartRequired      a reload changes what only a restart can (the base, experts, engine)
     ├── GenerationFailed         vLLM ended a request with finish_reason "error" (vllm serve's 500)
     └── RequestError             a request that must not be served as asked
         ├── UnknownPolicy        `model` names no policy
@@ -30,6 +31,10 @@ class ConfigError(SteeringError):
 
 class EngineStartError(ConfigError):
     """vLLM's engine failed to start after every check before it passed; the log has vLLM's reason."""
+
+
+class RestartRequired(ConfigError):
+    """A reload's config changes a field the running engine was built from; the running policies stay."""
 
 
 class GenerationFailed(SteeringError):

@@ -1,4 +1,4 @@
-"""Policies resolved once at start-up, and the one admission check of a request's overrides.
+"""Policies resolved once at start-up (and at each reload), and the one admission check of a request's overrides.
 
 `steering.config.PolicyConfig` is what the YAML says. A `Policy` here is what serving needs,
 computed once: the alphas, the pair order, the decision rule (label token ids, cost matrix,
@@ -179,10 +179,15 @@ def _check_cost_bounds(values: list[float], max_cost: float, param: str) -> None
 
 
 class Policies(Mapping[str, Policy]):
-    """Every policy of a deployment by name; an unknown name is the request's error."""
+    """Every policy of a deployment by name; an unknown name is the request's error.
 
-    def __init__(self, policies: dict[str, Policy]):
+    Immutable, with the deployment it was built from: a reload builds a new one and swaps it in
+    whole, so an admission sees one set or the other, never a mix.
+    """
+
+    def __init__(self, policies: dict[str, Policy], deployment: Deployment):
         self._policies = policies
+        self.deployment = deployment
 
     @classmethod
     def build(cls, deployment: Deployment, encode: Callable[[str], list[int]]) -> Policies:
@@ -194,7 +199,7 @@ class Policies(Mapping[str, Policy]):
                 policies[name] = Policy(name, config, pairs, encode)
             except ValueError as error:  # labels that share a first token
                 raise ConfigError(f"policies.{name}.decision.labels", str(error)) from None
-        return cls(policies)
+        return cls(policies, deployment)
 
     def __getitem__(self, name: str) -> Policy:
         try:

@@ -8,6 +8,7 @@ Abstention policies calibrate a confidence score in (0, 1) with Platt scaling on
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -42,7 +43,11 @@ class Calibration(BaseModel):
         return cls.model_validate(json.loads(Path(path).read_text()))
 
     def write(self, path: str | Path) -> None:
-        Path(path).write_text(self.model_dump_json(indent=2))
+        """Write whole or not at all: a server reloading meanwhile reads the old file or the new."""
+        path = Path(path)
+        partial = path.with_name(f".{path.name}.partial")
+        partial.write_text(self.model_dump_json(indent=2))
+        os.replace(partial, path)
 
 
 def platt(scores: np.ndarray, a: float, b: float) -> np.ndarray:

@@ -80,9 +80,8 @@ class FakeEngine(SteeringEngine):
     """The real engine facade over the fake model; `SteeringEngine.__init__` would start vLLM."""
 
     def __init__(self, deployment: Deployment, *, max_model_len: int = 64):
-        self.deployment = deployment
         self.tokenizer = CharTokenizer()
-        self.policies = Policies.build(deployment, lambda text: self.tokenizer.encode(text, add_special_tokens=False))
+        self.policies = Policies.build(deployment, self._encode_label)
         self.max_model_len = max_model_len
         self.logprobs_at_temperature_one = True
         self.running = 0
