@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, TypeVar
 
@@ -24,9 +25,9 @@ from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import BaseModel, Field
 from vllm.config import VllmConfig
 
-from steering.config import Deployment, checkpoint_name, load_deployment
+from steering.config import Deployment, PolicyChanges, checkpoint_name, digest, load_deployment, read_deployment
 from steering.engine import SteeringEngine, engine_config
-from steering.errors import SteeringError, UnknownPolicy
+from steering.errors import ConfigError, SteeringError, UnknownPolicy
 from steering_server import tokens
 from steering_server.errors import EngineNotReady, error_body, install_error_handlers
 from steering_server.gate import GUARDED, Gate
@@ -44,6 +45,7 @@ from steering_server.protocol import (
     Health,
     ModelCard,
     ModelList,
+    ReloadResponse,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
     TokenizeResponse,
@@ -75,9 +77,11 @@ class ServiceState:
 
     def __init__(self, settings: ServerSettings, deployment: Deployment):
         self.settings = settings
-        self.deployment = deployment
+        self._deployment = deployment  # until the engine is up; then the engine's (which reloads change)
         self.metrics = ServerMetrics(set(deployment.policies))
-        self.created = int(time.time())
+        self.metrics.loaded(digest(deployment), set(deployment.policies))
+        started = int(time.time())
+        self.created = dict.fromkeys(deployment.policies, started)  # a policy added by a reload: its time
         self.engine: SteeringEngine | None = None
         self.failure: BaseException | None = None
         self.chat: ChatCompletions | None = None
@@ -107,8 +111,8 @@ class ServiceState:
             on_failure(error)
             return
         self.serve(engine)
-        logger.info("engine ready in %.1f s; serving policies %s on %s", time.perf_counter() - started,
-                    sorted(self.deployment.policies), self.settings.address)
+        logger.info("engine ready in %.1f s; serving policies %s (config %s) on %s", time.perf_counter() - started,
+                    sorted(self.deployment.policies), digest(self.deployment), self.settings.address)
 
     def serve(self, engine: SteeringEngine) -> None:
         """Route generation to `engine` from now on."""
@@ -117,17 +121,62 @@ class ServiceState:
         self.completions = Completions(engine, self.metrics)
         self.metrics.watch_engine(lambda: engine.num_unfinished_requests)
 
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment whose policies are served now."""
+        return self.engine.deployment if self.engine is not None else self._deployment
+
     async def admit(self, work: Callable[..., T], *args: object) -> T:
         """`work(*args)` on the admission thread: tokenizing, rendering, planning."""
         return await asyncio.get_running_loop().run_in_executor(self.admission, work, *args)
 
-    def model_card(self, name: str) -> ModelCard:
-        """The policy `name` as `/v1/models` lists it: checkpoints by name, never by path."""
-        d, policy = self.deployment, self.deployment.policies[name]
-        experts = {pair: {"tuned": checkpoint_name(d.experts[pair].tuned),
-                          "untuned": checkpoint_name(d.experts[pair].untuned)} for pair in policy.alpha}
-        return ModelCard(id=name, created=self.created, description=policy.description, base=checkpoint_name(d.base),
-                         experts=experts, alpha=policy.alpha, max_alpha=policy.max_alpha)
+    async def reload(self, source: str) -> PolicyChanges:
+        """Re-read the config file and serve its policies from the next admission on.
+
+        The swap runs on the admission thread, between two admissions: a request is planned
+        wholly on the old policies or wholly on the new. A refused reload changes nothing, and
+        every outcome is logged with `source` (who asked).
+        """
+        started = time.perf_counter()
+        if self.engine is None:  # the config it starts with is the file as it was read at start-up
+            logger.warning("config reload by %s refused: the engine is still loading", source)
+            raise EngineNotReady("the engine is still loading; reload once /health answers 200")
+        try:
+            if self.settings.config is None:
+                raise ConfigError("config", "this server was handed a running engine, not a config file: "
+                                            "there is no file to reload")
+            engine, path = self.engine, self.settings.config
+            changes = await self.admit(lambda: engine.reload(read_deployment(path)))
+        except SteeringError as error:
+            self.metrics.reloads.labels("refused").inc()
+            self.metrics.reload_successful.set(0)
+            logger.warning("config reload by %s refused; still serving config %s: %s", source,
+                           digest(self.deployment), error)
+            raise
+        now = int(time.time())
+        self.created = {name: self.created.get(name, now) for name in self.deployment.policies}
+        self.metrics.loaded(changes.digest, set(self.deployment.policies))
+        self.metrics.reloads.labels("unchanged" if changes.unchanged else "reloaded").inc()
+        logger.info("config reload by %s: %s (%.0f ms)", source, changes.describe(),
+                    1000 * (time.perf_counter() - started))
+        return changes
+
+    def model_cards(self, name: str | None = None) -> list[ModelCard]:
+        """Every policy (or the one named) as `/v1/models` lists it, from one deployment even if a
+        reload swaps it meanwhile: checkpoints by name, never by path."""
+        d = self.deployment
+        if name is not None and name not in d.policies:
+            raise UnknownPolicy(name, d.policies)
+        cards = []
+        for policy_name, policy in d.policies.items():
+            if name not in (None, policy_name):
+                continue
+            experts = {pair: {"tuned": checkpoint_name(d.experts[pair].tuned),
+                              "untuned": checkpoint_name(d.experts[pair].untuned)} for pair in policy.alpha}
+            cards.append(ModelCard(id=policy_name, created=self.created.get(policy_name, int(time.time())),
+                                   description=policy.description, base=checkpoint_name(d.base), experts=experts,
+                                   alpha=policy.alpha, max_alpha=policy.max_alpha))
+        return cards
 
     def shutdown(self) -> None:
         self.admission.shutdown(wait=False)
@@ -234,6 +283,33 @@ async def _generate(request: Request, service: GenerationService, body) -> Respo
     return JSONResponse(service.response(body, plan, *answered).model_dump())
 
 
+@contextmanager
+def reload_on_sighup(state: ServiceState) -> Iterator[None]:
+    """`kill -HUP <pid>` reloads the policies, as it reloads nginx's or Prometheus's config."""
+    loop = asyncio.get_running_loop()
+
+    running: set[asyncio.Task] = set()  # the loop holds tasks weakly
+
+    def reload() -> None:
+        async def logged() -> None:
+            with suppress(SteeringError):  # `reload` has logged why
+                await state.reload("SIGHUP")
+
+        task = asyncio.ensure_future(logged())
+        running.add(task)
+        task.add_done_callback(running.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, reload)
+    except (NotImplementedError, RuntimeError, ValueError, AttributeError):  # not the main thread; no SIGHUP
+        yield
+        return
+    try:
+        yield
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
+
+
 def create_app(
     settings: ServerSettings,
     *,
@@ -255,7 +331,8 @@ def create_app(
         @asynccontextmanager
         async def lifespan(app: FastAPI):
             starting = asyncio.create_task(state.start_engine(vllm_config, on_engine_failure))
-            yield
+            with reload_on_sighup(state):
+                yield
             starting.cancel()
             state.shutdown()
 
@@ -289,14 +366,29 @@ def create_app(
 
     @app.get("/v1/models", response_model=ModelList, responses=ERRORS)
     async def list_models() -> ModelList:
-        return ModelList(data=[state.model_card(name) for name in state.deployment.policies])
+        return ModelList(data=state.model_cards())
 
     @app.get("/v1/models/{model}", response_model=ModelCard, responses=ERRORS)
     async def retrieve_model(request: Request, model: str) -> ModelCard:
         request.state.policy = model
-        if model not in state.deployment.policies:
-            raise UnknownPolicy(model, state.deployment.policies)
-        return state.model_card(model)
+        (card,) = state.model_cards(model)
+        return card
+
+    @app.post("/v1/admin/reload", response_model=ReloadResponse,
+              responses={**ERRORS, 409: {"model": ErrorResponse, "description": "Needs a restart."}})
+    async def reload(request: Request, ready: Ready) -> ReloadResponse:
+        """Re-read the config file: policies added, removed or changed serve from the next request
+        on; requests in flight finish on their old policy. A config that fails validation, or that
+        changes the base, the experts or the engine (which need a restart), is refused and the
+        running policies stay."""
+        client = f"{request.client.host}:{request.client.port}" if request.client else "an unknown client"
+        agent = request.headers.get("user-agent")
+        changes = await ready.reload(f"POST /v1/admin/reload from {client}" + (f" ({agent})" if agent else ""))
+        return ReloadResponse(status="unchanged" if changes.unchanged else "reloaded", digest=changes.digest,
+                              previous_digest=changes.previous_digest, added=list(changes.added),
+                              removed=list(changes.removed),
+                              changed={name: list(fields) for name, fields in changes.changed.items()},
+                              policies=list(ready.deployment.policies))
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses=ERRORS)
     async def tokenize(body: TokenizeCompletionRequest | TokenizeChatRequest, ready: Ready) -> TokenizeResponse:

@@ -11,10 +11,12 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
 from steering.errors import (
+    ConfigError,
     GenerationFailed,
     InvalidRequest,
     InvalidSteering,
     RequestError,
+    RestartRequired,
     SteeringError,
     UnknownPolicy,
 )
@@ -42,6 +44,9 @@ STATUS = {
     BodyTooLarge: (413, "invalid_request_error", "request_too_large"),
     EngineNotReady: (503, "service_unavailable", "engine_not_ready"),
     GenerationFailed: (500, "server_error", "generation_failed"),
+    # A reload whose config is refused: the running policies stay (the field is the `param`).
+    RestartRequired: (409, "invalid_request_error", "restart_required"),
+    ConfigError: (400, "invalid_request_error", "invalid_config"),
 }
 
 
@@ -50,7 +55,7 @@ def error_body(error: Exception) -> tuple[int, ErrorBody]:
     for cls in type(error).__mro__:
         if cls in STATUS:
             status, kind, code = STATUS[cls]
-            param = error.param if isinstance(error, RequestError) else None
+            param = error.param if isinstance(error, RequestError) else getattr(error, "field", None)
             return status, ErrorBody(message=str(error), type=kind, param=param, code=code)
     return 500, ErrorBody(message="internal server error", type="server_error", code="internal_error")
 

@@ -9,6 +9,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 
@@ -56,10 +57,31 @@ class ServerMetrics:
             "steer_decisions", "Decisions made, by policy and chosen action.", ["policy", "action"],
             registry=self.registry,
         )
+        # Reloads, named as Prometheus names its own (`prometheus_config_last_reload_successful`, …).
+        self.reloads = Counter(
+            "steer_config_reloads", "Config reloads, by result: reloaded, unchanged or refused.", ["result"],
+            registry=self.registry,
+        )
+        self.reload_successful = Gauge(
+            "steer_config_last_reload_successful", "1 if the last reload succeeded (or none was tried), else 0.",
+            registry=self.registry,
+        )
+        self.reload_success_time = Gauge(
+            "steer_config_last_reload_success_timestamp_seconds", "When the active config was loaded (Unix time).",
+            registry=self.registry,
+        )
+        self.config = Info("steer_config", "The active deployment config's digest.", registry=self.registry)
         self.unfinished = Gauge(
             "steer_engine_unfinished_requests", "Requests inside the engine, running or waiting.",
             registry=self.registry,
         )
+
+    def loaded(self, digest: str, policies: set[str]) -> None:
+        """A config is active from now on (at start-up, or after a reload)."""
+        self.policies = policies
+        self.config.info({"digest": digest})
+        self.reload_successful.set(1)
+        self.reload_success_time.set_to_current_time()
 
     def policy_label(self, name: object) -> str:
         """A request's policy as a label; unknown names (and a `model` that is no string) collapse to one."""
