@@ -1,4 +1,5 @@
-"""`steer`: try a policy, serve a deployment, calibrate a policy, run the demo and the benchmarks."""
+"""`steer`: try a policy, serve a deployment, reload its policies, calibrate a policy, run the demo and the
+benchmarks."""
 
 from __future__ import annotations
 
@@ -71,7 +72,18 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument("--fit-fraction", type=float, default=0.5)
     calibrate.add_argument("--max-tokens", type=int, default=32, help="answer length for abstention policies")
     calibrate.add_argument("--bins", type=int, default=10, help="confidence bins for ECE and the reliability plot")
+    calibrate.add_argument("--apply", action="store_true",
+                           help="replace the calibration file the policy names in the config, then reload the "
+                                "server at --url: the recalibrated policy serves from its next request")
+    _server_arguments(calibrate)
     calibrate.set_defaults(handler=lambda args: asyncio.run(_calibrate(args)))
+
+    reload = commands.add_parser(
+        "reload", help="have a running server re-read its config: policies change, in-flight requests finish as they began"
+    )
+    _server_arguments(reload)
+    reload.add_argument("--json", action="store_true", help="print the server's report as JSON")
+    reload.set_defaults(handler=_reload)
 
     demo = commands.add_parser("demo", help="the demo family: build it, or serve it and show each policy")
     demo_commands = demo.add_subparsers(dest="demo_command", required=True)
@@ -117,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     fixtures.add_argument("--family", choices=["llama", "qwen2"], default="llama")
     fixtures.set_defaults(handler=_fixtures)
     return parser
+
+
+def _server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("STEER_BASE_URL", "http://127.0.0.1:8000/v1"),
+                        help="the server, as the SDK's base URL (default: $STEER_BASE_URL, else "
+                             "http://127.0.0.1:8000/v1)")
+    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
+                        help="the server's API key (default: $STEER_API_KEY)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,14 +232,46 @@ def _serve(args) -> int:
 
 async def _calibrate(args) -> int:
     from steering.config import load_deployment
+    from steering.errors import ConfigError
+    from steering_tools import rollout
     from steering_tools.calibrate import calibrate, summary
 
     deployment = load_deployment(args.config)
     out = args.out or args.config.parent / f"{args.policy}.calibration.json"
+    if args.apply:  # refused before any engine starts
+        named = rollout.named_calibration(args.config, args.policy)
+        if args.out and args.out.resolve() != named:
+            raise ConfigError("--out", f"--apply replaces the file policies.{args.policy}.calibration names "
+                                       f"({named}); leave out --out")
+        out = named
+    previous = out.read_bytes() if args.apply and out.exists() else None
     result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed,
                              fit_fraction=args.fit_fraction, max_tokens=args.max_tokens, bins=args.bins)
     print(summary(result))
-    print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}")
+    if not args.apply:
+        print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}, then "
+              "`steer reload` (or rerun with --apply)")
+        return 0
+    rollout.keep_if_valid(args.config, out, previous)
+    try:
+        report = rollout.reload_server(args.url, args.api_key, caller="steer calibrate --apply")
+    except rollout.ReloadFailed as error:
+        print(f"steer calibrate: wrote {out}, but {error}; the server serves the old calibration until it "
+              "reloads (`steer reload`, or SIGHUP)", file=sys.stderr)
+        return 1
+    print(rollout.describe(report))
+    return 0
+
+
+def _reload(args) -> int:
+    from steering_tools import rollout
+
+    try:
+        report = rollout.reload_server(args.url, args.api_key)
+    except rollout.ReloadFailed as error:
+        print(f"steer reload: {error}", file=sys.stderr)
+        return 1
+    print(json.dumps(report, indent=2) if args.json else rollout.describe(report))
     return 0
 
 

@@ -20,6 +20,8 @@ MAX_MODEL_LEN = 1024
 class Server(ServerProcess):
     """A running `steer serve` with the tests' API key: clients for it, and its metrics."""
 
+    config: Path | None = None  # the deployment YAML it serves (and reloads)
+
     def http(self, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {API_KEY}"}
         return httpx.Client(base_url=self.url, headers=headers, timeout=120, **kwargs)
@@ -76,6 +78,7 @@ def start_server(config: Path, log: Path, *extra: str) -> Server:
     port = free_port()
     command = [STEER, "serve", "--config", str(config), "--port", str(port), "--api-key", API_KEY, *extra]
     server = Server.start(command, port=port, log=log)
+    server.config = config
     server.wait_ready(600)
     return server
 

@@ -36,6 +36,7 @@ def test_the_public_names_are_pinned():
         "ChatCompletionChunk",
         "Completion",
         "CompletionChunk",
+        "ConflictError",
         "DEFAULT_MAX_RETRIES",
         "DEFAULT_STREAM_TIMEOUT",
         "DEFAULT_TIMEOUT",
@@ -46,6 +47,7 @@ def test_the_public_names_are_pinned():
         "PolicyList",
         "RateLimitError",
         "RawResponse",
+        "ReloadResult",
         "Steering",
         "SteeringClient",
         "Stream",
@@ -58,7 +60,8 @@ def test_the_public_names_are_pinned():
 def test_the_status_errors_form_the_documented_tree():
     e = steering_client
     assert all(issubclass(cls, e.APIStatusError) for cls in (
-        e.BadRequestError, e.AuthenticationError, e.NotFoundError, e.RateLimitError, e.InternalServerError))
+        e.BadRequestError, e.AuthenticationError, e.NotFoundError, e.ConflictError, e.RateLimitError,
+        e.InternalServerError))
     assert issubclass(e.APITimeoutError, e.APIConnectionError)
     assert all(issubclass(cls, e.APIError)
                for cls in (e.APIStatusError, e.APIConnectionError, e.APIResponseValidationError))

@@ -182,6 +182,11 @@ class SteeringClient(BaseClient[httpx.Client]):
         response, retries = self._send(request, stream=False, max_retries=options.max_retries)
         return self._result(response, retries, options, lambda r: parse(r, cast_to))
 
+    def _post(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
+        request = self._build_request("POST", path, options)
+        response, retries = self._send(request, stream=False, max_retries=options.max_retries)
+        return self._result(response, retries, options, lambda r: parse(r, cast_to))
+
     def _generate(self, endpoint: Endpoint[ResponseT, ChunkT], body: dict[str, Any], options: Options) -> Any:
         """POST a generation; a stream of chunks when the body asks for one, else the parsed answer."""
         request = self._build_request("POST", endpoint.path, options, body=body)
@@ -232,6 +237,11 @@ class AsyncSteeringClient(BaseClient[httpx.AsyncClient]):
 
     async def _get(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
         request = self._build_request("GET", path, options)
+        response, retries = await self._send(request, stream=False, max_retries=options.max_retries)
+        return self._result(response, retries, options, lambda r: parse(r, cast_to))
+
+    async def _post(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
+        request = self._build_request("POST", path, options)
         response, retries = await self._send(request, stream=False, max_retries=options.max_retries)
         return self._result(response, retries, options, lambda r: parse(r, cast_to))
 

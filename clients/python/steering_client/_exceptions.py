@@ -82,6 +82,10 @@ class NotFoundError(APIStatusError):
     """404: e.g. a policy the server does not serve."""
 
 
+class ConflictError(APIStatusError):
+    """409: e.g. a reload whose config changes what only a restart can (the base, experts or engine)."""
+
+
 class RateLimitError(APIStatusError):
     """429: too many requests."""
 
@@ -94,6 +98,7 @@ STATUS_ERRORS: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
     401: AuthenticationError,
     404: NotFoundError,
+    409: ConflictError,
     429: RateLimitError,
 }
 

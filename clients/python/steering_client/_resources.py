@@ -1,4 +1,5 @@
-"""What a client offers: `chat.completions`, `completions`, and `models` (also called `policies`).
+"""What a client offers: `chat.completions`, `completions`, and `models` (also called `policies`,
+with `reload()`).
 
 Every option is keyword-only. A field left out (or given as None) is not sent, so the server's
 default applies; the standard fields (`max_tokens`, `temperature`, …) are checked by name before
@@ -18,7 +19,7 @@ from urllib.parse import quote
 from ._params import ChatFields, CompletionFields
 from ._response import Options
 from ._streaming import AsyncStream, ChunkT, Stream
-from ._types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Policy, PolicyList
+from ._types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Policy, PolicyList, ReloadResult
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
@@ -174,6 +175,16 @@ class Models(Resource["SteeringClient"]):
             raise ValueError("model must be a policy name, not empty")
         return self._client._get(f"/models/{quote(model, safe='')}", Policy, self._options(timeout, max_retries, extra_headers, extra_query))
 
+    def reload(
+        self, *, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = 0,
+    ) -> ReloadResult:
+        """Have the server re-read its config file: policies added, removed or changed serve from the
+        next request on (requests in flight finish on their old policy). A config that fails
+        validation is a `BadRequestError`, one that changes the base, experts or engine a
+        `ConflictError`; either way the server keeps its running policies. Not retried by default."""
+        return self._client._post("/admin/reload", ReloadResult, self._options(timeout, max_retries, extra_headers, extra_query))
+
 
 class AsyncChatCompletions(Resource["AsyncSteeringClient"]):
     @overload
@@ -258,3 +269,13 @@ class AsyncModels(Resource["AsyncSteeringClient"]):
         if not model:
             raise ValueError("model must be a policy name, not empty")
         return await self._client._get(f"/models/{quote(model, safe='')}", Policy, self._options(timeout, max_retries, extra_headers, extra_query))
+
+    async def reload(
+        self, *, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = 0,
+    ) -> ReloadResult:
+        """Have the server re-read its config file: policies added, removed or changed serve from the
+        next request on (requests in flight finish on their old policy). A config that fails
+        validation is a `BadRequestError`, one that changes the base, experts or engine a
+        `ConflictError`; either way the server keeps its running policies. Not retried by default."""
+        return await self._client._post("/admin/reload", ReloadResult, self._options(timeout, max_retries, extra_headers, extra_query))

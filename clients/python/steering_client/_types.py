@@ -207,3 +207,16 @@ class PolicyList(_Model):
 
     def __len__(self) -> int:
         return len(self.data)
+
+
+class ReloadResult(_Model):
+    """`POST /v1/admin/reload`: what the server's config file changed, and the policies served now."""
+
+    object: str
+    status: str  # "reloaded" or "unchanged"
+    digest: str
+    previous_digest: str
+    added: list[str]
+    removed: list[str]
+    changed: dict[str, list[str]]  # policy -> the fields that changed
+    policies: list[str]
