@@ -50,25 +50,9 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
         if overrides else None
     )
     rule = steering.rule
-    if rule is not None and (len(prompts) > 1 or request.n > 1):
-        raise InvalidRequest("abstention and decision policies answer one prompt with one choice",
-                             param="n" if request.n > 1 else "prompt")
-    if isinstance(rule, DecisionRule) and request.num_logprobs is not None:
-        raise InvalidRequest("decision policies answer with a label: logprobs are in steering.decision",
-                             param="logprobs")
-    if rule is not None and tools is not None:
-        raise InvalidRequest("abstention and decision policies answer in text or with a label: tools do not apply",
-                             param="tools")
-    echo = isinstance(request, CompletionRequest) and request.echo
-    if rule is not None and (echo or request.prompt_logprobs is not None):
-        field = "echo" if echo else "prompt_logprobs"
-        raise InvalidRequest(f"abstention and decision policies score their answer, not the prompt: {field} is "
-                             "served by plain policies", param=field)
     constrains = request.response_format is not None and request.response_format.type != "text"
-    if isinstance(rule, DecisionRule) and (constrains or request.structured_outputs):
-        field = "response_format" if constrains else "structured_outputs"
-        raise InvalidRequest(f"decision policies answer with one of their labels: {field} does not apply",
-                             param=field)
+    if rule is not None:
+        _refuse_what_the_rule_cannot_serve(rule, request, prompts, tools, constrains)
     params = []
     for prompt in prompts:
         sampling = sampling_params(request, prompt_len=len(prompt), max_model_len=engine.max_model_len)
@@ -82,3 +66,32 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
                   else "structured_outputs" if request.structured_outputs is not None
                   else "response_format" if constrains else None)
     return Plan(steering, prompts, params, request.num_logprobs, tools, constraint)
+
+
+RULES = (AbstentionRule, DecisionRule)
+
+
+def _refuse_what_the_rule_cannot_serve(rule: AbstentionRule | DecisionRule, request: GenerationRequest,
+                                       prompts: list[list[int]], tools: ToolCalling | None, constrains: bool) -> None:
+    """An abstention or decision policy answers one prompt with one scored answer (or a label):
+    the first field it cannot serve is refused by name."""
+    echo = isinstance(request, CompletionRequest) and request.echo
+    scored_prompt = "echo" if echo else "prompt_logprobs"
+    constraint = "response_format" if constrains else "structured_outputs"
+    # (the rules that refuse it, whether the request asks for it, the field named, why)
+    refusals = (
+        (RULES, len(prompts) > 1 or request.n > 1, "n" if request.n > 1 else "prompt",
+         "abstention and decision policies answer one prompt with one choice"),
+        (DecisionRule, request.num_logprobs is not None, "logprobs",
+         "decision policies answer with a label: logprobs are in steering.decision"),
+        (RULES, tools is not None, "tools",
+         "abstention and decision policies answer in text or with a label: tools do not apply"),
+        (RULES, echo or request.prompt_logprobs is not None, scored_prompt,
+         f"abstention and decision policies score their answer, not the prompt: {scored_prompt} is served by plain "
+         "policies"),
+        (DecisionRule, constrains or request.structured_outputs is not None, constraint,
+         f"decision policies answer with one of their labels: {constraint} does not apply"),
+    )
+    for kinds, asked, param, reason in refusals:
+        if asked and isinstance(rule, kinds):
+            raise InvalidRequest(reason, param=param)

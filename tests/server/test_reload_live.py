@@ -156,11 +156,14 @@ def test_an_invalid_config_is_refused_and_the_old_policies_keep_serving(server, 
 
     config.policies["chat"]["alpha"] = {"nope": 1.0}
     config.save()
-    response = reload(server)
+    with SteeringClient(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0) as client, \
+            pytest.raises(BadRequestError) as invalid:
+        client.policies.reload()
 
-    assert response.status_code == 400
-    assert response.json()["error"]["param"] == "policies.chat.alpha.nope"
-    assert "unknown expert pair" in response.json()["error"]["message"]
+    error = invalid.value.body["error"]
+    assert (invalid.value.status_code, error["code"], error["param"]) == (400, "invalid_config",
+                                                                          "policies.chat.alpha.nope")
+    assert "unknown expert pair" in error["message"]
     assert server.metric("steer_config_last_reload_successful") == 0
     assert [m.id for m in server.openai().models.list()] == serving
     assert greedy(server, "chat") == expected(llama_reference, tokenizer, {"chat": 1.0})
