@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -356,8 +357,25 @@ def read_deployment(path: str | Path) -> Deployment:
 def load_deployment(path: str | Path) -> Deployment:
     """Read, validate and check a deployment YAML file; fail with the offending field named."""
     deployment = read_deployment(path)
+    check_executor(deployment)
     check_checkpoints(deployment)
     return deployment
+
+
+def check_executor(deployment: Deployment) -> None:
+    """vLLM's Ray executor places workers by device; vLLM's CPU build has no device Ray can place
+    (its `ray_device_key` is empty) and fails only after starting Ray. Refuse that here."""
+    if (deployment.engine.model_extra or {}).get("distributed_executor_backend") != "ray":
+        return
+    from vllm.platforms import current_platform
+
+    field = "engine.distributed_executor_backend"
+    if not current_platform.ray_device_key:
+        raise ConfigError(field, f"vLLM's {current_platform.device_name} build does not support the Ray executor "
+                                 f"(its platform names no device for Ray to place workers on); leave it unset: "
+                                 "tensor_parallel_size runs within one machine on vLLM's own processes")
+    if importlib.util.find_spec("ray") is None:
+        raise ConfigError(field, "needs the ray package on every node (vLLM's GPU image has it): pip install ray")
 
 
 def digest(deployment: Deployment) -> str:

@@ -7,7 +7,7 @@ import pytest
 import yaml
 
 from steering import threads
-from steering.config import load_deployment, parse_deployment
+from steering.config import load_deployment, parse_deployment, read_deployment
 from steering.errors import ConfigError
 from steering.threads import BIND_VARIABLE, cpu_worker_binding, split_cores
 from tests.engine.conftest import LiveEngine
@@ -60,6 +60,23 @@ def test_pipeline_parallel_is_refused_with_the_reason(llama_family):
                           "engine": {"pipeline_parallel_size": 2}})
     assert caught.value.field == "engine.pipeline_parallel_size"
     assert "cannot be cut into pipeline stages" in caught.value.reason
+
+
+def test_the_ray_executor_is_refused_at_load_where_vllm_cannot_place_workers_with_ray(llama_family, tmp_path):
+    # vLLM's CPU build names no device for Ray (`ray_device_key` is empty): left alone, its Ray
+    # executor would start a Ray cluster and then fail inside the engine. The schema accepts the
+    # option (a GPU node can run it); loading on this platform refuses it before any checkpoint opens.
+    from vllm.platforms import current_platform
+
+    assert not current_platform.ray_device_key, "this test runs where vLLM's platform cannot use Ray"
+    path = tmp_path / "deploy.yaml"
+    path.write_text(yaml.safe_dump({"base": llama_family["base"], "policies": {"base": {}},
+                                    "engine": {"distributed_executor_backend": "ray", "tensor_parallel_size": 2}}))
+    assert read_deployment(path).engine.model_extra["distributed_executor_backend"] == "ray"
+    with pytest.raises(ConfigError) as caught:
+        load_deployment(path)
+    assert caught.value.field == "engine.distributed_executor_backend"
+    assert f"vLLM's {current_platform.device_name} build does not support the Ray executor" in caught.value.reason
 
 
 @pytest.fixture(scope="module")
