@@ -65,6 +65,8 @@ class ServerSettings(BaseModel):
     port: int = 8000
     api_key: str | None = None
     graceful_shutdown_seconds: float = 60.0
+    watch_config_seconds: float | None = Field(
+        default=None, gt=0, description="Re-read the config this often and reload when it changed (None: never).")
     max_body_bytes: int = Field(default=16 * 2**20, gt=0, description="A larger request body is refused (413).")
 
     @property
@@ -310,6 +312,31 @@ def reload_on_sighup(state: ServiceState) -> Iterator[None]:
         loop.remove_signal_handler(signal.SIGHUP)
 
 
+async def watch_config(state: ServiceState, every: float) -> None:
+    """Reload whenever what the config file reads as changes: the YAML, or a calibration file it
+    names. For a file that changes under the server, as a mounted Kubernetes ConfigMap does when
+    it is applied, so every replica takes the change without anyone reaching each pod.
+
+    Each change is reloaded (or refused, and logged) once; a file that stays broken, or that
+    changes what needs a restart, is not retried until it changes again.
+    """
+    path, seen = state.settings.config, None
+    while True:
+        await asyncio.sleep(every)
+        if state.engine is None:
+            continue
+        if seen is None:  # the engine is up with the file as it was read at start-up
+            seen = digest(state.deployment)
+        try:
+            current = digest(await asyncio.to_thread(read_deployment, path))
+        except ConfigError as error:
+            current = f"refused: {error}"
+        if current != seen:
+            seen = current
+            with suppress(SteeringError):  # `reload` has logged why
+                await state.reload(f"a change to {path}")
+
+
 def create_app(
     settings: ServerSettings,
     *,
@@ -331,9 +358,13 @@ def create_app(
         @asynccontextmanager
         async def lifespan(app: FastAPI):
             starting = asyncio.create_task(state.start_engine(vllm_config, on_engine_failure))
+            every = settings.watch_config_seconds
+            watching = asyncio.create_task(watch_config(state, every)) if every else None
             with reload_on_sighup(state):
                 yield
             starting.cancel()
+            if watching:
+                watching.cancel()
             state.shutdown()
 
     app = FastAPI(

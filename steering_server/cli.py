@@ -28,6 +28,16 @@ To serve the demo family instead: `steer demo run` (it trains the family once, a
 cores, then serves it on :8000), or `steer demo build` and then `steer serve --config <that folder>/deploy.yaml`."""
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds above 0")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own logs")
@@ -57,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", default=os.environ.get("STEER_API_KEY"),
                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: $STEER_API_KEY)")
+    serve.add_argument("--watch-config", type=_seconds, metavar="SECONDS",
+                       help="re-read the config every SECONDS and reload when it (or a calibration file it names) "
+                            "changed, e.g. a mounted ConfigMap (default: reload only on SIGHUP or POST)")
     serve.add_argument("--max-body-bytes", type=int, help="refuse a larger request body with 413 (default: 16 MiB)")
     serve.set_defaults(handler=_serve)
 
@@ -213,6 +226,7 @@ def _serve(args) -> int:
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key,
+                              watch_config_seconds=args.watch_config,
                               **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     logging.getLogger("steer.server").info("loading the deployment from %s", args.config)
     failures: list[BaseException] = []

@@ -18,7 +18,8 @@ from fastapi.testclient import TestClient
 from steering.config import PolicyChanges, check_reloadable, digest, parse_deployment, read_deployment
 from steering.errors import RestartRequired
 from steering.policy import Overrides
-from steering_server.app import ServerSettings, create_app
+from steering_server.app import ServerSettings, create_app, watch_config
+from steering_server.cli import build_parser
 from steering_server.protocol import CompletionRequest
 from tests.server.fake_engine import BOS, FakeEngine, answer
 from tests.server.test_protocol import API_KEY, EXPERTS, INVALID, MAX_MODEL_LEN, POLICIES, assert_error, metric
@@ -190,6 +191,65 @@ def test_a_fixed_file_reloads_after_a_refusal(served):
     assert served.reload().json()["changed"] == {"chat": ["description"]}
     assert served.metric("steer_config_last_reload_successful") == 1
     assert served.client.get("/v1/models/chat").json()["description"] == "edited"
+
+
+def test_watching_the_file_reloads_each_change_once(served, caplog):
+    """`steer serve --watch-config`: what a replica does when its mounted ConfigMap changes."""
+    state = served.client.app.state.service
+    tick = 0.02
+
+    def reloads(result: str) -> float:
+        return served.metric("steer_config_reloads_total", result=result)
+
+    async def until(condition, what: str) -> None:
+        for _ in range(250):
+            if condition():
+                return
+            await asyncio.sleep(tick)
+        pytest.fail(f"the watcher did not {what}")
+
+    async def scenario() -> None:
+        watching = asyncio.create_task(watch_config(state, tick))
+        try:
+            await asyncio.sleep(10 * tick)  # an unchanged file is never reloaded
+            assert reloads("reloaded") == reloads("unchanged") == reloads("refused") == 0
+
+            served.config["policies"]["chat"]["alpha"] = {"chat": 1.7}
+            served.write()
+            await until(lambda: reloads("reloaded") == 1, "reload an edited alpha")
+            text = (await asyncio.to_thread(served.complete, "chat")).json()["choices"][0]["text"]
+            assert text == answer(PROMPT_IDS, alpha_row({"chat": 1.7}))
+
+            served.write("{broken")  # refused once, and not again while it stays broken
+            await until(lambda: reloads("refused") == 1, "refuse a broken file")
+            served.config["engine"] = {"seed": 7}  # valid, but needs a restart: refused once too
+            served.write()
+            await until(lambda: reloads("refused") == 2, "refuse a change that needs a restart")
+            await asyncio.sleep(10 * tick)
+            assert reloads("refused") == 2 and reloads("reloaded") == 1
+            assert served.metric("steer_config_last_reload_successful") == 0
+
+            served.config.pop("engine")
+            served.config["policies"]["chat"]["alpha"] = {"chat": 0.5}
+            served.write()
+            await until(lambda: reloads("reloaded") == 2, "reload the fixed file")
+        finally:
+            watching.cancel()
+
+    with caplog.at_level("INFO", logger="steer.server"):
+        asyncio.run(scenario())
+    assert served.engine.deployment.policies["chat"].alpha == {"chat": 0.5}
+    assert served.metric("steer_config_last_reload_successful") == 1
+    sources = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reload by")]
+    assert len(sources) == 4 and all(f"config reload by a change to {served.path}" in m for m in sources)
+
+
+def test_watch_config_takes_seconds_above_zero():
+    assert build_parser().parse_args(["serve", "--watch-config", "2.5"]).watch_config == 2.5
+    assert build_parser().parse_args(["serve"]).watch_config is None
+    for bad in ("0", "-1", "nan", "inf", "soon"):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["serve", "--watch-config", bad])
 
 
 def test_reloading_takes_the_api_key(served):
