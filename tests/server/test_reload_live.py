@@ -20,7 +20,8 @@ import yaml
 from steering_client import BadRequestError, ConflictError, SteeringClient
 
 from steering.testing.families import corpus
-from tests.live_server import API_KEY, LABELS, MAX_MODEL_LEN, STEER
+from tests.live_server import API_KEY, LABELS, MAX_MODEL_LEN, STEER, start_server, stop_server, write_config
+from tests.server.test_protocol import metric
 
 PROMPT = "every cat reads a long story"
 GREEDY = {"temperature": 0.0, "max_tokens": 16}
@@ -233,3 +234,59 @@ def test_calibrate_apply_needs_a_file_the_policy_names(server, config, tmp_path)
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 2
     assert "policies.triage.calibration: --apply replaces the calibration file a policy names" in run.stderr
+
+
+def kubelet_update(folder: Path, files: dict[str, str]) -> None:
+    """Write `files` into `folder` as the kubelet updates a mounted ConfigMap: the new version in a
+    hidden folder of its own, made current by renaming one `..data` symlink over the old one; each
+    key is a symlink through `..data`."""
+    version = folder / f"..{time.time_ns()}"
+    version.mkdir()
+    for name, text in files.items():
+        (version / name).write_text(text)
+    staged = folder / "..data_tmp"
+    staged.symlink_to(version.name)
+    os.replace(staged, folder / "..data")
+    for name in files:
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(Path("..data") / name)
+
+
+def test_a_configmap_update_reaches_a_server_that_watches_its_config(
+        llama_family, tmp_path, llama_reference, tokenizer):
+    """`steer serve --watch-config`, as each replica of deploy/kubernetes runs it: no reload call."""
+    source = tmp_path / "source"
+    source.mkdir()
+    write_config(llama_family, source / "deploy.yaml")
+    files = {path.name: path.read_text() for path in source.iterdir()}  # deploy.yaml and its calibration
+    mount = tmp_path / "etc-steering"
+    mount.mkdir()
+    kubelet_update(mount, files)
+    server = start_server(mount / "deploy.yaml", tmp_path / "server.log", "--watch-config", "0.2")
+
+    def reloads(result: str) -> float:
+        with server.http() as http:
+            return metric(http.get("/metrics").text, "steer_config_reloads_total", result=result)
+
+    def wait_for(condition, what: str) -> None:
+        deadline = time.monotonic() + 30
+        while not condition():
+            assert time.monotonic() < deadline, f"the server did not {what}"
+            time.sleep(0.1)
+
+    try:
+        assert greedy(server, "chat") == expected(llama_reference, tokenizer, {"chat": 1.0})
+        edited = yaml.safe_load(files["deploy.yaml"])
+        edited["policies"]["chat"]["alpha"] = {"chat": 2.5}
+        kubelet_update(mount, {**files, "deploy.yaml": yaml.safe_dump(edited, sort_keys=False)})
+        wait_for(lambda: reloads("reloaded") == 1, "reload the updated ConfigMap")
+        assert greedy(server, "chat") == expected(llama_reference, tokenizer, {"chat": 2.5})
+        assert f"config reload by a change to {mount / 'deploy.yaml'}: config " in server.log.read_text()
+
+        kubelet_update(mount, {**files, "deploy.yaml": "{broken"})
+        wait_for(lambda: reloads("refused") == 1, "refuse a broken ConfigMap")
+        time.sleep(1.0)  # five more looks at the same broken file: not refused again
+        assert reloads("refused") == 1 and reloads("reloaded") == 1
+        assert greedy(server, "chat") == expected(llama_reference, tokenizer, {"chat": 2.5})
+    finally:
+        stop_server(server)
