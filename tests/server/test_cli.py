@@ -1,4 +1,4 @@
-"""`steer complete` and `steer fixtures` as a newcomer runs them: the installed script, a subprocess."""
+"""`steer complete`, `steer check` and `steer fixtures` as a newcomer runs them: the installed script, a subprocess."""
 
 from __future__ import annotations
 
@@ -77,3 +77,21 @@ def test_fixtures_writes_a_loadable_family(tmp_path):
     assert result.returncode == 0, result.stderr
     deployment = load_deployment(tmp_path / "family" / "deploy.yaml")
     assert set(deployment.policies) == {"base", "chat", "code"}
+
+
+def test_check_passes_a_config_serve_would_start_and_names_the_field_of_one_it_would_refuse(deploy_yaml, tmp_path):
+    from steering.config import digest, load_deployment
+
+    result = steer("check", "--config", str(deploy_yaml), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{deploy_yaml}: ok, config {digest(load_deployment(deploy_yaml))}\n")
+    assert "  policies: base, chat" in result.stdout
+    kv_cache = float(result.stdout.split("KV cache: ")[1].split(" GiB")[0])
+    assert kv_cache > 0, "sized in bytes from the models on CPU"
+    config = yaml.safe_load(deploy_yaml.read_text())
+    config["engine"]["max_model_len"] = 2**20  # valid YAML and schema; vLLM's own config check refuses it
+    bad = tmp_path / "deploy.yaml"
+    bad.write_text(yaml.safe_dump(config))
+    result = steer("check", "--config", str(bad), timeout=300)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines()[-1].startswith("steer: engine.max_model_len: vLLM refused it: ")
