@@ -349,6 +349,8 @@ def read_deployment(path: str | Path) -> Deployment:
         raw = yaml.safe_load(path.read_text())
     except OSError as error:
         raise ConfigError("config", f"cannot read {path}: {error.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
     return parse_deployment(raw, root=path.parent)

@@ -151,6 +151,11 @@ def test_a_file_that_is_not_a_config_is_refused(served, text, param, says):
     refused_keeps_serving(served, served.reload(), 400, param, "invalid_config", says)
 
 
+def test_a_file_that_is_not_utf8_is_refused_not_a_server_error(served):
+    served.path.write_bytes(served.path.read_text().encode("utf-16"))  # e.g. saved by a Windows editor
+    refused_keeps_serving(served, served.reload(), 400, "config", "invalid_config", "is not UTF-8 text")
+
+
 @pytest.mark.parametrize(("edit", "param", "says"), [
     (lambda c: c["policies"]["chat"]["alpha"].update(nope=1.0), "policies.chat.alpha.nope", "unknown expert pair"),
     (lambda c: c["policies"]["chat"].update(max_alpha=-1), "policies.chat.max_alpha", "greater than or equal to 0"),
