@@ -343,6 +343,11 @@ class SteeringEngine:
     def num_unfinished_requests(self) -> int:
         return self.llm.get_num_unfinished_requests()
 
+    @property
+    def errored(self) -> bool:
+        """vLLM's engine core has died (or the engine was shut down): no request can be answered."""
+        return self.llm.errored
+
     def shutdown(self) -> None:
         self.llm.shutdown()
         # AsyncLLM sits in reference cycles; collect it now, not during interpreter teardown,

@@ -55,6 +55,7 @@ from steering_server.service import ChatCompletions, Completions, GenerationServ
 logger = logging.getLogger("steer.server")
 T = TypeVar("T")
 LOADING_TICK_SECONDS = 10.0
+ENGINE_CHECK_SECONDS = 1.0
 
 
 class ServerSettings(BaseModel):
@@ -63,7 +64,7 @@ class ServerSettings(BaseModel):
     config: Path | None = None  # the deployment YAML; unused when the app is handed an engine
     host: str = "127.0.0.1"
     port: int = 8000
-    api_key: str | None = None
+    api_key: str | None = Field(default=None, min_length=1)
     graceful_shutdown_seconds: float = 60.0
     watch_config_seconds: float | None = Field(
         default=None, gt=0, description="Re-read the config this often and reload when it changed (None: never).")
@@ -115,6 +116,13 @@ class ServiceState:
         self.serve(engine)
         logger.info("engine ready in %.1f s; serving policies %s (config %s) on %s", time.perf_counter() - started,
                     sorted(self.deployment.policies), digest(self.deployment), self.settings.address)
+        # As `vllm serve` does: a server whose engine died answers nothing, so it stops (exit 1) and its
+        # supervisor (Kubernetes, Docker's restart policy, systemd) starts a fresh one.
+        while not engine.errored:
+            await asyncio.sleep(ENGINE_CHECK_SECONDS)
+        self.failure = EngineNotReady("the engine died (vLLM's engine core process is gone); the server is stopping")
+        logger.error("the engine died (vLLM's engine core process is gone); stopping the server")
+        on_failure(self.failure)
 
     def serve(self, engine: SteeringEngine) -> None:
         """Route generation to `engine` from now on."""
@@ -196,6 +204,8 @@ def _ready(request: Request) -> ServiceState:
     if state.engine is None:
         reason = f"the engine failed to start: {state.failure}" if state.failure else "the engine is still loading"
         raise EngineNotReady(reason)
+    if state.engine.errored:
+        raise EngineNotReady("the engine died (vLLM's engine core process is gone); the server is stopping")
     return state
 
 
@@ -383,11 +393,11 @@ def create_app(
 
     app.openapi = lambda: openapi_schema(app, settings)  # type: ignore[method-assign]
 
-    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Not ready yet."}})
+    @app.get("/health", response_model=Health, responses={503: {"model": Health, "description": "Loading, or failed (the engine did not start, or died)."}})
     async def health() -> JSONResponse:
-        if state.engine is not None:
+        if state.engine is not None and not state.engine.errored:
             return JSONResponse({"status": "ready"})
-        status = "failed" if state.failure else "loading"
+        status = "failed" if state.failure or state.engine is not None else "loading"
         return JSONResponse({"status": status}, status_code=503)
 
     @app.get("/metrics", response_class=PlainTextResponse)

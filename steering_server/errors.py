@@ -28,7 +28,7 @@ class NotAuthenticated(SteeringError):
 
 
 class EngineNotReady(SteeringError):
-    """The engine is still loading (or failed to load)."""
+    """The engine is still loading, failed to load, or died."""
 
 
 class BodyTooLarge(SteeringError):

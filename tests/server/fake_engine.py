@@ -138,6 +138,8 @@ class FakeEngine(SteeringEngine):
     def num_unfinished_requests(self) -> int:
         return self.running
 
+    errored = False  # a test sets it: vLLM's engine core has died
+
     def shutdown(self) -> None:
         self.is_shut_down = True
 

@@ -205,6 +205,14 @@ def test_health_is_ready_at_once_and_the_engine_is_not_shut_down_by_the_app(app,
     assert not engine.is_shut_down
 
 
+def test_a_dead_engine_is_unhealthy_and_refuses_requests_with_503(client, engine):
+    engine.errored = True
+    response = client.get("/health")
+    assert (response.status_code, response.json()) == (503, {"status": "failed"})
+    assert_error(client.post("/v1/completions", json={"model": "chat", "prompt": "hi"}), 503,
+                 type="service_unavailable", param=None, code="engine_not_ready", says="the engine died")
+
+
 def test_models_lists_every_policy(client):
     cards = client.get("/v1/models").json()["data"]
     assert [card["id"] for card in cards] == list(POLICIES)
