@@ -230,11 +230,18 @@ def _serve(args) -> int:
     if args.config is None:
         print(NO_CONFIG, file=sys.stderr)
         return 2
+    if args.api_key == "":  # e.g. a Secret with an empty value: refuse rather than guard with ""
+        print("steer serve: the API key (--api-key or STEER_API_KEY) is empty; set one, or unset it to serve "
+              "without a key", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = ServerSettings(config=args.config, host=args.host, port=args.port, api_key=args.api_key,
                               watch_config_seconds=args.watch_config,
                               **({"max_body_bytes": args.max_body_bytes} if args.max_body_bytes else {}))
     logging.getLogger("steer.server").info("loading the deployment from %s", args.config)
+    if args.api_key is None:
+        logging.getLogger("steer.server").warning(
+            "no API key (--api-key or STEER_API_KEY): anyone who reaches %s can use every policy", settings.address)
     failures: list[BaseException] = []
 
     def stop(error: BaseException) -> None:

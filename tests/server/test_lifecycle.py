@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import threading
 import time
 
 import httpx
+import psutil
 import pytest
 import yaml
 
@@ -22,6 +24,15 @@ def test_bad_config_fails_at_start_up_naming_the_field(llama_family, tmp_path):
     result = subprocess.run([STEER, "serve", "--config", str(path)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "policies.chat.max_alpha: Input should be a finite number" in result.stderr
+
+
+def test_an_empty_api_key_is_refused_at_start_up(llama_family, tmp_path):
+    # A Kubernetes Secret with an empty value, or `-e STEER_API_KEY=`: never a server guarded by "".
+    path = write_config(llama_family, tmp_path / "deploy.yaml")
+    result = subprocess.run([STEER, "serve", "--config", str(path)], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "STEER_API_KEY": ""})
+    assert result.returncode == 2
+    assert "the API key (--api-key or STEER_API_KEY) is empty" in result.stderr
 
 
 @pytest.fixture(scope="module")
@@ -63,3 +74,17 @@ def test_sigterm_drains_in_flight_requests_then_exits(draining_server):
     assert "Application shutdown complete" in draining_server.log.read_text()
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{draining_server.url}/health", headers={"Authorization": f"Bearer {API_KEY}"}, timeout=5)
+
+
+def test_a_server_whose_engine_dies_stops_so_its_supervisor_restarts_it(llama_family, tmp_path):
+    """As `vllm serve` does: nothing can be answered without the engine core, so the server exits 1
+    (Kubernetes, or Docker's restart policy, then starts a fresh one) instead of serving 500s."""
+    server = start_server(write_config(llama_family, tmp_path / "deploy.yaml"), tmp_path / "server.log")
+    try:
+        (core,) = [child for child in psutil.Process(server.process.pid).children(recursive=True)
+                   if "EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name()]
+        core.kill()
+        assert server.process.wait(timeout=120) == 1
+        assert "the engine died (vLLM's engine core process is gone); stopping the server" in server.log.read_text()
+    finally:
+        stop_server(server)
