@@ -207,5 +207,11 @@ def test_the_multi_node_layout_gives_vllms_ray_executor_every_gpu_of_head_and_wo
     (gcs,) = service["spec"]["ports"]
     assert f"--address={head_set['metadata']['name']}-0.{service['metadata']['name']}:{gcs['port']}" in workers["args"][0]
     assert f"--port={gcs['port']}" in head["args"][0]
+    # vLLM waits for the Ray placement group up to PG_WAIT_TIMEOUT, then loads: the head's startup
+    # probe must outlast the wait with room for the load.
+    from vllm.v1.executor.ray_utils import PG_WAIT_TIMEOUT
+
+    startup = head["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= PG_WAIT_TIMEOUT + 10 * 60
     api = find("Service", "steering-multinode")
     assert api["spec"]["selector"] == head_set["spec"]["selector"]["matchLabels"]
