@@ -56,6 +56,7 @@ logger = logging.getLogger("steer.server")
 T = TypeVar("T")
 LOADING_TICK_SECONDS = 10.0
 ENGINE_CHECK_SECONDS = 1.0
+ENGINE_DIED = "the engine died (vLLM's engine core process is gone)"
 
 
 class ServerSettings(BaseModel):
@@ -94,7 +95,10 @@ class ServiceState:
         # call from several threads at once.
         self.admission = ThreadPoolExecutor(max_workers=1, thread_name_prefix="steer-admission")
 
-    async def start_engine(self, vllm_config: VllmConfig, on_failure: Callable[[BaseException], None]) -> None:
+    async def run_engine(self, vllm_config: VllmConfig, on_failure: Callable[[BaseException], None]) -> None:
+        """Start the engine and serve with it. A server whose engine failed to start, or later died,
+        answers nothing: `on_failure` stops it (exit 1), as `vllm serve` does, and its supervisor
+        (Kubernetes, Docker's restart policy, systemd) starts a fresh one."""
         started = time.perf_counter()
         logger.info("starting the engine: base %s, expert pairs %s", self.deployment.base,
                     list(self.deployment.pair_names) or "none")
@@ -116,12 +120,10 @@ class ServiceState:
         self.serve(engine)
         logger.info("engine ready in %.1f s; serving policies %s (config %s) on %s", time.perf_counter() - started,
                     sorted(self.deployment.policies), digest(self.deployment), self.settings.address)
-        # As `vllm serve` does: a server whose engine died answers nothing, so it stops (exit 1) and its
-        # supervisor (Kubernetes, Docker's restart policy, systemd) starts a fresh one.
         while not engine.errored:
             await asyncio.sleep(ENGINE_CHECK_SECONDS)
-        self.failure = EngineNotReady("the engine died (vLLM's engine core process is gone); the server is stopping")
-        logger.error("the engine died (vLLM's engine core process is gone); stopping the server")
+        logger.error("%s; stopping the server", ENGINE_DIED)
+        self.failure = EngineNotReady(f"{ENGINE_DIED}; the server is stopping")
         on_failure(self.failure)
 
     def serve(self, engine: SteeringEngine) -> None:
@@ -205,7 +207,7 @@ def _ready(request: Request) -> ServiceState:
         reason = f"the engine failed to start: {state.failure}" if state.failure else "the engine is still loading"
         raise EngineNotReady(reason)
     if state.engine.errored:
-        raise EngineNotReady("the engine died (vLLM's engine core process is gone); the server is stopping")
+        raise EngineNotReady(f"{ENGINE_DIED}; the server is stopping")
     return state
 
 
@@ -367,12 +369,12 @@ def create_app(
 
         @asynccontextmanager
         async def lifespan(app: FastAPI):
-            starting = asyncio.create_task(state.start_engine(vllm_config, on_engine_failure))
+            running = asyncio.create_task(state.run_engine(vllm_config, on_engine_failure))
             every = settings.watch_config_seconds
             watching = asyncio.create_task(watch_config(state, every)) if every else None
             with reload_on_sighup(state):
                 yield
-            starting.cancel()
+            running.cancel()
             if watching:
                 watching.cancel()
             state.shutdown()
