@@ -40,6 +40,7 @@ from steering.memory import (
     node_memory,
 )
 from steering.policy import Policies, Steering
+from steering.rules.abstention import FirstStep
 from steering.spec import CompositeSpec, ExpertPairSpec
 from steering.steer import ALPHA_KEY
 from steering.threads import cpu_worker_binding
@@ -303,6 +304,24 @@ class SteeringEngine:
         final = await self.complete(prompt, params, steering=steering, request_id=request_id)
         step = final.outputs[0].logprobs[0]
         return [step[token].logprob for token in labels]
+
+    async def base_logprobs(self, prompt: str | Sequence[int], token_ids: Sequence[int]) -> dict[int, float]:
+        """The base alone's log-probabilities, at temperature 1, of each of `token_ids` next: one
+        single-token request with every alpha 0, so the steered sum is exactly the base's logits."""
+        unsteered = Steering(policy="", alpha={}, alpha_row=(0.0,) * len(self.deployment.experts))
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(dict.fromkeys(token_ids)))
+        final = await self.complete(prompt, params, steering=unsteered)
+        step = final.outputs[0].logprobs[0]
+        return {token: step[token].logprob for token in token_ids}
+
+    async def first_step(self, prompt: str | Sequence[int], token_ids: Sequence[int],
+                         logprobs: Sequence[Mapping[int, Any]]) -> FirstStep | None:
+        """An answer's first step as the steered distribution (the answer's own logprobs) and the
+        base alone see it; None for an empty answer."""
+        if not token_ids:
+            return None
+        steered = {token: entry.logprob for token, entry in logprobs[0].items()}
+        return FirstStep(token_ids[0], steered, await self.base_logprobs(prompt, list(steered)))
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, *, limit_field: str = "max_tokens") -> None:
         """Admission: refuse a prompt that leaves no room in the context, or a max_tokens beyond it.

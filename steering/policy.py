@@ -15,7 +15,14 @@ from dataclasses import dataclass
 
 from steering.config import Deployment, PolicyConfig, check_cost_shape
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
-from steering.rules.abstention import Abstention, confidence_score
+from steering.rules.abstention import (
+    AGREEMENT_TOKENS,
+    ENSEMBLE_SCORES,
+    FIRST_STEP_SCORES,
+    Abstention,
+    FirstStep,
+    confidence_score,
+)
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import CostMatrix, Decision, decide, label_first_tokens
 
@@ -52,9 +59,25 @@ class AbstentionRule:
     threshold: float
     message: str
 
-    def assess(self, token_logprobs: Sequence[float]) -> Abstention:
-        """An answer's calibrated confidence, from its tokens' steered logprobs, against the threshold."""
-        raw = confidence_score(self.score, token_logprobs)
+    @property
+    def uses_base(self) -> bool:
+        """The score needs the base alone's view of the first step (one extra engine request)."""
+        return self.score in ENSEMBLE_SCORES
+
+    @property
+    def at_first_token(self) -> bool:
+        """The score is known once the answer's first token is."""
+        return self.score in FIRST_STEP_SCORES
+
+    @property
+    def top_logprobs(self) -> int:
+        """How many of the steered distribution's top logprobs per step the score reads."""
+        return AGREEMENT_TOKENS if self.score == "base_agreement" else 0
+
+    def assess(self, token_logprobs: Sequence[float], first_step: FirstStep | None = None) -> Abstention:
+        """An answer's calibrated confidence, from its tokens' steered logprobs (and, for the
+        ensemble scores, its first step), against the threshold."""
+        raw = confidence_score(self.score, token_logprobs, first_step)
         confidence = self.calibration.confidence(raw) if self.calibration else raw
         return Abstention(self.score, raw, confidence, self.threshold)
 

@@ -56,8 +56,10 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
     params = []
     for prompt in prompts:
         sampling = sampling_params(request, prompt_len=len(prompt), max_model_len=engine.max_model_len)
-        if isinstance(rule, AbstentionRule) and sampling.logprobs is None:
-            sampling.logprobs = 0  # the answer's own token logprobs, for its confidence score
+        if isinstance(rule, AbstentionRule):
+            # The answer's own token logprobs (and the top ones its score reads), for its confidence
+            # score; the client still gets the number it asked for.
+            sampling.logprobs = max(sampling.logprobs or 0, rule.top_logprobs)
         if tools is not None:
             tools.constrain(sampling)
         engine.check_request(prompt, sampling, limit_field=request.token_limit_field)

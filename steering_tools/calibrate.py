@@ -186,14 +186,19 @@ def fit_decision(name: str, policy: Policy, logprobs: np.ndarray, truth: np.ndar
 
 async def abstention_scores(engine, policy: Policy, rows: list[Row], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
     """Raw confidence scores of the policy's greedy answers, and whether each answer is right."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0)
     steering = policy.resolve()
-    jobs = [engine.complete(_prompt(engine, row), params, steering=steering) for row in rows]
-    outputs = await _gather(jobs, "answering")
-    answers = [o.outputs[0] for o in outputs]
-    scores = [confidence_score(policy.config.abstain.score, answer_logprobs(a.token_ids, a.logprobs)) for a in answers]
-    correct = [is_correct(a.text, row.answer) for a, row in zip(answers, rows)]
-    return np.asarray(scores), np.asarray(correct, dtype=float)
+    rule = steering.rule
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=rule.top_logprobs)
+
+    async def answer(row: Row) -> tuple[float, bool]:
+        prompt = _prompt(engine, row)
+        output = (await engine.complete(prompt, params, steering=steering)).outputs[0]
+        first_step = await engine.first_step(prompt, output.token_ids, output.logprobs) if rule.uses_base else None
+        score = confidence_score(rule.score, answer_logprobs(output.token_ids, output.logprobs), first_step)
+        return score, is_correct(output.text, row.answer)
+
+    scored = await _gather([answer(row) for row in rows], "answering")
+    return np.asarray([s for s, _ in scored]), np.asarray([c for _, c in scored], dtype=float)
 
 
 def abstention_cost(confidence: np.ndarray, correct: np.ndarray, threshold: float, abstain: AbstainConfig) -> float:

@@ -1,34 +1,77 @@
 """Abstention on a generated answer's confidence: below the threshold, the answer is withheld.
 
-The score is a pure function of the answer's steered token log-probabilities (temperature 1).
+Two families of scores, all at temperature 1:
+- from the answer's steered token log-probabilities alone (`STEERED_SCORES`);
+- from the ensemble the engine holds (`ENSEMBLE_SCORES`): the base alone's view of the answer's
+  first step beside the steered one. The base holds the knowledge and the small pairs the
+  format, so where the base alone is unsure, or the steering overrules it, the answer is weak.
+  These cost one extra single-token engine request per answer (the base alone on the prompt).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
-SCORES = ("mean_prob", "min_prob", "first_prob")
+STEERED_SCORES = ("mean_prob", "min_prob", "first_prob")
+ENSEMBLE_SCORES = ("base_prob", "base_agreement")
+SCORES = STEERED_SCORES + ENSEMBLE_SCORES
+# Scores known once the answer's first token is: the answer can stream (or stop) from there on.
+FIRST_STEP_SCORES = ("first_prob", *ENSEMBLE_SCORES)
+# `base_agreement` compares the two distributions over the steered one's most likely tokens:
+# vLLM's default `max_logprobs`, and well within its `MAX_LOGPROB_TOKEN_IDS` for the base's side.
+AGREEMENT_TOKENS = 20
 
 
-def confidence_score(kind: str, token_logprobs: Sequence[float]) -> float:
-    """A generated answer's confidence from its tokens' steered log-probabilities (temperature 1).
+@dataclass(frozen=True)
+class FirstStep:
+    """The answer's first step as the steered and the base-alone distributions see it.
+
+    `steered`: log-probabilities of the steered distribution's top tokens (the chosen one among
+    them); `base`: the base alone's log-probabilities of the same tokens.
+    """
+
+    token: int
+    steered: Mapping[int, float]
+    base: Mapping[int, float]
+
+    def base_prob(self) -> float:
+        """The base alone's probability of the answer's first token."""
+        return float(np.exp(self.base[self.token]))
+
+    def agreement(self) -> float:
+        """The probability mass both distributions give the steered top tokens: sum of min(p_steered, p_base).
+
+        1 minus the total variation distance between the two, restricted to those tokens; 0 when
+        the steering moved all the mass to tokens the base alone does not expect.
+        """
+        return float(sum(min(np.exp(logprob), np.exp(self.base[token])) for token, logprob in self.steered.items()))
+
+
+def confidence_score(kind: str, token_logprobs: Sequence[float], first_step: FirstStep | None = None) -> float:
+    """A generated answer's confidence, from its tokens' steered log-probabilities (temperature 1)
+    and, for the ensemble scores, its `first_step`.
 
     `mean_prob`: mean token probability; `min_prob`: the least likely token's; `first_prob`: the
-    first token's. An empty answer has confidence 0.
+    first token's; `base_prob`: the base alone's probability of the first token;
+    `base_agreement`: `FirstStep.agreement`. An empty answer has confidence 0.
     """
+    if kind not in SCORES:
+        raise ValueError(f"unknown confidence score {kind!r}; known: {SCORES}")
     probs = np.exp(np.asarray(token_logprobs, dtype=np.float64))
     if probs.size == 0:
         return 0.0
+    if kind in ENSEMBLE_SCORES:
+        if first_step is None:
+            raise ValueError(f"score {kind!r} needs the base alone's view of the first step")
+        return first_step.base_prob() if kind == "base_prob" else first_step.agreement()
     if kind == "mean_prob":
         return float(probs.mean())
     if kind == "min_prob":
         return float(probs.min())
-    if kind == "first_prob":
-        return float(probs[0])
-    raise ValueError(f"unknown confidence score {kind!r}; known: {SCORES}")
+    return float(probs[0])
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from steering.rules.abstention import Abstention, confidence_score
+from steering.rules.abstention import Abstention, FirstStep, confidence_score
 from steering.rules.decisions import (
     ABSTAIN,
     CostMatrix,
@@ -69,6 +69,23 @@ def test_binary_rule_switches_at_cost_ratio():
 def test_confidence_scores(kind, want):
     assert confidence_score(kind, [math.log(0.5), math.log(0.25), 0.0]) == pytest.approx(want)
     assert confidence_score(kind, []) == 0.0
+
+
+def test_ensemble_scores_by_hand():
+    # Steered top tokens 7 (0.6, chosen), 3 (0.3), 9 (0.05); the base alone gives them 0.2, 0.5, 0.05.
+    step = FirstStep(7, {7: math.log(0.6), 3: math.log(0.3), 9: math.log(0.05)},
+                     {7: math.log(0.2), 3: math.log(0.5), 9: math.log(0.05)})
+    steered = [math.log(0.6), math.log(0.9)]
+    assert confidence_score("base_prob", steered, step) == pytest.approx(0.2)
+    assert confidence_score("base_agreement", steered, step) == pytest.approx(0.2 + 0.3 + 0.05)
+    # The steered distribution itself, seen from the base: the agreement is the whole listed mass.
+    same = FirstStep(7, step.steered, step.steered)
+    assert confidence_score("base_agreement", steered, same) == pytest.approx(0.95)
+    assert confidence_score("base_prob", [], None) == 0.0, "an empty answer has confidence 0"
+    with pytest.raises(ValueError, match="needs the base alone"):
+        confidence_score("base_prob", steered)
+    with pytest.raises(ValueError, match="unknown confidence score"):
+        confidence_score("entropy", steered)
 
 
 def test_abstention_switches_exactly_at_the_threshold():

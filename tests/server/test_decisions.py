@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from tests.live_server import CALIBRATED_TEMPERATURE, LABELS, ZERO_ONE
 
@@ -115,6 +116,40 @@ def test_the_score_is_at_temperature_one_whatever_the_sampling_temperature(serve
     first = hot.choices[0].logprobs.content[0]
     assert hot.steering["abstention"]["raw"] == pytest.approx(math.exp(first.logprob), abs=1e-6)
     # The logprob itself is of the steered distribution at temperature 1 (see the engine tests).
+
+
+def test_ensemble_scores_equal_the_reference(server, llama_reference, tokenizer):
+    prompt = chat_ids(tokenizer)
+    steered = llama_reference.next_token_logprobs([prompt], [ALPHA])[0].double()
+    base = llama_reference.next_token_logprobs([prompt], [{}])[0].double()
+    ranked = steered.sort(descending=True)
+    assert ranked.values[19] - ranked.values[20] > 1e-3, "the fixture's top 20 is not a near tie"
+    top = ranked.indices[:20]
+    first = int(ranked.indices[0])  # greedy
+    want = {"qa-base": float(base[first].exp()),
+            "qa-agree": float(torch.minimum(steered[top].exp(), base[top].exp()).sum())}
+    plain = ask(server, "chat", max_tokens=6, temperature=0.0).choices[0].message.content
+    for policy, score in want.items():
+        answer = ask(server, policy, max_tokens=6, temperature=0.0)
+        assert answer.steering["abstention"]["raw"] == pytest.approx(score, abs=1e-4), policy
+        assert answer.choices[0].message.content == plain, "the extra base request leaves the answer as it was"
+
+
+def test_ensemble_scores_decide_at_the_first_token(server):
+    usage = {"stream": True, "stream_options": {"include_usage": True}, "temperature": 0.0}
+    live = list(ask(server, "qa-agree", extra={"ignore_eos": True}, max_tokens=12, **usage))
+    assert len([c for c in live if c.choices and c.choices[0].delta.content]) > 1, "streams live after token one"
+    stopped = list(ask(server, "qa-base", {"abstain_threshold": 1.0}, extra={"ignore_eos": True}, max_tokens=200,
+                       **usage))
+    assert stream_text(stopped) == "I don't know."
+    assert stopped[-1].steering["abstention"]["score"] == "base_prob"
+    assert stopped[-1].usage.completion_tokens < 200, "abstaining after the first token stops the generation"
+
+
+def test_an_agreement_policy_returns_the_logprobs_asked_for(server):
+    # The engine is asked for the top 20 (the score reads them); the client gets its 2.
+    answer = ask(server, "qa-agree", max_tokens=4, temperature=0.0, logprobs=True, top_logprobs=2)
+    assert all(len(token.top_logprobs) == 2 for token in answer.choices[0].logprobs.content)
 
 
 def stream_text(chunks) -> str:

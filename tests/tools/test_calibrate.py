@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from steering.config import load_deployment
+from steering.errors import ConfigError
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import softmax
 from steering.testing.families import corpus
@@ -72,6 +73,7 @@ def calibration_setup(llama_family, llama_reference, tokenizer, tmp_path_factory
             "triage": {"alpha": ALPHA,
                        "decision": {"labels": LABELS, "costs": [[0, 1, 1], [1, 0, 1], [1, 1, 0]], "abstain_cost": 0.6}},
             "qa": {"alpha": ALPHA, "abstain": {"score": "mean_prob", "threshold": 0.5}},
+            "qa-base": {"alpha": ALPHA, "abstain": {"score": "base_prob", "threshold": 0.5}},
         },
         "engine": {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "kv_cache_gib": 0.25},
     }
@@ -127,20 +129,30 @@ def test_calibrating_a_decision_policy(calibration_setup):
     assert load_deployment(root / "calibrated.yaml").policies["triage"].calibration.temperature == calibration.temperature
 
 
-def test_calibrating_an_abstention_policy(calibration_setup):
+@pytest.mark.parametrize(("policy", "score", "other"), [("qa", "mean_prob", "qa-base"), ("qa-base", "base_prob", "qa")])
+def test_calibrating_an_abstention_policy(calibration_setup, policy, score, other):
     root = calibration_setup
-    result = run_calibrate(root, "qa", "answers.jsonl", "--max-tokens", "6")
+    result = run_calibrate(root, policy, "answers.jsonl", "--max-tokens", "6")
     assert result.returncode == 0, result.stderr
-    calibration = Calibration.read(root / "qa.json")
-    report = json.loads((root / "qa.report.json").read_text())
-    assert calibration.kind == "abstention" and calibration.score == "mean_prob"
+    calibration = Calibration.read(root / f"{policy}.json")
+    report = json.loads((root / f"{policy}.report.json").read_text())
+    assert calibration.kind == "abstention" and calibration.score == score == report["score"]
     assert calibration.threshold == report["threshold"]
-    # Odd rows carry the policy's own greedy answer (right), even rows a wrong one.
+    # Odd rows carry the policy's own greedy answer (right), even rows a wrong one: whatever the score.
     _, held = split(40, 0.5, seed=0)
     assert report["raw"]["accuracy"] == pytest.approx(float(np.mean(held % 2)))
     assert set(report["expected_cost"]) == {"always_answer", "bayes_raw", "bayes_calibrated", "fitted_threshold",
                                             "always_abstain"}
     assert "wrote" in result.stdout
+    # The file plugs into the policy it was fitted for, and is refused by one with another score.
+    config = yaml.safe_load((root / "deploy.yaml").read_text())
+    config["policies"][policy]["calibration"] = f"{policy}.json"
+    (root / "fitted.yaml").write_text(yaml.safe_dump(config))
+    assert load_deployment(root / "fitted.yaml").policies[policy].calibration.score == score
+    config["policies"][other]["calibration"] = f"{policy}.json"
+    (root / "mismatched.yaml").write_text(yaml.safe_dump(config))
+    with pytest.raises(ConfigError, match=f"score {score!r}, not for score"):
+        load_deployment(root / "mismatched.yaml")
 
 
 def test_an_unlabelled_policy_cannot_be_calibrated(calibration_setup, tmp_path):
