@@ -305,23 +305,25 @@ class SteeringEngine:
         step = final.outputs[0].logprobs[0]
         return [step[token].logprob for token in labels]
 
-    async def base_logprobs(self, prompt: str | Sequence[int], token_ids: Sequence[int]) -> dict[int, float]:
-        """The base alone's log-probabilities, at temperature 1, of each of `token_ids` next: one
-        single-token request with every alpha 0, so the steered sum is exactly the base's logits."""
-        unsteered = Steering(policy="", alpha={}, alpha_row=(0.0,) * len(self.deployment.experts))
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(dict.fromkeys(token_ids)))
-        final = await self.complete(prompt, params, steering=unsteered)
-        step = final.outputs[0].logprobs[0]
-        return {token: step[token].logprob for token in token_ids}
-
     async def first_step(self, prompt: str | Sequence[int], token_ids: Sequence[int],
-                         logprobs: Sequence[Mapping[int, Any]]) -> FirstStep | None:
+                         logprobs: Sequence[Mapping[int, Any]], *, familiarity: bool = False) -> FirstStep | None:
         """An answer's first step as the steered distribution (the answer's own logprobs) and the
-        base alone see it; None for an empty answer."""
+        base alone see it, and with `familiarity` the base alone's prompt logprobs; None for an
+        empty answer. One single-token request with every alpha 0, so the steered sum is exactly
+        the base's logits."""
         if not token_ids:
             return None
         steered = {token: entry.logprob for token, entry in logprobs[0].items()}
-        return FirstStep(token_ids[0], steered, await self.base_logprobs(prompt, list(steered)))
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        unsteered = Steering(policy="", alpha={}, alpha_row=(0.0,) * len(self.deployment.experts))
+        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(steered),
+                                prompt_logprobs=0 if familiarity else None)
+        final = await self.complete(prompt_ids, params, steering=unsteered)
+        step = final.outputs[0].logprobs[0]
+        known = None
+        if familiarity:  # entry 0 is None: the first token has no context
+            known = [entry[token].logprob for entry, token in zip(final.prompt_logprobs[1:], prompt_ids[1:])]
+        return FirstStep(token_ids[0], steered, {token: step[token].logprob for token in steered}, known)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, *, limit_field: str = "max_tokens") -> None:
         """Admission: refuse a prompt that leaves no room in the context, or a max_tokens beyond it.

@@ -70,6 +70,11 @@ class AbstentionRule:
         return self.score in FIRST_STEP_SCORES
 
     @property
+    def uses_prompt(self) -> bool:
+        """The score reads the base alone's prompt logprobs."""
+        return self.score == "base_familiarity"
+
+    @property
     def top_logprobs(self) -> int:
         """How many of the steered distribution's top logprobs per step the score reads."""
         return AGREEMENT_TOKENS if self.score == "base_agreement" else 0

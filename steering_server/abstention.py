@@ -42,7 +42,8 @@ async def answer_or_abstain(
                 if rule.uses_base:
                     answer = [token for held_piece in held for token in held_piece.token_ids]
                     steps = [step for held_piece in held for step in held_piece.logprobs or ()]
-                    first_step = await engine.first_step(plan.prompts[0], answer, steps)
+                    first_step = await engine.first_step(plan.prompts[0], answer, steps,
+                                                         familiarity=rule.uses_prompt)
                 assessment = rule.assess(logprobs[:1] if decides_early else logprobs, first_step)
                 outcome.steering.abstained = assessment.abstained
                 outcome.steering.confidence = assessment.confidence

@@ -193,7 +193,10 @@ async def abstention_scores(engine, policy: Policy, rows: list[Row], max_tokens:
     async def answer(row: Row) -> tuple[float, bool]:
         prompt = _prompt(engine, row)
         output = (await engine.complete(prompt, params, steering=steering)).outputs[0]
-        first_step = await engine.first_step(prompt, output.token_ids, output.logprobs) if rule.uses_base else None
+        first_step = None
+        if rule.uses_base:
+            first_step = await engine.first_step(prompt, output.token_ids, output.logprobs,
+                                                 familiarity=rule.uses_prompt)
         score = confidence_score(rule.score, answer_logprobs(output.token_ids, output.logprobs), first_step)
         return score, is_correct(output.text, row.answer)
 

@@ -68,6 +68,7 @@ def write_config(family: dict, path: Path, **engine) -> Path:
                                                              "threshold_bounds": [0.0, 1.0]}},
             "qa-agree": {"alpha": {"chat": 1.0}, "abstain": {"score": "base_agreement", "threshold": 0.0,
                                                               "threshold_bounds": [0.0, 1.0]}},
+            "qa-familiar": {"alpha": {"chat": 1.0}, "abstain": {"score": "base_familiarity", "threshold": 0.0}},
         },
         "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "enforce_eager": True,
                    "kv_cache_memory_bytes": 256 * 2**20, **engine},

@@ -2,10 +2,11 @@
 
 Two families of scores, all at temperature 1:
 - from the answer's steered token log-probabilities alone (`STEERED_SCORES`);
-- from the ensemble the engine holds (`ENSEMBLE_SCORES`): the base alone's view of the answer's
-  first step beside the steered one. The base holds the knowledge and the small pairs the
-  format, so where the base alone is unsure, or the steering overrules it, the answer is weak.
-  These cost one extra single-token engine request per answer (the base alone on the prompt).
+- from the ensemble the engine holds (`ENSEMBLE_SCORES`): the base alone's view of the prompt
+  and of the answer's first step, beside the steered one. The base holds the knowledge and the
+  small pairs the format, so where the base alone is unsure, the steering overrules it, or the
+  question itself is strange to the base, the answer is weak. These cost one extra
+  single-token engine request per answer (the base alone on the prompt).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 STEERED_SCORES = ("mean_prob", "min_prob", "first_prob")
-ENSEMBLE_SCORES = ("base_prob", "base_agreement")
+ENSEMBLE_SCORES = ("base_prob", "base_agreement", "base_familiarity")
 SCORES = STEERED_SCORES + ENSEMBLE_SCORES
 # Scores known once the answer's first token is: the answer can stream (or stop) from there on.
 FIRST_STEP_SCORES = ("first_prob", *ENSEMBLE_SCORES)
@@ -30,12 +31,15 @@ class FirstStep:
     """The answer's first step as the steered and the base-alone distributions see it.
 
     `steered`: log-probabilities of the steered distribution's top tokens (the chosen one among
-    them); `base`: the base alone's log-probabilities of the same tokens.
+    them); `base`: the base alone's log-probabilities of the same tokens; `prompt`: the base
+    alone's log-probability of each prompt token after the first, given those before it (for
+    `base_familiarity` only).
     """
 
     token: int
     steered: Mapping[int, float]
     base: Mapping[int, float]
+    prompt: Sequence[float] | None = None
 
     def base_prob(self) -> float:
         """The base alone's probability of the answer's first token."""
@@ -49,6 +53,13 @@ class FirstStep:
         """
         return float(sum(min(np.exp(logprob), np.exp(self.base[token])) for token, logprob in self.steered.items()))
 
+    def familiarity(self) -> float:
+        """The base alone's mean per-token probability of the prompt (geometric): how well the base
+        knows what it is asked about. A one-token prompt is unknown: 0."""
+        if self.prompt is None:
+            raise ValueError("score 'base_familiarity' needs the base alone's prompt log-probabilities")
+        return float(np.exp(np.mean(self.prompt))) if len(self.prompt) else 0.0
+
 
 def confidence_score(kind: str, token_logprobs: Sequence[float], first_step: FirstStep | None = None) -> float:
     """A generated answer's confidence, from its tokens' steered log-probabilities (temperature 1)
@@ -56,7 +67,8 @@ def confidence_score(kind: str, token_logprobs: Sequence[float], first_step: Fir
 
     `mean_prob`: mean token probability; `min_prob`: the least likely token's; `first_prob`: the
     first token's; `base_prob`: the base alone's probability of the first token;
-    `base_agreement`: `FirstStep.agreement`. An empty answer has confidence 0.
+    `base_agreement`: `FirstStep.agreement`; `base_familiarity`: `FirstStep.familiarity`. An
+    empty answer has confidence 0.
     """
     if kind not in SCORES:
         raise ValueError(f"unknown confidence score {kind!r}; known: {SCORES}")
@@ -66,7 +78,8 @@ def confidence_score(kind: str, token_logprobs: Sequence[float], first_step: Fir
     if kind in ENSEMBLE_SCORES:
         if first_step is None:
             raise ValueError(f"score {kind!r} needs the base alone's view of the first step")
-        return first_step.base_prob() if kind == "base_prob" else first_step.agreement()
+        return {"base_prob": first_step.base_prob, "base_agreement": first_step.agreement,
+                "base_familiarity": first_step.familiarity}[kind]()
     if kind == "mean_prob":
         return float(probs.mean())
     if kind == "min_prob":

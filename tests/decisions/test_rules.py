@@ -81,6 +81,12 @@ def test_ensemble_scores_by_hand():
     # The steered distribution itself, seen from the base: the agreement is the whole listed mass.
     same = FirstStep(7, step.steered, step.steered)
     assert confidence_score("base_agreement", steered, same) == pytest.approx(0.95)
+    # Familiarity: the geometric mean of the base alone's prompt token probabilities.
+    known = FirstStep(7, step.steered, step.base, [math.log(0.5), math.log(0.125)])
+    assert confidence_score("base_familiarity", steered, known) == pytest.approx(0.25)
+    assert confidence_score("base_familiarity", steered, FirstStep(7, {}, {}, [])) == 0.0
+    with pytest.raises(ValueError, match="prompt log-probabilities"):
+        confidence_score("base_familiarity", steered, step)
     assert confidence_score("base_prob", [], None) == 0.0, "an empty answer has confidence 0"
     with pytest.raises(ValueError, match="needs the base alone"):
         confidence_score("base_prob", steered)

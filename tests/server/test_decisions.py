@@ -127,7 +127,8 @@ def test_ensemble_scores_equal_the_reference(server, llama_reference, tokenizer)
     top = ranked.indices[:20]
     first = int(ranked.indices[0])  # greedy
     want = {"qa-base": float(base[first].exp()),
-            "qa-agree": float(torch.minimum(steered[top].exp(), base[top].exp()).sum())}
+            "qa-agree": float(torch.minimum(steered[top].exp(), base[top].exp()).sum()),
+            "qa-familiar": float(np.exp(np.mean(llama_reference.prompt_logprobs(prompt, {}))))}
     plain = ask(server, "chat", max_tokens=6, temperature=0.0).choices[0].message.content
     for policy, score in want.items():
         answer = ask(server, policy, max_tokens=6, temperature=0.0)
