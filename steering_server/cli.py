@@ -116,7 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser("bench", help="measure quality (demo family) or speed (random models)")
     bench_commands = bench.add_subparsers(dest="bench_command", required=True)
     quality = bench_commands.add_parser("quality", help="skill transfer, abstention and decisions on the demo family")
-    quality.add_argument("--family", type=Path, help="a built demo family (default: build or reuse the cached one)")
+    quality.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                         help="build (or reuse) the demo family of each seed and report each figure's mean and sd "
+                              "(default: 0 1 2; about 12 minutes a family on 2 CPU cores)")
+    quality.add_argument("--family", type=Path,
+                         help="instead, one built demo family (`steer demo build`); the models only the benchmark "
+                              "needs are added to it")
     perf = bench_commands.add_parser("perf", help="tokens/s and latency: vllm serve, steer serve, the reference")
     perf.add_argument("--preset", choices=["cpu", "tiny", "gpu"], default="cpu", help="model sizes (base ~10x experts)")
     perf.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32],
@@ -345,7 +350,10 @@ def _bench(args) -> int:
     if args.bench_command == "quality":
         from steering_tools.bench import quality as job
 
-        report = asyncio.run(job.run(args.family or _demo_family()))
+        if args.family and args.seeds:
+            print("steer bench quality: give --family or --seeds, not both", file=sys.stderr)
+            return 2
+        report = asyncio.run(job.run_family(args.family) if args.family else job.run_seeds(args.seeds or job.SEEDS))
     else:
         from steering_tools.bench import perf as job
 

@@ -15,6 +15,7 @@ calibration); each is cached under the digest of its recipe, so a failed build r
 from __future__ import annotations
 
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -40,6 +41,8 @@ QA_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %} {{ m['content'] }}\n{% endif %}{% endfor %}"
 )
 ABSTAIN_MESSAGE = "I don't know."
+# The `verify` policy's costs: a false yes (saying yes to a false statement) costs 10, a false no 1.
+VERIFY_COST_FP, VERIFY_COST_FN = 10.0, 1.0
 # The alpha that did best on the `val` entities in `steer bench quality` (docs/benchmarks.md).
 DEMO_ALPHA = 2.0
 
@@ -78,6 +81,17 @@ class Recipe:
 def default_dir(recipe: Recipe) -> Path:
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "steering" / f"demo-family-{recipe.digest()}"
+
+
+def read_recipe(out: Path) -> Recipe:
+    """The recipe a finished build was made from (its `recipe.json`)."""
+    fields = json.loads((Path(out) / "recipe.json").read_text())
+    digest = fields.pop("digest")
+    recipe = Recipe(**fields | {name: Shape(**fields[name]) for name in ("base", "small")})
+    if recipe.digest() != digest:
+        raise ValueError(f"{out}/recipe.json was written by another version of the build (digest {digest}, "
+                         f"read back as {recipe.digest()}): rebuild it")
+    return recipe
 
 
 def is_built(out: Path, recipe: Recipe) -> bool:
@@ -136,11 +150,17 @@ def deployment_config() -> dict:
                    "calibration": "calibration/qa.json"},
             "verify": {"description": "Yes/no verification as a decision: a false yes costs 10, a false no 1.",
                        "alpha": {"chat": DEMO_ALPHA},
-                       "decision": {"labels": [" yes", " no"], "cost_fp": 10.0, "cost_fn": 1.0, "max_cost": 100.0},
+                       "decision": {"labels": [" yes", " no"], "cost_fp": VERIFY_COST_FP, "cost_fn": VERIFY_COST_FN,
+                                    "max_cost": 100.0},
                        "calibration": "calibration/verify.json"},
         },
         "engine": {"dtype": "float32", "max_model_len": 256},  # KV cache: sized from the models
     }
+
+
+def utility_weight(answer: str) -> float:
+    """An example's weight in utility-weighted tuning: the cost of getting it wrong."""
+    return {"no": VERIFY_COST_FP, "yes": VERIFY_COST_FN}.get(answer, 1.0)
 
 
 @dataclass
@@ -171,6 +191,12 @@ class _Family:
 
     def questions(self, epoch: int) -> Iterator[Batch]:
         return answer_batches(self.tokenizer, shuffled(self.tuning, epoch, self.recipe.seed), self.recipe.batch_size)
+
+    def weighted_questions(self, epoch: int) -> Iterator[Batch]:
+        """The same questions, the utility baked into the loss: a verification whose truth is "no"
+        weighs what a false yes costs, one whose truth is "yes" what a false no costs."""
+        return answer_batches(self.tokenizer, shuffled(self.tuning, epoch, self.recipe.seed), self.recipe.batch_size,
+                              weight=utility_weight)
 
     def load(self, folder: str) -> LlamaForCausalLM:
         return LlamaForCausalLM.from_pretrained(self.out / folder)
@@ -204,18 +230,19 @@ def _train_untuned(family: _Family, into: Path) -> None:
     family.save(model, into)
 
 
-def _train_tuned(family: _Family, into: Path) -> None:
+def _train_tuned(family: _Family, into: Path, *, weighted: bool = False) -> None:
     recipe = family.recipe
     model = family.load("chat-untuned")
-    train(model, family.questions, epochs=recipe.tune_epochs, lr=recipe.tune_lr, description="tuned: questions")
+    train(model, family.weighted_questions if weighted else family.questions, epochs=recipe.tune_epochs,
+          lr=recipe.tune_lr, description=f"tuned{', utility-weighted' if weighted else ''}: questions")
     family.save(model, into)
 
 
-def _train_direct(family: _Family, into: Path) -> None:
+def _train_direct(family: _Family, into: Path, *, weighted: bool = False) -> None:
     recipe = family.recipe
     model = family.load("base")
-    train(model, family.questions, epochs=recipe.direct_epochs, lr=recipe.direct_lr,
-          description="direct: base on questions")
+    train(model, family.weighted_questions if weighted else family.questions, epochs=recipe.direct_epochs,
+          lr=recipe.direct_lr, description=f"direct{', utility-weighted' if weighted else ''}: base on questions")
     family.save(model, into)
 
 
@@ -267,6 +294,11 @@ STAGES = (
     _Stage("direct", "direct", "trained", _train_direct),
     _Stage("calibration", "calibration", "fitted", _calibrate),
 )
+# Built for `steer bench quality` only: the same tunings with the verification costs in the loss.
+BENCH_STAGES = (
+    _Stage("tuned-weighted", "chat-tuned-weighted", "trained", functools.partial(_train_tuned, weighted=True)),
+    _Stage("direct-weighted", "direct-weighted", "trained", functools.partial(_train_direct, weighted=True)),
+)
 
 
 def _marker(out: Path, stage: _Stage) -> Path:
@@ -304,13 +336,16 @@ async def _run_stage(family: _Family, number: int, stage: _Stage) -> None:
     print(f"{stage.name}: {stage.verb} in {seconds:.0f} s", flush=True)
 
 
-async def build(out: Path | None = None, *, recipe: Recipe = Recipe(), force: bool = False) -> Path:
-    """Train and calibrate the family into `out` (default: the cache), stage by stage.
+async def build(out: Path | None = None, *, recipe: Recipe = Recipe(), force: bool = False,
+                bench: bool = False) -> Path:
+    """Train and calibrate the family into `out` (default: the cache), stage by stage; with
+    `bench`, also the models only `steer bench quality` needs.
 
     Stages already done for this recipe are reused, so a failed build resumes; `force` redoes them all.
     """
     out = Path(out) if out else default_dir(recipe)
-    if is_built(out, recipe) and not force:
+    stages = STAGES + BENCH_STAGES if bench else STAGES
+    if is_built(out, recipe) and not force and all(_done_earlier(out, stage, recipe) for stage in stages):
         return out
     out.mkdir(parents=True, exist_ok=True)
     # Whatever recipe.json named, the folder is not a finished build of this recipe until the end.
@@ -318,7 +353,7 @@ async def build(out: Path | None = None, *, recipe: Recipe = Recipe(), force: bo
     if force:
         shutil.rmtree(out / ".stages", ignore_errors=True)
     family = _Family(out, recipe)
-    for number, stage in enumerate(STAGES, start=1):
+    for number, stage in enumerate(stages, start=1):
         if done := _done_earlier(out, stage, recipe):
             print(f"{stage.name}: reused ({stage.verb} in {done['seconds']} s by an earlier run)", flush=True)
         else:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize, minimize_scalar
 from scipy.special import log_softmax, logit
+from scipy.stats import rankdata
 
 from steering.rules.calibration import EPS
 
@@ -103,3 +104,14 @@ def risk_at_coverage(confidence: np.ndarray, correct: np.ndarray, levels=(0.1, 0
         k = max(1, int(np.ceil(level * len(coverage) - 1e-9)))
         rows.append({"coverage": float(coverage[k - 1]), "risk": float(risk[k - 1])})
     return rows
+
+
+def auroc(scores: np.ndarray, positive: np.ndarray) -> float | None:
+    """Area under the ROC curve: the chance a random positive scores above a random negative (ties
+    count half); None when either class is empty."""
+    scores, positive = np.asarray(scores, dtype=np.float64), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if not n_pos or not n_neg:
+        return None
+    ranks = rankdata(scores)  # ties share their mean rank
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

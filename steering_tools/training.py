@@ -14,7 +14,8 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedTokenizerFast
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, attention_mask, labels: [B, L]
+# input_ids, attention_mask, labels: [B, L]; and optionally each example's loss weight: [B]
+Batch = tuple[torch.Tensor, ...]
 WARMUP_STEPS = 30
 
 
@@ -27,12 +28,14 @@ def text_batches(tokenizer: PreTrainedTokenizerFast, texts: Sequence[str], batch
 
 
 def answer_batches(
-    tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], batch_size: int
+    tokenizer: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], batch_size: int,
+    weight: Callable[[str], float] | None = None,
 ) -> Iterator[Batch]:
-    """(prompt, answer) pairs as `prompt answer<eos>`; loss on the answer and EOS only."""
+    """(prompt, answer) pairs as `prompt answer<eos>`; loss on the answer and EOS only, each
+    example's weighted by `weight(answer)` if given."""
     for i in range(0, len(pairs), batch_size):
-        seqs = [(tokenizer.encode(p), tokenizer.encode(" " + a) + [tokenizer.eos_token_id])
-                for p, a in pairs[i : i + batch_size]]
+        chunk = pairs[i : i + batch_size]
+        seqs = [(tokenizer.encode(p), tokenizer.encode(" " + a) + [tokenizer.eos_token_id]) for p, a in chunk]
         width = max(len(p) + len(a) for p, a in seqs)
         ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -42,7 +45,22 @@ def answer_batches(
             ids[row, :n] = torch.tensor(prompt + answer)
             mask[row, :n] = 1
             labels[row, len(prompt) : n] = torch.tensor(answer)
-        yield ids, mask, labels
+        if weight is None:
+            yield ids, mask, labels
+        else:
+            yield ids, mask, labels, torch.tensor([weight(a) for _, a in chunk], dtype=torch.float32)
+
+
+def weighted_loss(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,
+                  weights: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy over the labelled tokens, each weighted by its example's weight and
+    normalised by the total weight: with every weight 1, the model's own mean loss."""
+    logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+    targets = labels[:, 1:]
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100,
+                                                  reduction="none")  # [B, L-1]
+    token_weights = weights[:, None] * (targets != -100)
+    return (per_token * token_weights).sum() / token_weights.sum()
 
 
 def train(
@@ -61,10 +79,14 @@ def train(
     step = 0
     with tqdm(total=total, desc=description, unit="step") as bar:
         for epoch in range(epochs):
-            for ids, mask, labels in batches_for_epoch(epoch):
+            for batch in batches_for_epoch(epoch):
                 for group in optimizer.param_groups:
                     group["lr"] = lr * min(1.0, step / WARMUP_STEPS) * 0.5 * (1 + math.cos(math.pi * step / total))
-                loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+                if len(batch) == 4:
+                    loss = weighted_loss(model, *batch)
+                else:
+                    ids, mask, labels = batch
+                    loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 optimizer.step()

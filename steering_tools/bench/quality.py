@@ -7,6 +7,9 @@ match (case and end punctuation ignored, up to the first newline):
   alpha 1 and at the alpha that does best on the `val` entities (reported on `test`);
 - abstention on `test` questions mixed with unanswerable ones: AURC, risk-coverage and
   expected cost, raw against calibrated (the calibration was fitted on `val`);
+- every abstention score side by side (the steered ones and the ensemble ones): AUROC at telling
+  answerable from unanswerable questions and right from wrong answers, AURC, ECE before and
+  after a Platt fit on `val`, and what each costs in engine requests;
 - decisions on `test` yes/no questions under the policy's 1:10 cost matrix: expected cost of
   acting on the argmax against the Bayes action, raw and calibrated.
 """
@@ -14,6 +17,8 @@ match (case and end punctuation ignored, up to the first newline):
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,11 +27,12 @@ from vllm import SamplingParams
 from steering.config import Deployment, load_deployment, parse_deployment
 from steering.engine import SteeringEngine, answer_logprobs
 from steering.policy import Overrides, Steering
-from steering.rules.abstention import confidence_score
-from steering.rules.decisions import decide
+from steering.rules.abstention import AGREEMENT_TOKENS, ENSEMBLE_SCORES, SCORES, confidence_score
+from steering.rules.calibration import platt
+from steering.rules.decisions import decide, label_probabilities
 from steering_tools import metrics
 from steering_tools.calibrate import abstention_cost, normalize, realized_cost
-from steering_tools.demo_family import read_questions
+from steering_tools.demo_family import Recipe, build, default_dir, read_questions, read_recipe
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
 MAX_TOKENS = 8
@@ -83,6 +89,48 @@ async def abstention_report(engine: SteeringEngine, rows: list[dict]) -> dict:
     }
 
 
+async def _every_score(engine: SteeringEngine, rows: list[dict], steering: Steering) -> tuple[dict, np.ndarray]:
+    """Every abstention score of the steered greedy answer to each row, and whether it is right."""
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"], logprobs=AGREEMENT_TOKENS)
+
+    async def one(row: dict) -> tuple[dict, bool]:
+        prompt = engine.encode(row["prompt"])
+        answer = (await engine.complete(prompt, params, steering=steering)).outputs[0]
+        first_step = await engine.first_step(prompt, answer.token_ids, answer.logprobs, familiarity=True)
+        steered = answer_logprobs(answer.token_ids, answer.logprobs)
+        return {kind: confidence_score(kind, steered, first_step) for kind in SCORES}, exact_match(answer.text,
+                                                                                                  row["answer"])
+
+    scored = await asyncio.gather(*(one(row) for row in rows))
+    scores = {kind: np.array([s[kind] for s, _ in scored]) for kind in SCORES}
+    return scores, np.array([c for _, c in scored], dtype=float)
+
+
+async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict]) -> dict:
+    """Each abstention score on the `qa` policy's answers: Platt-fitted on `val`, judged on `test`."""
+    policy = engine.policies["qa"]
+    abstain, steering = policy.config.abstain, policy.resolve()
+    fit_scores, fit_correct = await _every_score(engine, val, steering)
+    scores, correct = await _every_score(engine, test, steering)
+    answerable = np.array([bool(row["answer"]) for row in test])
+    report = {}
+    for kind in SCORES:
+        raw = scores[kind]
+        calibrated = platt(raw, *metrics.fit_platt(fit_scores[kind], fit_correct))
+        report[kind] = {
+            "extra_engine_requests": 1 if kind in ENSEMBLE_SCORES else 0,
+            "auroc_answerable": metrics.auroc(raw, answerable),
+            "auroc_correct": metrics.auroc(raw, correct > 0),
+            "aurc": metrics.aurc(raw, correct),
+            "ece": {"raw": metrics.ece(raw, correct), "calibrated": metrics.ece(calibrated, correct)},
+            "expected_cost_bayes_calibrated": abstention_cost(calibrated, correct, abstain.bayes_threshold, abstain),
+            "mean_raw": {"answerable": float(raw[answerable].mean()), "unanswerable": float(raw[~answerable].mean())},
+            "raw": raw.tolist(),
+        }
+    return {"rows": len(test), "fit_rows": len(val), "correct": correct.tolist(), "answerable": answerable.tolist(),
+            "scores": report}
+
+
 async def decision_report(engine: SteeringEngine, rows: list[dict]) -> dict:
     steering = engine.policies["verify"].resolve()
     costs = steering.rule.costs
@@ -100,30 +148,91 @@ async def decision_report(engine: SteeringEngine, rows: list[dict]) -> dict:
     }
 
 
-async def _single_model_accuracy(deployment: Deployment, base: str, rows: list[dict]) -> float:
-    engine = SteeringEngine.start(_eager(deployment, base=base, experts={}, policies={"base": {}}))
+async def _verify_logprobs(engine: SteeringEngine, rows: list[dict], steering: Steering) -> np.ndarray:
+    """[N, 2] label logprobs (" yes", " no") of each verification question."""
+    return np.array(await asyncio.gather(*(engine.label_logprobs(r["prompt"], steering) for r in rows)))
+
+
+async def _single_model(deployment: Deployment, base: str, rows: list[dict],
+                        verify: dict[str, list[dict]] | None = None):
+    """One model alone: its exact match on `rows`, and its label logprobs on each `verify` split."""
+    policies = {"base": {}}
+    if verify:
+        policies["verify"] = {"decision": deployment.policies["verify"].decision.model_dump(exclude_none=True)}
+    engine = SteeringEngine.start(_eager(deployment, base=base, experts={}, policies=policies))
     try:
-        return await accuracy(engine, rows, engine.policies["base"].resolve())
+        exact = await accuracy(engine, rows, engine.policies["base"].resolve())
+        steering = engine.policies["verify"].resolve() if verify else None
+        logprobs = {split: await _verify_logprobs(engine, r, steering) for split, r in (verify or {}).items()}
+        return exact, logprobs
     finally:
         engine.shutdown()
+
+
+def _judge(probs: np.ndarray, actions: list[str], truth: np.ndarray, costs) -> dict:
+    """A way of deciding, judged on the utility and on its probabilities."""
+    right = probs.argmax(axis=1) == truth
+    return {"expected_cost": realized_cost(costs, actions, truth),
+            "accuracy": float(np.mean([a == costs.labels[y] for a, y in zip(actions, truth)])),
+            "brier": metrics.brier(probs, truth), "ece": metrics.ece(probs.max(axis=1), right)}
+
+
+def compare_decisions(symmetric: dict[str, np.ndarray], weighted: dict[str, np.ndarray], truth: dict[str, np.ndarray],
+                      costs) -> dict:
+    """Utility baked into training and acted on by argmax, against symmetric training acted on
+    by argmax and by the Bayes rule on probabilities calibrated on `val` (judged on `test`)."""
+    temperature = metrics.fit_temperature(symmetric["val"], truth["val"])
+    test = truth["test"]
+
+    def argmax(logprobs: np.ndarray) -> tuple[np.ndarray, list[str]]:
+        probs = np.stack([label_probabilities(z) for z in logprobs])
+        return probs, [costs.labels[int(i)] for i in probs.argmax(axis=1)]
+
+    calibrated = np.stack([label_probabilities(z, temperature) for z in symmetric["test"]])
+    bayes = [decide(z, costs, temperature).action for z in symmetric["test"]]
+    return {
+        "utility_weighted_argmax": _judge(*argmax(weighted["test"]), test, costs),
+        "symmetric_argmax": _judge(*argmax(symmetric["test"]), test, costs),
+        "symmetric_calibrated_bayes": _judge(calibrated, bayes, test, costs) | {"temperature": temperature},
+    }
 
 
 async def run(family: Path, *, alphas=ALPHAS) -> dict:
     deployment = load_deployment(family / "deploy.yaml")
     questions = family / "questions"
     val, test = read_questions(questions / "answerable-val.jsonl"), read_questions(questions / "answerable-test.jsonl")
-    engine = SteeringEngine.start(_eager(deployment))
+    verify = {split: read_questions(questions / f"verify-{split}.jsonl") for split in ("val", "test")}
+    costs = deployment.policies["verify"].decision.cost_matrix()
+    truth = {split: np.array([costs.labels.index(r["label"]) for r in rows]) for split, rows in verify.items()}
+    # The pair tuned with the verification costs in its loss runs beside the symmetric one.
+    experts = {**{name: pair.model_dump() for name, pair in deployment.experts.items()},
+               "chat-weighted": {"tuned": str(family / "chat-tuned-weighted"), "untuned": str(family / "chat-untuned")}}
+    verify_alpha = deployment.policies["verify"].alpha
+    policies = {**{name: policy.model_dump(exclude_none=True) for name, policy in deployment.policies.items()},
+                "verify-weighted": {"alpha": {"chat-weighted": verify_alpha["chat"]},
+                                    "decision": deployment.policies["verify"].decision.model_dump(exclude_none=True)}}
+    engine = SteeringEngine.start(_eager(deployment, experts=experts, policies=policies))
     try:
         sweep = {}
         for alpha in (0.0, *alphas):
             steering = engine.policies["chat"].resolve(Overrides(alpha={"chat": alpha}))
             sweep[alpha] = {"val": await accuracy(engine, val, steering), "test": await accuracy(engine, test, steering)}
-        abstention = await abstention_report(engine, read_questions(questions / "qa-test.jsonl"))
-        decisions = await decision_report(engine, read_questions(questions / "verify-test.jsonl"))
+        qa_val, qa_test = read_questions(questions / "qa-val.jsonl"), read_questions(questions / "qa-test.jsonl")
+        abstention = await abstention_report(engine, qa_test)
+        abstention["by_score"] = await scores_report(engine, qa_val, qa_test)
+        decisions = await decision_report(engine, verify["test"])
+        proxy = [{split: await _verify_logprobs(engine, rows, engine.policies[name].resolve())
+                  for split, rows in verify.items()} for name in ("verify", "verify-weighted")]
     finally:
         engine.shutdown()
-    tuned = await _single_model_accuracy(deployment, str(family / "chat-tuned"), test)
-    direct = await _single_model_accuracy(deployment, str(family / "direct"), test)
+    tuned, _ = await _single_model(deployment, str(family / "chat-tuned"), test)
+    direct, direct_symmetric = await _single_model(deployment, str(family / "direct"), test, verify)
+    _, direct_weighted = await _single_model(deployment, str(family / "direct-weighted"), test, verify)
+    decisions["training_vs_deciding"] = {
+        "costs": {"false_yes": costs.costs[0][1], "false_no": costs.costs[1][0]},
+        "direct": compare_decisions(direct_symmetric, direct_weighted, truth, costs),
+        "proxy": compare_decisions(*proxy, truth, costs) | {"alpha": verify_alpha["chat"]},
+    }
     base = sweep[0.0]["test"]
     best = max(alphas, key=lambda a: sweep[a]["val"])
 
@@ -142,56 +251,185 @@ async def run(family: Path, *, alphas=ALPHAS) -> dict:
     }
 
 
+SEEDS = (0, 1, 2)
+
+
+async def run_family(family: Path) -> dict:
+    """One built family, the models only the benchmark needs added to it (from its own recipe)."""
+    await build(family, recipe=read_recipe(family), bench=True)
+    return await run(family)
+
+
+def machine() -> dict:
+    """What the figures were measured on: they hold within their spread, not bit for bit, elsewhere."""
+    import platform
+
+    import torch
+    import vllm
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "memory_gib": round(memory / 2**30, 1), "torch": torch.__version__, "vllm": vllm.__version__,
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def spread(reports: list[dict]) -> dict:
+    """Mean, standard deviation (n - 1), min and max over the reports of every number they all
+    carry at the same place; lists (curves, per-row scores) are left out."""
+    first = reports[0]
+    if isinstance(first, dict):
+        keys = [k for k in first if all(isinstance(r, dict) and k in r for r in reports)]
+        nested = {k: spread([r[k] for r in reports]) for k in keys}
+        return {k: v for k, v in nested.items() if v}  # not lists, nor what holds only lists
+    numbers = [r for r in reports if isinstance(r, (int, float)) and not isinstance(r, bool)]
+    if len(numbers) != len(reports):
+        return None
+    values = np.asarray(numbers, dtype=np.float64)
+    return {"mean": float(values.mean()), "std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            "min": float(values.min()), "max": float(values.max()), "values": values.tolist()}
+
+
+async def run_seeds(seeds=SEEDS, *, recipe: Recipe = Recipe(), alphas=ALPHAS) -> dict:
+    """Build (or reuse) the demo family of each seed, bench each, and report every figure's spread."""
+    per_seed, digests = {}, {}
+    for seed in seeds:
+        seeded = dataclasses.replace(recipe, seed=seed)
+        digests[seed] = seeded.digest()
+        print(f"seed {seed}: demo family {digests[seed]}", flush=True)
+        family = await build(default_dir(seeded), recipe=seeded, bench=True)
+        per_seed[seed] = await run(family, alphas=alphas)
+    return {"seeds": list(seeds), "recipe_digests": digests, "machine": machine(), "per_seed": per_seed,
+            "spread": spread(list(per_seed.values()))}
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    """A figure of one run, or the mean ± sd of a figure over seeds (`spread`); n/a where undefined."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, dict):
+        return f"{value['mean']:{spec}} ± {value['std']:{spec}}"
+    return f"{value:{spec}}"
+
+
 def summary(report: dict) -> str:
+    """One family's figures, or (from `run_seeds`) each figure's mean ± sd over the seeds."""
+    if "per_seed" not in report:
+        return _figures(report)
+    families = ", ".join(f"seed {seed}: {digest}" for seed, digest in report["recipe_digests"].items())
+    return f"mean ± sd over {len(report['seeds'])} seeds ({families})\n" + _figures(report["spread"])
+
+
+def _figures(report: dict) -> str:
     acc = report["accuracy"]
-    lines = [f"held-out questions (test entities): {report['test_questions']}, exact match",
-             f"  base alone          {acc['base']:.3f}", f"  tuned expert alone  {acc['tuned_expert']:.3f}"]
-    lines += [f"  proxy-tuned a={a:<4}   {v['test']:.3f}   (val {v['val']:.3f})" for a, v in acc["proxy"].items()]
-    lines.append(f"  directly tuned base {acc['direct']:.3f}")
+    lines = [f"held-out questions (test entities): {_fmt(report['test_questions'], '.0f')}, exact match",
+             f"  base alone          {_fmt(acc['base'])}", f"  tuned expert alone  {_fmt(acc['tuned_expert'])}"]
+    lines += [f"  proxy-tuned a={a:<4}   {_fmt(v['test'])}   (val {_fmt(v['val'])})" for a, v in acc["proxy"].items()]
+    lines.append(f"  directly tuned base {_fmt(acc['direct'])}")
     gap = report["gap_closed"]
-    share = lambda value: "n/a (direct is no better than base)" if value is None else f"{value:.1%}"  # noqa: E731
-    lines.append(f"gap closed: {share(gap['alpha_1'])} at alpha 1; {share(gap['at_best_val_alpha'])} at alpha "
-                 f"{gap['best_val_alpha']} (chosen on val)")
+    lines.append(f"gap closed (share of base -> direct): {_fmt(gap.get('alpha_1'))} at alpha 1; "
+                 f"{_fmt(gap.get('at_best_val_alpha'))} at alpha {_fmt(gap['best_val_alpha'], '.1f')} (chosen on val)")
     ab = report["abstention"]
-    lines.append(f"abstention ({ab['rows']} questions, {ab['unanswerable']} unanswerable, score {ab['score']}):")
+    lines.append(f"abstention ({_fmt(ab['rows'], '.0f')} questions, {_fmt(ab['unanswerable'], '.0f')} unanswerable), "
+                 "the qa policy's own score:")
     for stage in ("raw", "calibrated"):
-        lines.append(f"  {stage:10} ECE {ab[stage]['ece']:.3f}  AURC {ab[stage]['aurc']:.3f}")
-    lines.append("  expected cost: " + ", ".join(f"{k} {v:.3f}" for k, v in ab["expected_cost"].items()))
+        lines.append(f"  {stage:10} ECE {_fmt(ab[stage]['ece'])}  AURC {_fmt(ab[stage]['aurc'])}")
+    lines.append("  expected cost: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ab["expected_cost"].items()))
+    lines.append("every score (AUROC: answerable vs unanswerable, right vs wrong; cost: calibrated Bayes threshold):")
+    for kind, row in ab["by_score"]["scores"].items():
+        lines.append(f"  {kind:15} AUROC {_fmt(row.get('auroc_answerable'))} / {_fmt(row.get('auroc_correct'))}  "
+                     f"AURC {_fmt(row['aurc'])}  ECE {_fmt(row['ece']['raw'])} -> {_fmt(row['ece']['calibrated'])}  "
+                     f"cost {_fmt(row['expected_cost_bayes_calibrated'])}  "
+                     f"extra requests {_fmt(row['extra_engine_requests'], '.0f')}")
     de = report["decisions"]
-    lines.append(f"decisions ({de['rows']} yes/no questions, costs {de['costs']}, argmax accuracy {de['accuracy']:.3f}):")
-    lines.append("  expected cost: " + ", ".join(f"{k} {v:.3f}" for k, v in de["expected_cost"].items()))
+    lines.append(f"decisions ({_fmt(de['rows'], '.0f')} yes/no questions, the verify policy): argmax accuracy "
+                 f"{_fmt(de['accuracy'])}")
+    lines.append("  expected cost: " + ", ".join(f"{k} {_fmt(v)}" for k, v in de["expected_cost"].items()))
+    versus = de["training_vs_deciding"]
+    lines.append(f"utility in training vs after it (a false yes costs {_fmt(versus['costs']['false_yes'], '.0f')}, "
+                 f"a false no {_fmt(versus['costs']['false_no'], '.0f')}):")
+    for model in ("direct", "proxy"):
+        for way, row in versus[model].items():
+            if isinstance(row, dict) and "expected_cost" in row:
+                lines.append(f"  {model:6} {way:28} cost {_fmt(row['expected_cost'])}  accuracy {_fmt(row['accuracy'])}"
+                             f"  Brier {_fmt(row['brier'])}  ECE {_fmt(row['ece'])}")
     return "\n".join(lines)
 
 
+def _mean_sd(value) -> tuple[float, float]:
+    if isinstance(value, dict):
+        return value["mean"], value["std"]
+    return (float("nan"), 0.0) if value is None else (value, 0.0)
+
+
+def _bars(ax, names: list[str], values: list, colors: list[str] | str, fmt: str = "{:.2f}") -> None:
+    """Bars at the mean, whiskers at ± 1 sd over seeds (none for one family), labelled."""
+    means, sds = zip(*(_mean_sd(v) for v in values))
+    ax.bar(names, means, yerr=sds, capsize=4, color=colors)
+    for i, (m, sd) in enumerate(zip(means, sds)):
+        ax.text(i, m + sd + 0.01, fmt.format(m), ha="center", fontsize=8)
+
+
 def plot(report: dict, out: Path) -> list[Path]:
-    """Accuracy by model and alpha; abstention risk-coverage, raw against calibrated."""
+    """Accuracy by model and alpha; risk-coverage of the qa policy's score, raw against calibrated;
+    every abstention score's AUROC and AURC; the utility in training against after it. Over seeds,
+    bars are means with ± 1 sd whiskers and curves are drawn per seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    acc = report["accuracy"]
+    figures = report.get("spread", report)
+    runs = list(report["per_seed"].values()) if "per_seed" in report else [report]
+    over = f" (mean ± sd, {len(runs)} seeds)" if len(runs) > 1 else ""
+    paths = []
+
+    def save(fig, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        paths.append(out / name)
+
+    acc = figures["accuracy"]
     names = ["base", "tuned\nexpert"] + [f"proxy\na={a}" for a in acc["proxy"]] + ["direct"]
     values = [acc["base"], acc["tuned_expert"]] + [v["test"] for v in acc["proxy"].values()] + [acc["direct"]]
     fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(names, values, color=["grey", "grey"] + ["tab:blue"] * len(acc["proxy"]) + ["black"])
-    for i, v in enumerate(values):
-        ax.text(i, v + 0.01, f"{v:.2f}", ha="center")
-    ax.set(ylabel="exact match on held-out entities", ylim=(0, 1.08), title="Proxy-tuning transfers the skill")
-    fig.tight_layout()
-    accuracy_path = out / "quality-accuracy.png"
-    fig.savefig(accuracy_path, dpi=120)
-    plt.close(fig)
+    _bars(ax, names, values, ["grey", "grey"] + ["tab:blue"] * len(acc["proxy"]) + ["black"])
+    ax.set(ylabel="exact match on held-out entities", ylim=(0, 1.1), title="Proxy-tuning transfers the skill" + over)
+    save(fig, "quality-accuracy.png")
 
-    curves = report["abstention"]["curves"]
     fig, ax = plt.subplots(figsize=(6, 4))
-    for (name, style) in (("raw", "-"), ("calibrated", "--")):
-        coverage, risk = metrics.risk_coverage(curves[name], curves["correct"])
-        ax.plot(coverage, risk, linestyle=style, label=f"{name} (AURC {metrics.aurc(curves[name], curves['correct']):.3f})")
-    ax.set(xlabel="coverage", ylabel="risk", xlim=(0, 1), title="Abstention: answerable + unanswerable questions")
-    ax.legend()
-    fig.tight_layout()
-    risk_path = out / "quality-risk-coverage.png"
-    fig.savefig(risk_path, dpi=120)
-    plt.close(fig)
-    return [accuracy_path, risk_path]
+    for i, run_ in enumerate(runs):
+        curves = run_["abstention"]["curves"]
+        for name, style in (("raw", "-"), ("calibrated", "--")):
+            coverage, risk = metrics.risk_coverage(curves[name], curves["correct"])
+            ax.plot(coverage, risk, linestyle=style, color=f"C{i}", alpha=0.8,
+                    label=f"{name}{f', seed {i}' if len(runs) > 1 else ''} "
+                          f"(AURC {metrics.aurc(curves[name], curves['correct']):.3f})")
+    ax.set(xlabel="coverage", ylabel="risk", xlim=(0, 1), title="Abstention (qa policy): answerable + unanswerable")
+    ax.legend(fontsize=7)
+    save(fig, "quality-risk-coverage.png")
+
+    scores = figures["abstention"]["by_score"]["scores"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    colors = ["tab:orange" if kind in ENSEMBLE_SCORES else "tab:blue" for kind in scores]
+    _bars(left, list(scores), [row.get("auroc_answerable") for row in scores.values()], colors)
+    left.axhline(0.5, color="grey", linestyle=":")
+    left.set(ylabel="AUROC, answerable vs unanswerable", ylim=(0, 1.1), title="Abstention scores" + over)
+    _bars(right, list(scores), [row["aurc"] for row in scores.values()], colors, "{:.3f}")
+    right.set(ylabel="AURC (lower is better)", title="steered (blue), ensemble (orange)")
+    for ax in (left, right):
+        ax.tick_params(axis="x", labelsize=8, rotation=20)
+    save(fig, "quality-abstention-scores.png")
+
+    versus = figures["decisions"]["training_vs_deciding"]
+    ways = {"utility_weighted_argmax": "utility-weighted\ntraining, argmax", "symmetric_argmax": "symmetric,\nargmax",
+            "symmetric_calibrated_bayes": "symmetric,\ncalibrated Bayes"}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    for ax, model in zip(axes, ("direct", "proxy")):
+        _bars(ax, list(ways.values()), [versus[model][way]["expected_cost"] for way in ways],
+              ["tab:red", "grey", "tab:green"], "{:.3f}")
+        ax.set(title=f"{'base tuned directly' if model == 'direct' else 'proxy-tuned base'}{over}",
+               ylabel="expected cost on held-out entities")
+        ax.tick_params(axis="x", labelsize=8)
+    save(fig, "quality-decisions.png")
+    return paths

@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import copy
 import json
 
+import numpy as np
 import pytest
 import yaml
 
-from steering.config import load_deployment
+from steering.config import DecisionConfig, load_deployment
 from steering.engine import engine_config
 from steering.memory import WORKER_RUNTIME_BYTES, GiB, NodeMemory
+from steering.rules.abstention import ENSEMBLE_SCORES, SCORES
 from steering.rules.calibration import Calibration
+from steering_tools import metrics
 from steering_tools.bench import perf, quality
-from steering_tools.demo_family import Recipe, build, demo_shape, is_built
+from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_recipe
 
 TOY = Recipe(
     entities=24, strangers=4, base=demo_shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128),
@@ -25,7 +29,7 @@ TOY = Recipe(
 @pytest.fixture(scope="module")
 def toy_family(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo-family")
-    return asyncio.run(build(out, recipe=TOY))
+    return asyncio.run(build(out, recipe=TOY, bench=True))
 
 
 def test_the_build_writes_a_servable_calibrated_family(toy_family):
@@ -40,6 +44,9 @@ def test_the_build_writes_a_servable_calibrated_family(toy_family):
     val = [json.loads(line) for line in (toy_family / "questions" / "answerable-val.jsonl").read_text().splitlines()]
     assert test and val and not {r["entity"] for r in test} & {r["entity"] for r in val}
     assert asyncio.run(build(toy_family, recipe=TOY)) == toy_family, "a matching build is reused"
+    assert read_recipe(toy_family) == TOY, "the recipe reads back from the build"
+    for name in ("chat-tuned-weighted", "direct-weighted"):  # the benchmark's own models
+        assert (toy_family / name / "model.safetensors").exists()
 
 
 def test_the_demo_config_sizes_its_kv_cache_in_bytes(toy_family):
@@ -59,7 +66,59 @@ def test_bench_quality_reports_every_section(toy_family):
     costs = report["abstention"]["expected_cost"]
     assert costs["always_abstain"] == 0.3
     assert set(report["decisions"]["expected_cost"]) == {"argmax", "bayes_raw", "bayes_calibrated"}
-    assert "gap closed" in quality.summary(report)
+    by_score = report["abstention"]["by_score"]
+    assert list(by_score["scores"]) == list(SCORES)
+    answerable = np.array(by_score["answerable"])
+    assert answerable.any() and not answerable.all(), "answerable and unanswerable questions are mixed"
+    for kind, row in by_score["scores"].items():
+        assert row["extra_engine_requests"] == (1 if kind in ENSEMBLE_SCORES else 0)
+        assert row["auroc_answerable"] == pytest.approx(metrics.auroc(row["raw"], answerable))
+        assert row["aurc"] == pytest.approx(metrics.aurc(row["raw"], by_score["correct"]))
+        assert all(0.0 <= score <= 1.0 for score in row["raw"])
+    # The policy's own score, scored again with every other: the same answers give the same raw scores.
+    assert by_score["scores"]["first_prob"]["raw"] == pytest.approx(report["abstention"]["curves"]["raw"])
+    versus = report["decisions"]["training_vs_deciding"]
+    assert versus["costs"] == {"false_yes": 10.0, "false_no": 1.0}
+    for model in ("direct", "proxy"):
+        assert set(versus[model]) >= {"utility_weighted_argmax", "symmetric_argmax", "symmetric_calibrated_bayes"}
+    assert versus["proxy"]["symmetric_argmax"]["expected_cost"] == pytest.approx(
+        report["decisions"]["expected_cost"]["argmax"]), "the symmetric pair's argmax is the verify policy's"
+    summary = quality.summary(report)
+    assert "gap closed" in summary and "base_agreement" in summary and "symmetric_calibrated_bayes" in summary
+    assert [path.name for path in quality.plot(report, toy_family)] == [
+        "quality-accuracy.png", "quality-risk-coverage.png", "quality-abstention-scores.png", "quality-decisions.png"]
+
+    # Over seeds: every figure's mean and sd, by hand for one; the summary and plots take either.
+    other = copy.deepcopy(report)
+    other["accuracy"]["base"] = report["accuracy"]["base"] + 0.2
+    seeds = {"seeds": [0, 1], "recipe_digests": {0: "a", 1: "b"}, "per_seed": {0: report, 1: other},
+             "spread": quality.spread([report, other])}
+    base = seeds["spread"]["accuracy"]["base"]
+    assert base["mean"] == pytest.approx(report["accuracy"]["base"] + 0.1)
+    assert base["std"] == pytest.approx(0.2 / np.sqrt(2)), "sample sd of two values d apart: d / sqrt 2"
+    assert seeds["spread"]["accuracy"]["direct"]["std"] == 0.0
+    assert "curves" not in seeds["spread"]["abstention"], "per-row lists have no spread"
+    assert f"{base['mean']:.3f} ± {base['std']:.3f}" in quality.summary(seeds)
+    assert len(quality.plot(seeds, toy_family)) == 4
+
+
+def test_utility_in_training_against_after_it_by_hand():
+    costs = DecisionConfig(labels=[" yes", " no"], cost_fp=10.0, cost_fn=1.0).cost_matrix()
+    log = np.log
+    # val: p(yes) = 0.75 and right 3 times in 4, so the fitted temperature is 1.
+    val = np.array([[log(0.75), log(0.25)]] * 4)
+    symmetric_test = np.array([[0.0, -20.0], [log(0.6), log(0.4)], [log(0.3), log(0.7)], [log(0.8), log(0.2)]])
+    weighted_test = np.array([[0.0, -20.0], [log(0.2), log(0.8)], [log(0.2), log(0.8)], [log(0.4), log(0.6)]])
+    truth = {"val": np.array([0, 0, 0, 1]), "test": np.array([0, 1, 0, 0])}  # 0: yes, 1: no
+    table = quality.compare_decisions({"val": val, "test": symmetric_test}, {"val": val, "test": weighted_test},
+                                      truth, costs)
+    assert table["symmetric_calibrated_bayes"]["temperature"] == pytest.approx(1.0, abs=1e-3)
+    # argmax: yes, yes (false: 10), no (false: 1), yes. Bayes says yes only from p >= 10/11: yes, no, no (1), no (1).
+    assert table["symmetric_argmax"]["expected_cost"] == pytest.approx((0 + 10 + 1 + 0) / 4)
+    assert table["symmetric_calibrated_bayes"]["expected_cost"] == pytest.approx((0 + 0 + 1 + 1) / 4)
+    assert table["utility_weighted_argmax"]["expected_cost"] == pytest.approx((0 + 0 + 1 + 1) / 4)
+    assert table["symmetric_argmax"]["accuracy"] == table["symmetric_calibrated_bayes"]["accuracy"] == 0.5
+    assert table["symmetric_argmax"]["brier"] == pytest.approx((0 + 0.72 + 0.98 + 0.08) / 4, abs=1e-6)
 
 
 def test_bench_perf_measures_every_system(tmp_path):

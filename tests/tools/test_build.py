@@ -7,10 +7,12 @@ import dataclasses
 from dataclasses import dataclass, field
 
 import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from steering_tools import demo_family
 from steering_tools.demo_family import Recipe, build, demo_shape, is_built
-from steering_tools.training import train
+from steering_tools.training import train, weighted_loss
 
 SMALL = Recipe(
     entities=12, strangers=2, vocab_size=512, base=demo_shape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
@@ -98,3 +100,36 @@ def test_another_recipe_or_force_redoes_every_stage(tmp_path, trainings):
     asyncio.run(build(out, recipe=SMALL, force=True))
     assert len(trainings.runs) == 4 and is_built(out, SMALL)
     assert _weights(out) == first
+
+
+def test_bench_stages_are_added_to_a_finished_build(tmp_path, trainings):
+    asyncio.run(build(tmp_path, recipe=SMALL))
+    before = _weights(tmp_path)
+    trainings.runs.clear()
+    asyncio.run(build(tmp_path, recipe=SMALL, bench=True))
+    assert trainings.runs == ["tuned, utility-weighted: questions", "direct, utility-weighted: base on questions"]
+    assert _weights(tmp_path) == before, "the served models are left as they were"
+    assert is_built(tmp_path, SMALL)
+    trainings.runs.clear()
+    asyncio.run(build(tmp_path, recipe=SMALL, bench=True))
+    assert trainings.runs == [], "then reused"
+
+
+def test_the_utility_weighted_loss_by_hand():
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1)).eval()
+    ids = torch.randint(0, 50, (2, 6))
+    mask = torch.ones_like(ids)
+    labels = ids.clone()
+    labels[:, :3] = -100  # the prompt: no loss
+    labels[1, 5] = -100  # a shorter answer
+    plain = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+    assert weighted_loss(model, ids, mask, labels, torch.ones(2)).item() == pytest.approx(plain.item(), rel=1e-6)
+    # Per-token losses by hand: row 0 has 3 answer tokens, row 1 has 2; row 1 weighs 10.
+    logprobs = model(input_ids=ids, attention_mask=mask).logits.log_softmax(-1)
+    nll = [[-logprobs[row, t - 1, ids[row, t]].item() for t in range(3, 6 if row == 0 else 5)] for row in (0, 1)]
+    want = (sum(nll[0]) + 10 * sum(nll[1])) / (3 + 10 * 2)
+    assert weighted_loss(model, ids, mask, labels, torch.tensor([1.0, 10.0])).item() == pytest.approx(want, rel=1e-5)
+    assert demo_family.utility_weight("no") == 10.0 and demo_family.utility_weight("yes") == 1.0
+    assert demo_family.utility_weight("Dunmere") == 1.0, "open questions keep their weight"

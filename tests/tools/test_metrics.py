@@ -9,6 +9,7 @@ from steering.rules.calibration import platt
 from steering.rules.decisions import softmax
 from steering_tools.metrics import (
     aurc,
+    auroc,
     binary_probs,
     brier,
     ece,
@@ -59,3 +60,11 @@ def test_risk_coverage_and_aurc_by_hand():
     assert aurc(confidence, correct) == pytest.approx((0 + 0.5 + 1 / 3 + 0.25) / 4)
     table = risk_at_coverage(confidence, correct, levels=(0.5, 1.0))
     assert table == [{"coverage": 0.5, "risk": 0.5}, {"coverage": 1.0, "risk": 0.25}]
+
+
+def test_auroc_by_hand():
+    # Positives score .35 and .8, negatives .1 and .4: of the 4 pairs, 3 are ranked right.
+    assert auroc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    assert auroc([0.5, 0.5, 0.9], [1, 0, 1]) == pytest.approx((0.5 + 1.0) / 2), "a tie counts half"
+    assert auroc([0.2, 0.9], [1, 0]) == 0.0
+    assert auroc([0.3, 0.7], [1, 1]) is None, "no negatives: undefined"
