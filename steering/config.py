@@ -129,12 +129,20 @@ class DecisionConfig(_Strict):
     max_cost: NonNegative | None = Field(
         default=None, description="Per-request cost overrides allowed with entries in [0, max_cost]; none if unset."
     )
+    claim: bool = Field(
+        default=False,
+        description="Check a claim instead of scoring labels: each request carries `steering.claim`, an answer to "
+        "its prompt; p(labels[0]) is the steered probability that the answer is exactly the claim (its tokens, then "
+        "the end of the answer), p(labels[1]) the rest.",
+    )
 
     @model_validator(mode="after")
     def _one_cost_form(self) -> DecisionConfig:
         k = len(self.labels)
         if len(set(self.labels)) != k:
             raise ValueError("labels must be distinct")
+        if self.claim and k != 2:
+            raise ValueError(f"a claim check has exactly 2 labels (the claim is the answer, it is not); got {k}")
         shorthand = (self.cost_fp, self.cost_fn)
         if self.costs is None and None in shorthand:
             raise ValueError("give either costs (a matrix) or both cost_fp and cost_fn")

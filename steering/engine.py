@@ -13,7 +13,7 @@ from typing import Any
 
 import jinja2
 import jinja2.meta
-
+import numpy as np
 from transformers import AutoTokenizer
 from vllm import SamplingParams
 from vllm.config import VllmConfig
@@ -144,6 +144,11 @@ class SteeringEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
         self.policies = Policies.build(deployment, self._encode_label)
         self.max_model_len: int = llm.model_config.max_model_len
+        # The tokens that end an answer, as vLLM stops on them: the tokenizer's EOS and the generation config's.
+        ends = llm.model_config.try_get_generation_config().get("eos_token_id")
+        ends = set() if ends is None else {ends} if isinstance(ends, int) else set(ends)
+        eos = self.tokenizer.eos_token_id
+        self.end_token_ids: tuple[int, ...] = tuple(sorted(ends | ({eos} if eos is not None else set())))
         _ = self.tool_parser_class  # a parser the base's tokenizer cannot serve fails the start-up
 
     @property
@@ -304,6 +309,18 @@ class SteeringEngine:
         final = await self.complete(prompt, params, steering=steering, request_id=request_id)
         step = final.outputs[0].logprobs[0]
         return [step[token].logprob for token in labels]
+
+    async def claim_logprob(self, prompt: Sequence[int], claim: Sequence[int], steering: Steering, *,
+                            request_id: str | None = None) -> float:
+        """Steered log-probability, at temperature 1, that the answer to `prompt` is exactly `claim`:
+        the claim's tokens, then one of the tokens that end an answer. One single-token request on
+        prompt + claim, its prompt logprobs steered."""
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
+                                logprob_token_ids=list(self.end_token_ids))
+        final = await self.complete([*prompt, *claim], params, steering=steering, request_id=request_id)
+        said = sum(entry[token].logprob for entry, token in zip(final.prompt_logprobs[len(prompt):], claim))
+        step = final.outputs[0].logprobs[0]
+        return said + float(np.logaddexp.reduce([step[token].logprob for token in self.end_token_ids]))
 
     async def first_step(self, prompt: str | Sequence[int], token_ids: Sequence[int],
                          logprobs: Sequence[Mapping[int, Any]], *, familiarity: bool = False) -> FirstStep | None:

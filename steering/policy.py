@@ -2,13 +2,14 @@
 
 `steering.config.PolicyConfig` is what the YAML says. A `Policy` here is what serving needs,
 computed once: the alphas, the pair order, the decision rule (label token ids, cost matrix,
-calibration temperature), the abstention rule (calibration map, threshold), and the bounds an
-override must keep. `Policy.resolve(overrides)` admits a request's steering; every room after it
+calibration temperature and bias), the abstention rule (calibration map, threshold), and the
+bounds an override must keep. `Policy.resolve(overrides)` admits a request's steering; every room after it
 trusts the `Steering` it returns and checks nothing again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -35,19 +36,26 @@ class Overrides:
     abstain_threshold: float | None = None
     costs: Sequence[Sequence[float]] | None = None
     abstain_cost: float | None = None
+    claim: str | None = None
 
 
 @dataclass(frozen=True)
 class DecisionRule:
-    """Answer with the Bayes action over labels scored by their first token, calibrated."""
+    """Answer with the Bayes action over labels scored by their first token, calibrated; or, for a
+    claim check (`label_token_ids` empty), over "the answer is the claim" and "it is not"."""
 
-    label_token_ids: tuple[int, ...]
+    label_token_ids: tuple[int, ...]  # () for a claim check
     costs: CostMatrix
     temperature: float  # 1: uncalibrated
     abstain_message: str
+    bias: tuple[float, ...] | None = None  # after the temperature, per label (a fitted claim check's)
+
+    @property
+    def checks_claims(self) -> bool:
+        return not self.label_token_ids
 
     def decide(self, label_logprobs: Sequence[float]) -> Decision:
-        return decide(label_logprobs, self.costs, self.temperature)
+        return decide(label_logprobs, self.costs, self.temperature, self.bias)
 
 
 @dataclass(frozen=True)
@@ -95,6 +103,7 @@ class Steering:
     alpha: dict[str, float]  # per pair named by the policy or the request, as reported
     alpha_row: tuple[float, ...]  # one per expert pair, in the engine's pair order (absent: 0)
     rule: DecisionRule | AbstentionRule | None = None
+    claim: str | None = None  # what a claim check checks
 
 
 class Policy:
@@ -111,10 +120,11 @@ class Policy:
     def _rule(config: PolicyConfig, encode) -> DecisionRule | AbstentionRule | None:
         if config.decision is not None:
             return DecisionRule(
-                label_token_ids=label_first_tokens(encode, config.decision.labels),
+                label_token_ids=() if config.decision.claim else label_first_tokens(encode, config.decision.labels),
                 costs=config.decision.cost_matrix(),
                 temperature=config.calibration.temperature if config.calibration else 1.0,
                 abstain_message=config.decision.abstain_message,
+                bias=tuple(config.calibration.bias) if config.calibration and config.calibration.bias else None,
             )
         if config.abstain is not None:
             abstain = config.abstain
@@ -136,8 +146,19 @@ class Policy:
             rule = self._threshold(overrides.abstain_threshold)
         if overrides.costs is not None or overrides.abstain_cost is not None:
             rule = self._costs(overrides.costs, overrides.abstain_cost)
+        self._check_claim(overrides.claim)
         row = tuple(alpha.get(name, 0.0) for name in self.pair_names)
-        return Steering(self.name, alpha, row, rule)
+        return Steering(self.name, alpha, row, rule, overrides.claim)
+
+    def _check_claim(self, claim: str | None) -> None:
+        checks = isinstance(self._default, DecisionRule) and self._default.checks_claims
+        if claim is None and checks:
+            raise InvalidSteering("this policy checks a claim: give steering.claim, the answer to check",
+                                  param="steering.claim")
+        if claim is not None and not checks:
+            raise InvalidSteering("this policy does not check claims", param="steering.claim")
+        if claim is not None and not claim.strip():
+            raise InvalidSteering("the claim is empty", param="steering.claim")
 
     def _alpha(self, override: Mapping[str, float]) -> dict[str, float]:
         alpha = dict(self.config.alpha)
@@ -165,8 +186,7 @@ class Policy:
             raise InvalidSteering("this policy does not allow threshold overrides", param=param)
         if not bounds[0] <= threshold <= bounds[1]:
             raise InvalidSteering(f"threshold {threshold} is outside this policy's bounds {list(bounds)}", param=param)
-        rule = self._default
-        return AbstentionRule(rule.score, rule.calibration, float(threshold), rule.message)
+        return dataclasses.replace(self._default, threshold=float(threshold))
 
     def _costs(self, costs: Sequence[Sequence[float]] | None, abstain_cost: float | None) -> DecisionRule:
         param = "steering.costs" if costs is not None else "steering.abstain_cost"
@@ -189,8 +209,7 @@ class Policy:
                 raise InvalidSteering("this policy has no abstain action", param="steering.abstain_cost")
             _check_cost_bounds([abstain_cost], max_cost, "steering.abstain_cost")
             matrix = CostMatrix(matrix.labels, matrix.costs, float(abstain_cost))
-        rule = self._default
-        return DecisionRule(rule.label_token_ids, matrix, rule.temperature, rule.abstain_message)
+        return dataclasses.replace(self._default, costs=matrix)
 
 
 def _check_finite(value: object, param: str) -> None:

@@ -57,6 +57,10 @@ class SteeringRequest(_Request):
         default=None, description="Decision policies: the cost matrix (rows: actions, columns: true labels)."
     )
     abstain_cost: FiniteFloat | None = Field(default=None, description="Decision policies: the cost of abstaining.")
+    claim: Text | None = Field(
+        default=None, description="Claim-check policies (required there): the answer to the prompt to check, "
+        "scored as written right after the prompt (mind the leading space)."
+    )
 
 
 class StreamOptions(_Request):
@@ -305,7 +309,7 @@ class SteeringInfo(BaseModel):
     decision: dict | None = Field(
         default=None,
         description="Decision policies: labels, raw and calibrated probabilities, label_mass, costs, "
-        "expected_costs per action, and the chosen action.",
+        "expected_costs per action, and the chosen action; a claim check adds the claim and claim_logprob.",
     )
     abstention: dict | None = Field(
         default=None, description="Abstention policies: the score, its raw and calibrated values, the threshold."

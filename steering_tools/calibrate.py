@@ -1,7 +1,7 @@
 """`steer calibrate`: run labelled data through a policy, fit its calibration, report and plot.
 
-Rows are JSONL: `{"prompt" | "messages", "label"}` for decision policies, `{"prompt" |
-"messages", "answer"}` for abstention policies. A malformed row is reported with its line
+Rows are JSONL: `{"prompt" | "messages", "label"}` for decision policies (a claim check's rows add
+the `claim`), `{"prompt" | "messages", "answer"}` for abstention policies. A malformed row is reported with its line
 number and skipped. The rows are split with a seed into a fit part and a held-out part; the
 report compares raw and calibrated probabilities on the held-out part only.
 """
@@ -23,10 +23,10 @@ from vllm import SamplingParams
 from steering.config import AbstainConfig, Deployment
 from steering.engine import SteeringEngine, answer_logprobs
 from steering.errors import ConfigError, UnknownPolicy
-from steering.policy import Policy
+from steering.policy import Overrides, Policy
 from steering.rules.abstention import confidence_score
 from steering.rules.calibration import Calibration, platt
-from steering.rules.decisions import CostMatrix, decide, label_probabilities
+from steering.rules.decisions import CostMatrix, claim_label_logprobs, decide, label_probabilities
 from steering_tools import metrics
 
 IN_FLIGHT = 32  # requests handed to the engine at once; it batches them
@@ -45,6 +45,7 @@ class Row(BaseModel):
     messages: list[Message] | None = None
     label: str | None = None
     answer: str | None = None
+    claim: str | None = None
 
     @model_validator(mode="after")
     def _one_prompt(self) -> Row:
@@ -129,9 +130,17 @@ def _prompt(engine: SteeringEngine, row: Row) -> list[int]:
 
 async def decision_logprobs(engine: SteeringEngine, policy: Policy, rows: list[Row]) -> np.ndarray:
     """[N, K] steered label logprobs, as the server computes them."""
-    steering = policy.resolve()
-    jobs = [engine.label_logprobs(_prompt(engine, row), steering) for row in rows]
-    return np.asarray(await _gather(jobs, "scoring labels"), dtype=np.float64)
+    if not policy.rule.checks_claims:
+        steering = policy.resolve()
+        jobs = [engine.label_logprobs(_prompt(engine, row), steering) for row in rows]
+        return np.asarray(await _gather(jobs, "scoring labels"), dtype=np.float64)
+
+    async def check(row: Row) -> list[float]:
+        steering = policy.resolve(Overrides(claim=row.claim))
+        claim = engine.encode(row.claim, add_special_tokens=False)
+        return claim_label_logprobs(await engine.claim_logprob(_prompt(engine, row), claim, steering))
+
+    return np.asarray(await _gather([check(row) for row in rows], "checking claims"), dtype=np.float64)
 
 
 def realized_cost(costs: CostMatrix, actions: list[str], truth: np.ndarray) -> float:
@@ -153,28 +162,45 @@ def _probabilities_report(probs: np.ndarray, truth: np.ndarray, bins: int) -> di
     }
 
 
+# A claim check's Platt slope is 1 / T: kept positive (T <= 1000), so more likely claims stay likelier.
+MIN_CLAIM_SLOPE = 1e-3
+
+
+def fit_label_map(logprobs: np.ndarray, truth: np.ndarray, *, claims: bool) -> tuple[float, list[float] | None]:
+    """(temperature, bias) of `softmax(z / T + bias)` minimising the NLL of `truth`: a temperature
+    alone over first-token labels; for a claim check, Platt scaling of the claim's probability
+    `sigmoid(a logit(p) + b)`, which is T = 1 / a and a bias b on the claim."""
+    if not claims:
+        return metrics.fit_temperature(logprobs, truth), None
+    # logit p = log p - log(1 - p), exactly as served (+inf, for p = 1, capped for the fit).
+    x = np.minimum(logprobs[:, 0] - logprobs[:, 1], 1e3)
+    a, b = metrics.fit_logistic(x, truth == 0, min_slope=MIN_CLAIM_SLOPE)
+    return 1.0 / a, [b, 0.0]
+
+
 def fit_decision(name: str, policy: Policy, logprobs: np.ndarray, truth: np.ndarray, fit, held, bins: int):
-    temperature = metrics.fit_temperature(logprobs[fit], truth[fit])
+    temperature, bias = fit_label_map(logprobs[fit], truth[fit], claims=policy.rule.checks_claims)
     costs = policy.config.decision.cost_matrix()
     raw = np.stack([label_probabilities(z) for z in logprobs[held]])
-    calibrated = np.stack([label_probabilities(z, temperature) for z in logprobs[held]])
+    calibrated = np.stack([label_probabilities(z, temperature, bias) for z in logprobs[held]])
     argmax = [costs.labels[i] for i in raw.argmax(axis=1)]
     report = {
         "policy": name,
         "kind": "decision",
         "temperature": temperature,
+        "bias": bias,
         "raw": _probabilities_report(raw, truth[held], bins),
         "calibrated": _probabilities_report(calibrated, truth[held], bins),
         "expected_cost": {
             "argmax": realized_cost(costs, argmax, truth[held]),
             "bayes_raw": realized_cost(costs, [decide(z, costs).action for z in logprobs[held]], truth[held]),
             "bayes_calibrated": realized_cost(
-                costs, [decide(z, costs, temperature).action for z in logprobs[held]], truth[held]
+                costs, [decide(z, costs, temperature, bias).action for z in logprobs[held]], truth[held]
             ),
             "always_abstain": costs.abstain_cost,
         },
     }
-    calibration = Calibration(kind="decision", policy=name, temperature=temperature,
+    calibration = Calibration(kind="decision", policy=name, temperature=temperature, bias=bias,
                               labels=list(policy.config.decision.labels), fitted_on=len(fit))
     curves = {"raw": (raw.max(axis=1), raw.argmax(axis=1) == truth[held]),
               "calibrated": (calibrated.max(axis=1), calibrated.argmax(axis=1) == truth[held])}
@@ -321,8 +347,16 @@ async def calibrate(
     if config is None:
         raise UnknownPolicy(name, deployment.policies, param="--policy")
     if config.decision:
-        labels = config.decision.labels
-        dataset = read_rows(data, lambda r: None if r.label in labels else f"label {r.label!r} is not one of {labels}")
+        labels, claims = config.decision.labels, config.decision.claim
+
+        def usable(row: Row) -> str | None:
+            if row.label not in labels:
+                return f"label {row.label!r} is not one of {labels}"
+            if claims and not (row.claim or "").strip():
+                return "no claim (this policy checks claims)"
+            return None
+
+        dataset = read_rows(data, usable)
     elif config.abstain:
         dataset = read_rows(data, lambda r: None if r.answer is not None else "no answer")
     else:
@@ -360,7 +394,8 @@ def summary(result: Result) -> str:
     lines = [f"calibrated policy {report['policy']!r} on {report['fit_rows']} rows; "
              f"held-out report on {report['held_out_rows']} rows"]
     if report["kind"] == "decision":
-        lines.append(f"temperature: {report['temperature']:.4f}")
+        bias = f"; bias {', '.join(f'{b:.4f}' for b in report['bias'])}" if report["bias"] else ""
+        lines.append(f"temperature: {report['temperature']:.4f}{bias}")
     else:
         lines.append(f"platt a={report['platt']['a']:.4f} b={report['platt']['b']:.4f}; "
                      f"fitted threshold {report['threshold']:.4f} (Bayes: {report['bayes_threshold']:.4f})")

@@ -26,14 +26,19 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
 
 def fit_platt(scores: np.ndarray, correct: np.ndarray) -> tuple[float, float]:
     """(a, b) minimising the NLL of `correct` under sigmoid(a * logit(score) + b)."""
-    x = logit(np.clip(np.asarray(scores, dtype=np.float64), EPS, 1 - EPS))
+    return fit_logistic(logit(np.clip(np.asarray(scores, dtype=np.float64), EPS, 1 - EPS)), correct)
+
+
+def fit_logistic(x: np.ndarray, correct: np.ndarray, *, min_slope: float | None = None) -> tuple[float, float]:
+    """(a, b) minimising the NLL of `correct` under sigmoid(a * x + b), a >= `min_slope` if given."""
+    x = np.asarray(x, dtype=np.float64)
     y = np.asarray(correct, dtype=np.float64)
 
     def nll(ab: np.ndarray) -> float:
         z = ab[0] * x + ab[1]
         return float(np.mean(np.logaddexp(0.0, z) - y * z))
 
-    result = minimize(nll, x0=np.array([1.0, 0.0]), method="L-BFGS-B")
+    result = minimize(nll, x0=np.array([1.0, 0.0]), method="L-BFGS-B", bounds=[(min_slope, None), (None, None)])
     return float(result.x[0]), float(result.x[1])
 
 

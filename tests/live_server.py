@@ -44,6 +44,7 @@ class Server(ServerProcess):
 LABELS = ["yes", "no", "cat"]  # first tokens 'y', 'n', 'ca' in the fixture tokenizer
 ZERO_ONE = [[0, 1, 1], [1, 0, 1], [1, 1, 0]]
 CALIBRATED_TEMPERATURE = 2.5
+CLAIM_LABELS = ["true", "false"]  # a claim check's labels are names: they need no tokens of their own
 
 
 def write_config(family: dict, path: Path, **engine) -> Path:
@@ -69,6 +70,8 @@ def write_config(family: dict, path: Path, **engine) -> Path:
             "qa-agree": {"alpha": {"chat": 1.0}, "abstain": {"score": "base_agreement", "threshold": 0.0,
                                                               "threshold_bounds": [0.0, 1.0]}},
             "qa-familiar": {"alpha": {"chat": 1.0}, "abstain": {"score": "base_familiarity", "threshold": 0.0}},
+            "check": {"alpha": {"chat": 1.0}, "decision": {"claim": True, "labels": CLAIM_LABELS, "cost_fp": 4.0,
+                                                            "cost_fn": 1.0, "max_cost": 100}},
         },
         "engine": {"dtype": "float32", "max_model_len": MAX_MODEL_LEN, "enforce_eager": True,
                    "kv_cache_memory_bytes": 256 * 2**20, **engine},

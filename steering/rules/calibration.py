@@ -1,6 +1,7 @@
 """Calibration maps used at serve time, as read from the files `steer calibrate` writes; numpy only.
 
-Decision policies calibrate label probabilities with a temperature: `softmax(z / T)`.
+Decision policies calibrate label probabilities with a temperature, and claim checks with a bias
+on the claim too: `softmax(z / T + bias)` (for a claim check, Platt scaling of its probability).
 Abstention policies calibrate a confidence score in (0, 1) with Platt scaling on its logit:
 `sigmoid(a * logit(s) + b)`. The fits live with the job (`steering_tools.metrics`).
 """
@@ -13,7 +14,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 EPS = 1e-12
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # the one definition; config and protocol import it
@@ -28,11 +29,18 @@ class Calibration(BaseModel):
     policy: str
     temperature: Annotated[FiniteFloat, Field(gt=0)] = 1.0  # decision
     labels: list[str] | None = None  # decision: the labels it was fitted for
+    bias: list[FiniteFloat] | None = None  # decision: added per label after the temperature (claim checks)
     score: str | None = None  # abstention: the score it was fitted for
     platt_a: FiniteFloat = 1.0  # abstention
     platt_b: FiniteFloat = 0.0
     threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
     fitted_on: int = 0
+
+    @model_validator(mode="after")
+    def _a_bias_per_label(self) -> Calibration:
+        if self.bias is not None and len(self.bias) != len(self.labels or ()):
+            raise ValueError(f"bias has {len(self.bias)} entries; the labels are {self.labels}")
+        return self
 
     def confidence(self, score: float) -> float:
         """Calibrated probability that an answer with this raw score is right."""

@@ -21,9 +21,17 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def label_probabilities(label_logprobs: Sequence[float], temperature: float = 1.0) -> np.ndarray:
-    """p(y|x) over the labels alone: softmax(log p(first token of y) / T)."""
-    return softmax(np.asarray(label_logprobs, dtype=np.float64) / temperature)
+def label_probabilities(label_logprobs: Sequence[float], temperature: float = 1.0,
+                        bias: Sequence[float] | None = None) -> np.ndarray:
+    """p(y|x) over the labels alone: softmax(log p(first token of y) / T + bias)."""
+    z = np.asarray(label_logprobs, dtype=np.float64) / temperature
+    return softmax(z if bias is None else z + np.asarray(bias, dtype=np.float64))
+
+
+def claim_label_logprobs(claim_logprob: float) -> list[float]:
+    """A claim check's two labels: [log p, log (1 - p)], p the probability that the answer is the claim."""
+    logprob = min(float(claim_logprob), 0.0)
+    return [logprob, float(np.log(-np.expm1(logprob))) if logprob < 0 else -np.inf]
 
 
 def expected_costs(costs: np.ndarray, probs: np.ndarray) -> np.ndarray:
@@ -65,6 +73,7 @@ class Decision:
     calibrated: tuple[float, ...]
     label_mass: float  # how much of the next-token distribution the labels held
     temperature: float
+    bias: tuple[float, ...] | None
     costs: CostMatrix
     expected_costs: tuple[float, ...]  # one per action
     action: str
@@ -84,6 +93,7 @@ class Decision:
             "calibrated": dict(zip(self.labels, self.calibrated)),
             "label_mass": self.label_mass,
             "temperature": self.temperature,
+            "bias": None if self.bias is None else list(self.bias),
             "costs": [list(row) for row in self.costs.costs],
             "abstain_cost": self.costs.abstain_cost,
             "expected_costs": dict(zip(self.costs.actions, self.expected_costs)),
@@ -91,10 +101,11 @@ class Decision:
         }
 
 
-def decide(label_logprobs: Sequence[float], costs: CostMatrix, temperature: float = 1.0) -> Decision:
-    """The Bayes action from the labels' steered log-probabilities, calibrated by `temperature`."""
+def decide(label_logprobs: Sequence[float], costs: CostMatrix, temperature: float = 1.0,
+           bias: Sequence[float] | None = None) -> Decision:
+    """The Bayes action from the labels' steered log-probabilities, calibrated by `temperature` and `bias`."""
     logprobs = np.asarray(label_logprobs, dtype=np.float64)
-    calibrated = label_probabilities(logprobs, temperature)
+    calibrated = label_probabilities(logprobs, temperature, bias)
     matrix = costs.matrix()
     return Decision(
         labels=costs.labels,
@@ -102,6 +113,7 @@ def decide(label_logprobs: Sequence[float], costs: CostMatrix, temperature: floa
         calibrated=tuple(calibrated.tolist()),
         label_mass=float(np.exp(logprobs).sum()),
         temperature=temperature,
+        bias=None if bias is None else tuple(float(b) for b in bias),
         costs=costs,
         expected_costs=tuple(expected_costs(matrix, calibrated).tolist()),
         action=costs.actions[bayes_action(matrix, calibrated)],

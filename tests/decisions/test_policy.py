@@ -59,6 +59,31 @@ def test_negative_or_too_high_threshold(llama_family):
             qa={"abstain": {**ABSTAIN, "threshold_bounds": [0.8, 0.2]}})
 
 
+def test_a_claim_check_has_two_labels_and_needs_no_label_tokens(llama_family, tokenizer):
+    refused(llama_family, "policies.check.decision", "exactly 2 labels",
+            check={"decision": {**DECISION, "claim": True, "labels": ["a", "b", "c"], "costs": [[0] * 3] * 3}})
+    # Labels that share a first token are fine: a claim check scores the claim, not the labels.
+    deployment = parse_deployment(config(llama_family, check={"decision": {**DECISION, "claim": True,
+                                                                           "labels": ["the model", "the moon"]}}))
+    rule = resolved(deployment, tokenizer)["check"].rule
+    assert rule.checks_claims and rule.label_token_ids == ()
+
+
+def test_a_claim_goes_to_a_claim_check_only(llama_family, tokenizer):
+    deployment = parse_deployment(config(llama_family, check={"decision": {**DECISION, "claim": True}},
+                                         triage={"decision": DECISION}, qa={"abstain": ABSTAIN}))
+    policies = resolved(deployment, tokenizer)
+    steering = policies["check"].resolve(Overrides(claim=" Quellton", costs=[[0, 2], [3, 0]]))
+    assert steering.claim == " Quellton" and steering.rule.checks_claims
+    assert steering.rule.costs.matrix().tolist() == [[0, 2], [3, 0], [0.5, 0.5]]
+    for policy, claim, reason in (("check", None, "give steering.claim"), ("check", " ", "the claim is empty"),
+                                  ("triage", "yes", "does not check claims"), ("qa", "yes", "does not check claims")):
+        with pytest.raises(InvalidSteering, match=reason) as caught:
+            policies[policy].resolve(Overrides(claim=claim))
+        assert caught.value.param == "steering.claim"
+    assert policies["triage"].resolve().claim is None
+
+
 def test_a_policy_abstains_or_decides(llama_family):
     refused(llama_family, "policies.both", "either abstains or decides", both={"abstain": ABSTAIN, "decision": DECISION})
 
@@ -79,11 +104,15 @@ def test_calibration_files_are_loaded_and_must_fit_the_policy(llama_family, toke
     path = tmp_path / "deploy.yaml"
     path.write_text(yaml.safe_dump(config(llama_family, triage={"decision": DECISION, "calibration": "calib.json"})))
     assert resolved(load_deployment(path), tokenizer)["triage"].rule.temperature == 1.7
+    (tmp_path / "calib.json").write_text(json.dumps({**good, "bias": [0.25, 0.0]}))
+    rule = resolved(load_deployment(path), tokenizer)["triage"].resolve(Overrides(costs=[[0, 1], [1, 0]])).rule
+    assert (rule.temperature, rule.bias) == (1.7, (0.25, 0.0)), "a cost override keeps the calibration"
 
-    (tmp_path / "calib.json").write_text(json.dumps({**good, "labels": ["no", "yes"]}))
-    with pytest.raises(ConfigError) as caught:
-        load_deployment(path)
-    assert caught.value.field == "policies.triage.calibration"
+    for bad in ({**good, "labels": ["no", "yes"]}, {**good, "bias": [0.25]}):
+        (tmp_path / "calib.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError) as caught:
+            load_deployment(path)
+        assert caught.value.field == "policies.triage.calibration"
     path.write_text(yaml.safe_dump(config(llama_family, triage={"decision": DECISION, "calibration": "missing.json"})))
     with pytest.raises(ConfigError, match="policies.triage.calibration: .*cannot read calibration file"):
         load_deployment(path)

@@ -12,6 +12,7 @@ from steering.rules.decisions import (
     ABSTAIN,
     CostMatrix,
     bayes_action,
+    claim_label_logprobs,
     decide,
     expected_costs,
     label_first_tokens,
@@ -54,6 +55,28 @@ def test_decide_reports_raw_calibrated_mass_and_costs():
     report = decision.report()
     assert report["expected_costs"] == pytest.approx({"yes": 10 * (1 - yes), "no": yes, "abstain": 0.5})
     assert report["action"] == "abstain"
+
+
+def test_a_claim_is_the_first_of_two_labels():
+    costs = CostMatrix(("yes", "no"), ((0.0, 10.0), (1.0, 0.0)))
+    assert claim_label_logprobs(math.log(0.25)) == pytest.approx([math.log(0.25), math.log(0.75)])
+    decision = decide(claim_label_logprobs(math.log(0.95)), costs)
+    assert decision.probabilities == pytest.approx((0.95, 0.05)) and decision.label_mass == pytest.approx(1.0)
+    # yes iff p >= 10 / 11
+    assert decision.action == "yes"
+    assert decide(claim_label_logprobs(math.log(0.9)), costs).action == "no"
+    certain = decide(claim_label_logprobs(0.0), costs)  # the claim is all the model would say
+    assert certain.probabilities == (1.0, 0.0) and certain.action == "yes"
+
+
+def test_a_bias_after_the_temperature_is_platt_scaling_of_a_claim():
+    costs = CostMatrix(("yes", "no"), ((0.0, 10.0), (1.0, 0.0)))
+    p, a, b = 0.3, 0.5, 2.0
+    decision = decide(claim_label_logprobs(math.log(p)), costs, temperature=1 / a, bias=(b, 0.0))
+    yes = 1 / (1 + math.exp(-(a * math.log(p / (1 - p)) + b)))  # sigmoid(a logit(p) + b) ~ .66
+    assert decision.calibrated == pytest.approx((yes, 1 - yes))
+    assert decision.probabilities == pytest.approx((p, 1 - p)), "raw stays raw"
+    assert decision.report()["bias"] == [b, 0.0] and decision.action == "no"
 
 
 def test_binary_rule_switches_at_cost_ratio():

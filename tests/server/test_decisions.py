@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.live_server import CALIBRATED_TEMPERATURE, LABELS, ZERO_ONE
+from tests.live_server import CALIBRATED_TEMPERATURE, CLAIM_LABELS, LABELS, MAX_MODEL_LEN, ZERO_ONE
 
 MESSAGES = [{"role": "user", "content": "every cat reads a long story"}]
 ALPHA = {"chat": 1.0}
@@ -83,6 +83,45 @@ def test_the_action_is_the_hand_computed_bayes_action(server):
     assert actions[1] != LABELS[top], "the ruinous matrix must move the decision off the argmax"
     assert actions[2] == "abstain", "cheap abstaining beats every label under 0-1 costs"
     assert plain.steering["confidence"] == pytest.approx(max(p))
+
+
+CLAIM = " every cat"
+
+
+def test_a_claim_is_scored_as_the_reference_scores_it(server, llama_reference, tokenizer):
+    prompt, claim = chat_ids(tokenizer), tokenizer.encode(CLAIM, add_special_tokens=False)
+    # The claim's tokens teacher-forced, then any token that ends an answer.
+    ends = sorted(set(llama_reference.eos_token_ids) | {tokenizer.eos_token_id})
+    said = sum(llama_reference.completion_logprobs(prompt, claim, ALPHA))
+    end = torch.logsumexp(llama_reference.next_token_logprobs([prompt + claim], [ALPHA])[0][ends].double(), 0)
+    response = ask(server, "check", {"claim": CLAIM})
+    decision = response.steering["decision"]
+    assert (decision["claim"], decision["labels"]) == (CLAIM, CLAIM_LABELS)
+    assert decision["claim_logprob"] == pytest.approx(said + float(end), abs=1e-4)
+    p = math.exp(decision["claim_logprob"])
+    assert [decision["probabilities"][label] for label in CLAIM_LABELS] == pytest.approx([p, 1 - p], rel=1e-9)
+    assert decision["label_mass"] == pytest.approx(1.0)
+    assert (decision["action"], response.choices[0].message.content) == ("false", "false"), \
+        "an unlikely claim is not the answer when a false yes costs 4"
+
+
+def test_a_claim_check_takes_the_hand_computed_bayes_action(server):
+    p = math.exp(ask(server, "check", {"claim": CLAIM}).steering["decision"]["claim_logprob"])
+    # Acting "true" costs c_fp (1 - p), "false" costs c_fn p: "true" iff c_fp < c_fn p / (1 - p).
+    for scale, want in ((0.5, "true"), (2.0, "false")):
+        fp = scale * p / (1 - p)
+        response = ask(server, "check", {"claim": CLAIM, "costs": [[0, fp], [1, 0]]})
+        decision = response.steering["decision"]
+        assert decision["expected_costs"] == pytest.approx({"true": fp * (1 - p), "false": p}, rel=1e-6)
+        assert decision["action"] == response.choices[0].message.content == want
+        assert response.steering["confidence"] == pytest.approx(max(p, 1 - p))
+
+
+def test_the_claim_is_what_is_scored(server):
+    one = ask(server, "check", {"claim": CLAIM}).steering["decision"]["claim_logprob"]
+    other = ask(server, "check", {"claim": " a long story"}).steering["decision"]["claim_logprob"]
+    assert one != other
+    assert ask(server, "check", {"claim": CLAIM}).steering["decision"]["claim_logprob"] == pytest.approx(one, abs=1e-6)
 
 
 def test_a_decision_streams_as_one_answer(server):
@@ -195,6 +234,11 @@ def test_first_prob_decides_early_then_streams_or_stops(server):
         ("triage-calibrated", {"abstain_cost": 0.5}, {}, "steering.abstain_cost", "no abstain action"),
         ("triage", None, {"n": 2, "temperature": 1.0}, "n", "one choice"),
         ("triage", None, {"logprobs": True}, "logprobs", "decision policies"),
+        ("check", None, {}, "steering.claim", "give steering.claim"),
+        ("check", {"claim": " \t "}, {}, "steering.claim", "the claim is empty"),
+        ("check", {"claim": " cat" * MAX_MODEL_LEN}, {}, "steering.claim", "no room for the answer's end"),
+        ("triage", {"claim": " yes"}, {}, "steering.claim", "does not check claims"),
+        ("qa", {"claim": " yes"}, {}, "steering.claim", "does not check claims"),
     ],
 )
 def test_rule_overrides_are_refused_out_of_bounds(server, policy, steering, fields, param, text):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,23 @@ from steering.errors import ConfigError
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import softmax
 from steering.testing.families import corpus
+from steering_tools import metrics
 from steering_tools.calibrate import is_correct, read_rows, split
 
 STEER = str(Path(sys.executable).parent / "steer")
 LABELS = ["yes", "no", "cat"]
 ALPHA = {"chat": 1.0}
 TRUE_TEMPERATURE = 3.0
+CLAIM_LABELS = ["true", "false"]
+CLAIM_PLATT = (0.3, 5.0)  # the truth's p(true) from the claim's probability p: sigmoid(0.3 logit p + 5)
+
+
+def logit_of(logprob: float) -> float:
+    return logprob - math.log(-math.expm1(logprob))
+
+
+def sigmoid(x: float, a: float, b: float) -> float:
+    return 1 / (1 + math.exp(-(a * x + b)))
 
 
 def test_malformed_rows_are_reported_with_their_line_and_skipped(tmp_path):
@@ -74,6 +86,7 @@ def calibration_setup(llama_family, llama_reference, tokenizer, tmp_path_factory
                        "decision": {"labels": LABELS, "costs": [[0, 1, 1], [1, 0, 1], [1, 1, 0]], "abstain_cost": 0.6}},
             "qa": {"alpha": ALPHA, "abstain": {"score": "mean_prob", "threshold": 0.5}},
             "qa-base": {"alpha": ALPHA, "abstain": {"score": "base_prob", "threshold": 0.5}},
+            "check": {"alpha": ALPHA, "decision": {"claim": True, "labels": CLAIM_LABELS, "cost_fp": 4, "cost_fn": 1}},
         },
         "engine": {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "kv_cache_gib": 0.25},
     }
@@ -92,6 +105,18 @@ def calibration_setup(llama_family, llama_reference, tokenizer, tmp_path_factory
     qa = [{"prompt": p, "answer": tokenizer.decode(a, skip_special_tokens=True) if i % 2 else "zebra crossing"}
           for i, (p, a) in enumerate(zip(prompts[:40], answers))]
     (root / "answers.jsonl").write_text("\n".join(json.dumps(row) for row in qa))
+    # Claims: each prompt's own greedy answer or another prompt's. The reference's probability of
+    # each (its tokens, then EOS) is far from calibrated for the truth drawn from CLAIM_PLATT of it.
+    claims = [tokenizer.decode(answers[i if i % 2 else (i + 1) % 40][:3]) for i in range(40)]
+    assert all(claim.strip() for claim in claims)
+    said = [sum(llama_reference.completion_logprobs(
+        p, tokenizer.encode(claim, add_special_tokens=False) + [tokenizer.eos_token_id], ALPHA))
+        for p, claim in zip(ids, claims)]
+    truth = [CLAIM_LABELS[0] if rng.random() < sigmoid(logit_of(z), *CLAIM_PLATT) else CLAIM_LABELS[1] for z in said]
+    rows = [{"prompt": p, "claim": claim, "label": y} for p, claim, y in zip(prompts, claims, truth)]
+    rows.insert(3, {"prompt": prompts[0], "label": "true"})  # no claim: skipped, by line
+    (root / "claims.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    (root / "claims.reference.json").write_text(json.dumps(said))
     return root
 
 
@@ -103,13 +128,18 @@ def run_calibrate(root: Path, policy: str, data: str, *extra: str) -> subprocess
     )
 
 
+def calibrated(root: Path, policy: str, data: str, *extra: str) -> tuple[str, Calibration, dict]:
+    """A successful `steer calibrate` run: what it printed, the calibration file and the report."""
+    result = run_calibrate(root, policy, data, *extra)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((root / f"{policy}.report.json").read_text())
+    return result.stdout, Calibration.read(root / f"{policy}.json"), report
+
+
 def test_calibrating_a_decision_policy(calibration_setup):
     root = calibration_setup
-    result = run_calibrate(root, "triage", "labels.jsonl")
-    assert result.returncode == 0, result.stderr
-    assert "skipped line 6: not JSON" in result.stdout
-    calibration = Calibration.read(root / "triage.json")
-    report = json.loads((root / "triage.report.json").read_text())
+    printed, calibration, report = calibrated(root, "triage", "labels.jsonl")
+    assert "skipped line 6: not JSON" in printed
     assert calibration.kind == "decision" and calibration.labels == LABELS
     assert calibration.temperature == pytest.approx(report["temperature"])
     assert report["rows"] == 160 and report["fit_rows"] + report["held_out_rows"] == 160
@@ -132,10 +162,7 @@ def test_calibrating_a_decision_policy(calibration_setup):
 @pytest.mark.parametrize(("policy", "score", "other"), [("qa", "mean_prob", "qa-base"), ("qa-base", "base_prob", "qa")])
 def test_calibrating_an_abstention_policy(calibration_setup, policy, score, other):
     root = calibration_setup
-    result = run_calibrate(root, policy, "answers.jsonl", "--max-tokens", "6")
-    assert result.returncode == 0, result.stderr
-    calibration = Calibration.read(root / f"{policy}.json")
-    report = json.loads((root / f"{policy}.report.json").read_text())
+    printed, calibration, report = calibrated(root, policy, "answers.jsonl", "--max-tokens", "6")
     assert calibration.kind == "abstention" and calibration.score == score == report["score"]
     assert calibration.threshold == report["threshold"]
     # Odd rows carry the policy's own greedy answer (right), even rows a wrong one: whatever the score.
@@ -143,7 +170,7 @@ def test_calibrating_an_abstention_policy(calibration_setup, policy, score, othe
     assert report["raw"]["accuracy"] == pytest.approx(float(np.mean(held % 2)))
     assert set(report["expected_cost"]) == {"always_answer", "bayes_raw", "bayes_calibrated", "fitted_threshold",
                                             "always_abstain"}
-    assert "wrote" in result.stdout
+    assert "wrote" in printed
     # The file plugs into the policy it was fitted for, and is refused by one with another score.
     config = yaml.safe_load((root / "deploy.yaml").read_text())
     config["policies"][policy]["calibration"] = f"{policy}.json"
@@ -153,6 +180,23 @@ def test_calibrating_an_abstention_policy(calibration_setup, policy, score, othe
     (root / "mismatched.yaml").write_text(yaml.safe_dump(config))
     with pytest.raises(ConfigError, match=f"score {score!r}, not for score"):
         load_deployment(root / "mismatched.yaml")
+
+
+def test_calibrating_a_claim_check(calibration_setup):
+    root = calibration_setup
+    printed, calibration, report = calibrated(root, "check", "claims.jsonl")
+    assert "skipped line 4: no claim (this policy checks claims)" in printed
+    assert calibration.kind == "decision" and calibration.labels == CLAIM_LABELS and report["rows"] == 40
+    # Platt scaling of the claims' probabilities on the fit rows, stored as T = 1 / a and a bias b on the claim.
+    said = json.loads((root / "claims.reference.json").read_text())
+    rows = [json.loads(line) for line in (root / "claims.jsonl").read_text().splitlines()]
+    truth = np.array([row["label"] == "true" for row in rows if "claim" in row])
+    assert 0.2 < truth.mean() < 0.8, "the drawn truth is mixed"
+    fit, _ = split(40, 0.5, seed=0)
+    a, b = metrics.fit_logistic(np.array([logit_of(z) for z in said])[fit], truth[fit], min_slope=1e-3)
+    assert (calibration.temperature, *calibration.bias) == pytest.approx((1 / a, b, 0.0), rel=1e-2, abs=1e-2)
+    assert report["bias"] == calibration.bias
+    assert report["calibrated"]["nll"] < report["raw"]["nll"]
 
 
 def test_an_unlabelled_policy_cannot_be_calibrated(calibration_setup, tmp_path):

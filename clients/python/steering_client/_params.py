@@ -14,6 +14,7 @@ class SteeringParams(TypedDict, total=False):
     abstain_threshold: float
     costs: list[list[float]]
     abstain_cost: float
+    claim: str
 
 
 class StreamOptions(TypedDict, total=False):

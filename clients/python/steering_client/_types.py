@@ -17,10 +17,13 @@ class Decision(_Model):
     calibrated: dict[str, float]
     label_mass: float
     temperature: float
+    bias: Optional[list[float]] = None  # a fitted claim check's, added per label after the temperature
     costs: list[list[float]]
     abstain_cost: Optional[float] = None
     expected_costs: dict[str, float]
     action: str
+    claim: Optional[str] = None  # claim checks: the claim, and its steered log-probability as the answer
+    claim_logprob: Optional[float] = None
 
 
 class Abstention(_Model):
