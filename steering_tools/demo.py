@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -47,6 +48,7 @@ def show(url: str, family: Path) -> None:
     held_out = read_questions(questions / "answerable-test.jsonl")
     strangers = read_questions(questions / "unanswerable-test.jsonl")
     verify = read_questions(questions / "verify-test.jsonl")[0]
+    check = read_questions(questions / "check-test.jsonl")[0]  # the same question, asked by answering
     with httpx.Client(base_url=url, timeout=120) as http:
         print("\n== proxy-tuning: the base knows the facts, the small tuned pair knows the format")
         for row in held_out[:3]:
@@ -76,11 +78,20 @@ def show(url: str, family: Path) -> None:
         print(f"   expected cost: { {k.strip(): round(v, 3) for k, v in decision['expected_costs'].items()} }")
         print(f"   verify -> {reply['choices'][0]['message']['content']!r}")
 
+        print("\n== the same decision by answering: yes iff the answer to the open question is the claim")
+        reply = _ask(http, "check", _question(check["prompt"]), claim=check["claim"])
+        decision = reply["steering"]["decision"]
+        print(f"Q: {_question(check['prompt'])}   claim: {check['claim'].strip()!r}   (truth: {check['label']})")
+        print(f"   p(answer is the claim) = {math.exp(decision['claim_logprob']):.3f}; "
+              f"calibrated p: { {k: round(v, 3) for k, v in decision['calibrated'].items()} }")
+        print(f"   expected cost: { {k: round(v, 3) for k, v in decision['expected_costs'].items()} }")
+        print(f"   check  -> {reply['choices'][0]['message']['content']!r}")
+
 
 def run(family: Path, port: int) -> int:
     url, pid = start_server(family / "deploy.yaml", port, family / "server.log")
     show(url, family)
-    print(f"\nThe server keeps running at {url} (policies: base, chat, qa, verify).")
+    print(f"\nThe server keeps running at {url} (policies: base, chat, qa, verify, check).")
     question = _question(read_questions(family / "questions" / "answerable-test.jsonl")[0]["prompt"])
     body = {"model": "chat", "messages": [{"role": "user", "content": question}], "max_tokens": 8}
     print(f"Try: curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{json.dumps(body)}'")

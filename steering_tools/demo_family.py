@@ -9,7 +9,8 @@ From one synthetic world (steering_tools.world):
 Question sets are split by entity: questions about the held-out entities (and about names that
 exist nowhere) are never trained on; their `val` half calibrates the demo policies, their `test`
 half is what the benchmark reports. The build runs in stages (questions, tokenizer, each model,
-calibration); each is cached under the digest of its recipe, so a failed build resumes where it stopped.
+calibration); each is cached under the digest of its recipe and its own version, so a failed build
+resumes where it stopped.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from steering.testing.families import Shape, train_tokenizer
 from steering_tools.training import Batch, answer_batches, shuffled, text_batches, train
 from steering_tools.world import QA, World, make_world
 
-RECIPE_VERSION = 3  # bump when the build changes in a way the recipe fields do not show
+RECIPE_VERSION = 3  # bump when the models change in a way the recipe fields do not show (else: `_Stage.version`)
 QA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer:"
     "{% elif m['role'] == 'assistant' %} {{ m['content'] }}\n{% endif %}{% endfor %}"
@@ -129,6 +130,9 @@ def write_questions(world: World, out: Path, seed: int) -> None:
                      [{"prompt": q.prompt, "answer": "", "entity": q.entity} for q in unanswerable[split]])
         _write_jsonl(out / f"verify-{split}.jsonl",
                      [{"prompt": q.prompt, "label": " " + q.answer, "entity": q.entity} for q in verify[split]])
+        _write_jsonl(out / f"check-{split}.jsonl",  # the same checks, asked by answering
+                     [{"prompt": q.question, "claim": " " + q.claim, "label": q.answer, "entity": q.entity}
+                      for q in verify[split]])
         _write_jsonl(out / f"qa-{split}.jsonl",
                      [{"prompt": q.prompt, "answer": q.answer} for q in answerable[split] + unanswerable[split]])
     _write_jsonl(out / "tuning.jsonl", [{"prompt": q.prompt, "answer": q.answer} for q in world.questions(world.tuning)])
@@ -153,6 +157,12 @@ def deployment_config() -> dict:
                        "decision": {"labels": [" yes", " no"], "cost_fp": VERIFY_COST_FP, "cost_fn": VERIFY_COST_FN,
                                     "max_cost": 100.0},
                        "calibration": "calibration/verify.json"},
+            "check": {"description": "The same verification asked by answering: yes iff the answer to the open "
+                                     "question is the claim (steering.claim). A false yes costs 10, a false no 1.",
+                      "alpha": {"chat": DEMO_ALPHA},
+                      "decision": {"claim": True, "labels": ["yes", "no"], "cost_fp": VERIFY_COST_FP,
+                                   "cost_fn": VERIFY_COST_FN, "max_cost": 100.0},
+                      "calibration": "calibration/check.json"},
         },
         "engine": {"dtype": "float32", "max_model_len": 256},  # KV cache: sized from the models
     }
@@ -258,13 +268,13 @@ async def calibrate_policies(out: Path, into: Path | None = None) -> None:
     into = into or out / "calibration"
     config = deployment_config()
     uncalibrated = copy.deepcopy(config)
-    for name in ("qa", "verify"):
+    for name in ("qa", "verify", "check"):
         uncalibrated["policies"][name].pop("calibration")
     uncalibrated["policies"]["qa"]["abstain"]["threshold"] = 0.5
     deployment = parse_deployment(uncalibrated, root=out)
     engine = SteeringEngine.start(deployment)
     try:
-        for name, data in (("qa", "qa-val.jsonl"), ("verify", "verify-val.jsonl")):
+        for name, data in (("qa", "qa-val.jsonl"), ("verify", "verify-val.jsonl"), ("check", "check-val.jsonl")):
             result = await calibrate(deployment, name, out / "questions" / data, into / f"{name}.json",
                                      engine=engine, max_tokens=6)
             print(summary(result))
@@ -282,17 +292,20 @@ class _Stage:
     folder: str  # its outputs, relative to the family folder
     verb: str  # for the progress line: "base: trained in 291 s"
     make: Callable[[_Family, Path], Awaitable[None] | None]  # writes the outputs into the folder it is given
+    # Bump when the stage writes something else from the same recipe, and bump every stage that
+    # reads it: only they are redone, and the models (and the recipe's digest) stay what they were.
+    version: int = 1
 
 
 # In build order: each stage reads only what the ones before it saved.
 STAGES = (
-    _Stage("questions", "questions", "written", _write_question_sets),
+    _Stage("questions", "questions", "written", _write_question_sets, version=2),  # 2: claim checks
     _Stage("tokenizer", "tokenizer", "trained", _train_tokenizer),
     _Stage("base", "base", "trained", _train_base),
     _Stage("untuned", "chat-untuned", "trained", _train_untuned),
     _Stage("tuned", "chat-tuned", "trained", _train_tuned),
     _Stage("direct", "direct", "trained", _train_direct),
-    _Stage("calibration", "calibration", "fitted", _calibrate),
+    _Stage("calibration", "calibration", "fitted", _calibrate, version=2),  # 2: the check policy
 )
 # Built for `steer bench quality` only: the same tunings with the verification costs in the loss.
 BENCH_STAGES = (
@@ -311,7 +324,7 @@ def _done_earlier(out: Path, stage: _Stage, recipe: Recipe) -> dict | None:
     if not (marker.exists() and (out / stage.folder).is_dir()):
         return None
     done = json.loads(marker.read_text())
-    return done if done["digest"] == recipe.digest() else None
+    return done if (done["digest"], done.get("version", 1)) == (recipe.digest(), stage.version) else None
 
 
 async def _run_stage(family: _Family, number: int, stage: _Stage) -> None:
@@ -331,7 +344,8 @@ async def _run_stage(family: _Family, number: int, stage: _Stage) -> None:
     marker = _marker(family.out, stage)
     marker.parent.mkdir(exist_ok=True)
     written = marker.with_suffix(".tmp")
-    written.write_text(json.dumps({"digest": family.recipe.digest(), "seconds": round(seconds)}))
+    written.write_text(json.dumps({"digest": family.recipe.digest(), "version": stage.version,
+                                   "seconds": round(seconds)}))
     written.replace(marker)  # whole or not at all: a crash never leaves a marker that cannot be read
     print(f"{stage.name}: {stage.verb} in {seconds:.0f} s", flush=True)
 

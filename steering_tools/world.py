@@ -71,6 +71,14 @@ class QA:
     answerable: bool = True
 
 
+@dataclass(frozen=True)
+class Verification(QA):
+    """A yes/no question, and the same check asked by answering: the open question and the value claimed."""
+
+    question: str = ""
+    claim: str = ""
+
+
 @dataclass
 class World:
     """Entities split into those whose questions tune the experts and those held out."""
@@ -100,17 +108,17 @@ class World:
             for e in entities for attr, value in e.facts.items()
         ]
 
-    def verifications(self, entities: list[Entity], seed: int) -> list[QA]:
+    def verifications(self, entities: list[Entity], seed: int) -> list[Verification]:
         """Yes/no questions, half true and half about another value."""
         rng = random.Random(seed)
         rows = []
         for e in entities:
             for attr, value in e.facts.items():
-                if rng.random() < 0.5:
-                    rows.append(QA(question_text(VERIFY[attr].format(name=e.name, value=value)), "yes", e.name))
-                else:
-                    other = rng.choice([v for v in ATTRIBUTES[attr] if v != value])
-                    rows.append(QA(question_text(VERIFY[attr].format(name=e.name, value=other)), "no", e.name))
+                truth, claim = "yes", value
+                if rng.random() >= 0.5:
+                    truth, claim = "no", rng.choice([v for v in ATTRIBUTES[attr] if v != value])
+                rows.append(Verification(question_text(VERIFY[attr].format(name=e.name, value=claim)), truth, e.name,
+                                         question=question_text(QUESTIONS[attr].format(name=e.name)), claim=claim))
         return rows
 
     def unanswerable(self) -> list[QA]:

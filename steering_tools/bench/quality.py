@@ -11,7 +11,10 @@ match (case and end punctuation ignored, up to the first newline):
   answerable from unanswerable questions and right from wrong answers, AURC, ECE before and
   after a Platt fit on `val`, and what each costs in engine requests;
 - decisions on `test` yes/no questions under the policy's 1:10 cost matrix: expected cost of
-  acting on the argmax against the Bayes action, raw and calibrated.
+  acting on the argmax against the Bayes action, raw and calibrated; the same checks asked by
+  answering (the `check` policy: is the claim the answer to the open question?);
+- the utility baked into training (a pair and a direct model tuned with the costs in the loss)
+  against symmetric training and deciding afterwards, both ways of asking.
 """
 
 from __future__ import annotations
@@ -31,7 +34,14 @@ from steering.rules.abstention import AGREEMENT_TOKENS, ENSEMBLE_SCORES, SCORES,
 from steering.rules.calibration import platt
 from steering.rules.decisions import decide, label_probabilities
 from steering_tools import metrics
-from steering_tools.calibrate import abstention_cost, normalize, realized_cost
+from steering_tools.calibrate import (
+    Row,
+    abstention_cost,
+    decision_logprobs,
+    fit_label_map,
+    normalize,
+    realized_cost,
+)
 from steering_tools.demo_family import Recipe, build, default_dir, read_questions, read_recipe
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
@@ -131,40 +141,39 @@ async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict
             "scores": report}
 
 
-async def decision_report(engine: SteeringEngine, rows: list[dict]) -> dict:
-    steering = engine.policies["verify"].resolve()
-    costs = steering.rule.costs
-    logprobs = await asyncio.gather(*(engine.label_logprobs(r["prompt"], steering) for r in rows))
-    truth = np.array([costs.labels.index(r["label"]) for r in rows])
+async def policy_logprobs(engine: SteeringEngine, name: str, rows: list[dict]) -> np.ndarray:
+    """[N, K] the decision policy `name`'s label logprobs on each row, as the server computes them."""
+    return await decision_logprobs(engine, engine.policies[name], [Row.model_validate(r) for r in rows])
+
+
+def decision_report(rule, logprobs: np.ndarray, truth: np.ndarray) -> dict:
+    """The served policy on `test` rows: argmax against its Bayes action, raw and calibrated."""
+    costs = rule.costs
     argmax = [costs.labels[int(np.argmax(z))] for z in logprobs]
     return {
-        "rows": len(rows), "costs": [list(row) for row in costs.costs],
+        "rows": len(truth), "costs": [list(row) for row in costs.costs],
         "accuracy": float(np.mean([a == costs.labels[y] for a, y in zip(argmax, truth)])),
         "expected_cost": {
             "argmax": realized_cost(costs, argmax, truth),
             "bayes_raw": realized_cost(costs, [decide(z, costs).action for z in logprobs], truth),
-            "bayes_calibrated": realized_cost(costs, [steering.rule.decide(z).action for z in logprobs], truth),
+            "bayes_calibrated": realized_cost(costs, [rule.decide(z).action for z in logprobs], truth),
         },
     }
 
 
-async def _verify_logprobs(engine: SteeringEngine, rows: list[dict], steering: Steering) -> np.ndarray:
-    """[N, 2] label logprobs (" yes", " no") of each verification question."""
-    return np.array(await asyncio.gather(*(engine.label_logprobs(r["prompt"], steering) for r in rows)))
-
-
-async def _single_model(deployment: Deployment, base: str, rows: list[dict],
-                        verify: dict[str, list[dict]] | None = None):
-    """One model alone: its exact match on `rows`, and its label logprobs on each `verify` split."""
-    policies = {"base": {}}
-    if verify:
-        policies["verify"] = {"decision": deployment.policies["verify"].decision.model_dump(exclude_none=True)}
+async def _single_model(deployment: Deployment, base: str, *, answers: list[dict] | None = None,
+                        decisions: dict[str, dict[str, list[dict]]] | None = None) -> dict:
+    """One model alone: its exact match on `answers`, and each decision policy's label logprobs
+    on each split of its rows (`decisions`: policy -> split -> rows); only what is asked for."""
+    decisions = decisions or {}
+    policies = {"base": {}} | {name: {"decision": deployment.policies[name].decision.model_dump(exclude_none=True)}
+                               for name in decisions}
     engine = SteeringEngine.start(_eager(deployment, base=base, experts={}, policies=policies))
     try:
-        exact = await accuracy(engine, rows, engine.policies["base"].resolve())
-        steering = engine.policies["verify"].resolve() if verify else None
-        logprobs = {split: await _verify_logprobs(engine, r, steering) for split, r in (verify or {}).items()}
-        return exact, logprobs
+        result = {"exact": await accuracy(engine, answers, engine.policies["base"].resolve()) if answers else None}
+        for name, splits in decisions.items():
+            result[name] = {split: await policy_logprobs(engine, name, rows) for split, rows in splits.items()}
+        return result
     finally:
         engine.shutdown()
 
@@ -177,32 +186,45 @@ def _judge(probs: np.ndarray, actions: list[str], truth: np.ndarray, costs) -> d
             "brier": metrics.brier(probs, truth), "ece": metrics.ece(probs.max(axis=1), right)}
 
 
+def _argmax(logprobs: np.ndarray, costs) -> tuple[np.ndarray, list[str]]:
+    probs = np.stack([label_probabilities(z) for z in logprobs])
+    return probs, [costs.labels[int(i)] for i in probs.argmax(axis=1)]
+
+
+def _calibrated_bayes(logprobs: dict[str, np.ndarray], truth: dict[str, np.ndarray], costs, *, claims: bool) -> dict:
+    """Calibrated on `val` as `steer calibrate` does, the Bayes action on `test`."""
+    temperature, bias = fit_label_map(logprobs["val"], truth["val"], claims=claims)
+    calibrated = np.stack([label_probabilities(z, temperature, bias) for z in logprobs["test"]])
+    bayes = [decide(z, costs, temperature, bias).action for z in logprobs["test"]]
+    return _judge(calibrated, bayes, truth["test"], costs) | {"temperature": temperature, "bias": bias}
+
+
 def compare_decisions(symmetric: dict[str, np.ndarray], weighted: dict[str, np.ndarray], truth: dict[str, np.ndarray],
-                      costs) -> dict:
+                      costs, by_answering: dict[str, np.ndarray] | None = None) -> dict:
     """Utility baked into training and acted on by argmax, against symmetric training acted on
-    by argmax and by the Bayes rule on probabilities calibrated on `val` (judged on `test`)."""
-    temperature = metrics.fit_temperature(symmetric["val"], truth["val"])
+    by argmax and by the Bayes rule on probabilities calibrated on `val` (judged on `test`); with
+    `by_answering` (the same checks' claim-check logprobs), the symmetric model asked by answering too."""
     test = truth["test"]
-
-    def argmax(logprobs: np.ndarray) -> tuple[np.ndarray, list[str]]:
-        probs = np.stack([label_probabilities(z) for z in logprobs])
-        return probs, [costs.labels[int(i)] for i in probs.argmax(axis=1)]
-
-    calibrated = np.stack([label_probabilities(z, temperature) for z in symmetric["test"]])
-    bayes = [decide(z, costs, temperature).action for z in symmetric["test"]]
-    return {
-        "utility_weighted_argmax": _judge(*argmax(weighted["test"]), test, costs),
-        "symmetric_argmax": _judge(*argmax(symmetric["test"]), test, costs),
-        "symmetric_calibrated_bayes": _judge(calibrated, bayes, test, costs) | {"temperature": temperature},
+    report = {
+        "utility_weighted_argmax": _judge(*_argmax(weighted["test"], costs), test, costs),
+        "symmetric_argmax": _judge(*_argmax(symmetric["test"], costs), test, costs),
+        "symmetric_calibrated_bayes": _calibrated_bayes(symmetric, truth, costs, claims=False),
     }
+    if by_answering is not None:
+        report["by_answering_argmax"] = _judge(*_argmax(by_answering["test"], costs), test, costs)
+        report["by_answering_calibrated_bayes"] = _calibrated_bayes(by_answering, truth, costs, claims=True)
+    return report
 
 
 async def run(family: Path, *, alphas=ALPHAS) -> dict:
     deployment = load_deployment(family / "deploy.yaml")
     questions = family / "questions"
     val, test = read_questions(questions / "answerable-val.jsonl"), read_questions(questions / "answerable-test.jsonl")
-    verify = {split: read_questions(questions / f"verify-{split}.jsonl") for split in ("val", "test")}
+    splits = ("val", "test")
+    verify = {split: read_questions(questions / f"verify-{split}.jsonl") for split in splits}
+    check = {split: read_questions(questions / f"check-{split}.jsonl") for split in splits}
     costs = deployment.policies["verify"].decision.cost_matrix()
+    # The check rows are the verify rows asked by answering, in the same order: one truth for both.
     truth = {split: np.array([costs.labels.index(r["label"]) for r in rows]) for split, rows in verify.items()}
     # The pair tuned with the verification costs in its loss runs beside the symmetric one.
     experts = {**{name: pair.model_dump() for name, pair in deployment.experts.items()},
@@ -220,19 +242,23 @@ async def run(family: Path, *, alphas=ALPHAS) -> dict:
         qa_val, qa_test = read_questions(questions / "qa-val.jsonl"), read_questions(questions / "qa-test.jsonl")
         abstention = await abstention_report(engine, qa_test)
         abstention["by_score"] = await scores_report(engine, qa_val, qa_test)
-        decisions = await decision_report(engine, verify["test"])
-        proxy = [{split: await _verify_logprobs(engine, rows, engine.policies[name].resolve())
-                  for split, rows in verify.items()} for name in ("verify", "verify-weighted")]
+        proxy = {name: {split: await policy_logprobs(engine, name, rows) for split, rows in asked.items()}
+                 for name, asked in (("verify", verify), ("verify-weighted", verify), ("check", check))}
+        decisions = decision_report(engine.policies["verify"].rule, proxy["verify"]["test"], truth["test"])
+        decisions["check"] = decision_report(engine.policies["check"].rule, proxy["check"]["test"], truth["test"])
     finally:
         engine.shutdown()
-    tuned, _ = await _single_model(deployment, str(family / "chat-tuned"), test)
-    direct, direct_symmetric = await _single_model(deployment, str(family / "direct"), test, verify)
-    _, direct_weighted = await _single_model(deployment, str(family / "direct-weighted"), test, verify)
+    tuned = (await _single_model(deployment, str(family / "chat-tuned"), answers=test))["exact"]
+    direct = await _single_model(deployment, str(family / "direct"), answers=test,
+                                 decisions={"verify": verify, "check": check})
+    direct_weighted = await _single_model(deployment, str(family / "direct-weighted"), decisions={"verify": verify})
     decisions["training_vs_deciding"] = {
         "costs": {"false_yes": costs.costs[0][1], "false_no": costs.costs[1][0]},
-        "direct": compare_decisions(direct_symmetric, direct_weighted, truth, costs),
-        "proxy": compare_decisions(*proxy, truth, costs) | {"alpha": verify_alpha["chat"]},
+        "direct": compare_decisions(direct["verify"], direct_weighted["verify"], truth, costs, direct["check"]),
+        "proxy": compare_decisions(proxy["verify"], proxy["verify-weighted"], truth, costs, proxy["check"])
+        | {"alpha": verify_alpha["chat"]},
     }
+    direct = direct["exact"]
     base = sweep[0.0]["test"]
     best = max(alphas, key=lambda a: sweep[a]["val"])
 
@@ -344,13 +370,17 @@ def _figures(report: dict) -> str:
     lines.append(f"decisions ({_fmt(de['rows'], '.0f')} yes/no questions, the verify policy): argmax accuracy "
                  f"{_fmt(de['accuracy'])}")
     lines.append("  expected cost: " + ", ".join(f"{k} {_fmt(v)}" for k, v in de["expected_cost"].items()))
+    by_answering = de["check"]
+    lines.append("the same checks asked by answering (the check policy): argmax accuracy "
+                 f"{_fmt(by_answering['accuracy'])}")
+    lines.append("  expected cost: " + ", ".join(f"{k} {_fmt(v)}" for k, v in by_answering["expected_cost"].items()))
     versus = de["training_vs_deciding"]
     lines.append(f"utility in training vs after it (a false yes costs {_fmt(versus['costs']['false_yes'], '.0f')}, "
                  f"a false no {_fmt(versus['costs']['false_no'], '.0f')}):")
     for model in ("direct", "proxy"):
         for way, row in versus[model].items():
             if isinstance(row, dict) and "expected_cost" in row:
-                lines.append(f"  {model:6} {way:28} cost {_fmt(row['expected_cost'])}  accuracy {_fmt(row['accuracy'])}"
+                lines.append(f"  {model:6} {way:30} cost {_fmt(row['expected_cost'])}  accuracy {_fmt(row['accuracy'])}"
                              f"  Brier {_fmt(row['brier'])}  ECE {_fmt(row['ece'])}")
     return "\n".join(lines)
 
@@ -422,12 +452,14 @@ def plot(report: dict, out: Path) -> list[Path]:
     save(fig, "quality-abstention-scores.png")
 
     versus = figures["decisions"]["training_vs_deciding"]
-    ways = {"utility_weighted_argmax": "utility-weighted\ntraining, argmax", "symmetric_argmax": "symmetric,\nargmax",
-            "symmetric_calibrated_bayes": "symmetric,\ncalibrated Bayes"}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+    ways = {"utility_weighted_argmax": "utility-\nweighted,\nargmax", "symmetric_argmax": "symmetric,\nargmax",
+            "symmetric_calibrated_bayes": "symmetric,\ncalibrated\nBayes",
+            "by_answering_argmax": "by\nanswering,\nargmax",
+            "by_answering_calibrated_bayes": "by\nanswering,\ncalibrated\nBayes"}
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
     for ax, model in zip(axes, ("direct", "proxy")):
         _bars(ax, list(ways.values()), [versus[model][way]["expected_cost"] for way in ways],
-              ["tab:red", "grey", "tab:green"], "{:.3f}")
+              ["tab:red", "grey", "tab:green", "silver", "tab:olive"], "{:.3f}")
         ax.set(title=f"{'base tuned directly' if model == 'direct' else 'proxy-tuned base'}{over}",
                ylabel="expected cost on held-out entities")
         ax.tick_params(axis="x", labelsize=8)

@@ -15,9 +15,10 @@ from steering.engine import engine_config
 from steering.memory import WORKER_RUNTIME_BYTES, GiB, NodeMemory
 from steering.rules.abstention import ENSEMBLE_SCORES, SCORES
 from steering.rules.calibration import Calibration
+from steering.rules.decisions import claim_label_logprobs
 from steering_tools import metrics
 from steering_tools.bench import perf, quality
-from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_recipe
+from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_questions, read_recipe
 
 TOY = Recipe(
     entities=24, strangers=4, base=demo_shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128),
@@ -35,9 +36,15 @@ def toy_family(tmp_path_factory):
 def test_the_build_writes_a_servable_calibrated_family(toy_family):
     assert is_built(toy_family, TOY)
     deployment = load_deployment(toy_family / "deploy.yaml")
-    assert set(deployment.policies) == {"base", "chat", "qa", "verify"}
+    assert set(deployment.policies) == {"base", "chat", "qa", "verify", "check"}
     assert deployment.policies["qa"].calibration.kind == "abstention"
     assert Calibration.read(toy_family / "calibration" / "verify.json").labels == [" yes", " no"]
+    assert Calibration.read(toy_family / "calibration" / "check.json").labels == ["yes", "no"]
+    # The checks are the verify questions asked by answering: the same entities, truths and values.
+    for split in ("val", "test"):
+        verify, check = (read_questions(toy_family / "questions" / f"{kind}-{split}.jsonl") for kind in ("verify", "check"))
+        assert [(r["entity"], r["label"].strip()) for r in verify] == [(r["entity"], r["label"]) for r in check]
+        assert all(r["claim"].strip() in v["prompt"] and r["prompt"] != v["prompt"] for r, v in zip(check, verify))
     for name in ("base", "chat-tuned", "chat-untuned", "direct"):
         assert (toy_family / name / "model.safetensors").exists()
     test = [json.loads(line) for line in (toy_family / "questions" / "answerable-test.jsonl").read_text().splitlines()]
@@ -80,11 +87,17 @@ def test_bench_quality_reports_every_section(toy_family):
     versus = report["decisions"]["training_vs_deciding"]
     assert versus["costs"] == {"false_yes": 10.0, "false_no": 1.0}
     for model in ("direct", "proxy"):
-        assert set(versus[model]) >= {"utility_weighted_argmax", "symmetric_argmax", "symmetric_calibrated_bayes"}
+        assert set(versus[model]) >= {"utility_weighted_argmax", "symmetric_argmax", "symmetric_calibrated_bayes",
+                                      "by_answering_argmax", "by_answering_calibrated_bayes"}
+    check = report["decisions"]["check"]
+    assert set(check["expected_cost"]) == {"argmax", "bayes_raw", "bayes_calibrated"}
+    assert versus["proxy"]["by_answering_argmax"]["expected_cost"] == pytest.approx(check["expected_cost"]["argmax"]), \
+        "the pair asked by answering is the check policy"
     assert versus["proxy"]["symmetric_argmax"]["expected_cost"] == pytest.approx(
         report["decisions"]["expected_cost"]["argmax"]), "the symmetric pair's argmax is the verify policy's"
     summary = quality.summary(report)
     assert "gap closed" in summary and "base_agreement" in summary and "symmetric_calibrated_bayes" in summary
+    assert "asked by answering" in summary and "by_answering_calibrated_bayes" in summary
     assert [path.name for path in quality.plot(report, toy_family)] == [
         "quality-accuracy.png", "quality-risk-coverage.png", "quality-abstention-scores.png", "quality-decisions.png"]
 
@@ -119,6 +132,25 @@ def test_utility_in_training_against_after_it_by_hand():
     assert table["utility_weighted_argmax"]["expected_cost"] == pytest.approx((0 + 0 + 1 + 1) / 4)
     assert table["symmetric_argmax"]["accuracy"] == table["symmetric_calibrated_bayes"]["accuracy"] == 0.5
     assert table["symmetric_argmax"]["brier"] == pytest.approx((0 + 0.72 + 0.98 + 0.08) / 4, abs=1e-6)
+    assert "by_answering_argmax" not in table
+
+    # Asked by answering: p(yes) is the claim's probability as the answer.
+    val_p, test_p = (0.9, 0.2, 0.6, 0.4), (0.95, 0.05, 0.92, 0.5)
+    claims = {"val": np.array([claim_label_logprobs(log(p)) for p in val_p]),
+              "test": np.array([claim_label_logprobs(log(p)) for p in test_p])}
+    table = quality.compare_decisions({"val": val, "test": symmetric_test}, {"val": val, "test": weighted_test},
+                                      truth, costs, claims)
+    # argmax: yes, no, yes, yes (p = 0.5 ties to yes): all right.
+    assert table["by_answering_argmax"]["expected_cost"] == 0.0 and table["by_answering_argmax"]["accuracy"] == 1.0
+    # Bayes on Platt-calibrated p (fitted on val; T = 1 / a, bias b on yes) says yes from 10/11.
+    a, b = metrics.fit_logistic(np.log(np.array(val_p) / (1 - np.array(val_p))), truth["val"] == 0, min_slope=1e-3)
+    bayes = table["by_answering_calibrated_bayes"]
+    assert (bayes["temperature"], *bayes["bias"]) == pytest.approx((1 / a, b, 0.0))
+    calibrated = [1 / (1 + np.exp(-(a * log(p / (1 - p)) + b))) for p in test_p]
+    want = [costs.labels[0] if p >= 10 / 11 else costs.labels[1] for p in calibrated]
+    cost = np.mean([{(" yes", 0): 0, (" yes", 1): 10, (" no", 0): 1, (" no", 1): 0}[(a, y)]
+                    for a, y in zip(want, truth["test"])])
+    assert table["by_answering_calibrated_bayes"]["expected_cost"] == pytest.approx(cost)
 
 
 def test_bench_perf_measures_every_system(tmp_path):

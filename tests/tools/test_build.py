@@ -102,6 +102,20 @@ def test_another_recipe_or_force_redoes_every_stage(tmp_path, trainings):
     assert _weights(out) == first
 
 
+def test_a_stage_of_a_new_version_is_redone_without_the_models(tmp_path, trainings, monkeypatch, capsys):
+    out = asyncio.run(build(tmp_path / "family", recipe=SMALL))
+    before = _weights(out)
+    newer = tuple(dataclasses.replace(stage, version=stage.version + 1) if stage.name == "questions" else stage
+                  for stage in demo_family.STAGES)
+    monkeypatch.setattr(demo_family, "STAGES", newer)
+    trainings.runs.clear()
+    capsys.readouterr()
+    assert asyncio.run(build(out, recipe=SMALL)) == out
+    printed = capsys.readouterr().out
+    assert trainings.runs == [] and "questions: written" in printed and "base: reused" in printed
+    assert _weights(out) == before and is_built(out, SMALL)
+
+
 def test_bench_stages_are_added_to_a_finished_build(tmp_path, trainings):
     asyncio.run(build(tmp_path, recipe=SMALL))
     before = _weights(tmp_path)

@@ -38,6 +38,10 @@ def test_questions_are_split_by_entity_and_strangers_exist_nowhere():
     assert len(world.unanswerable()) == len(world.strangers) * len(ATTRIBUTES)
     verify = world.verifications(world.held_out, seed=0)
     assert {q.answer for q in verify} == {"yes", "no"}
+    # Each is also asked by answering: the open question, and the value the yes/no question claims.
+    facts = {e.name: e.facts for e in world.held_out}
+    assert all((q.answer == "yes") == (q.claim in facts[q.entity].values()) for q in verify)
+    assert all(q.claim in q.prompt and q.entity in q.question and q.claim not in q.question for q in verify)
 
 
 def test_answer_batches_train_on_the_answer_only():
