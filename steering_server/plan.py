@@ -40,6 +40,11 @@ class Plan:
     def name(self) -> str:
         return self.steering.policy
 
+    @property
+    def prompt_tokens(self) -> int:
+        """The input the engine reads: every prompt, and a claim check's claim."""
+        return sum(len(prompt) for prompt in self.prompts) + len(self.claim_ids or ())
+
 
 def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: list[list[int]],
                  tools: ToolCalling | None = None) -> Plan:

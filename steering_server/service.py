@@ -82,13 +82,12 @@ class GenerationService:
                 yield piece
             self.metrics.latency.labels(plan.name, self.endpoint).observe(time.perf_counter() - plan.started)
         finally:  # tokens of an aborted or failed request were computed too
-            self.metrics.prompt_tokens.labels(plan.name).inc(sum(len(p) for p in plan.prompts))
+            self.metrics.prompt_tokens.labels(plan.name).inc(plan.prompt_tokens)
             self.metrics.generation_tokens.labels(plan.name).inc(outcome.completion_tokens)
 
     def usage(self, plan: Plan, outcome: Outcome) -> Usage:
-        prompt_tokens = sum(len(p) for p in plan.prompts)
-        return Usage(prompt_tokens=prompt_tokens, completion_tokens=outcome.completion_tokens,
-                     total_tokens=prompt_tokens + outcome.completion_tokens)
+        return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=outcome.completion_tokens,
+                     total_tokens=plan.prompt_tokens + outcome.completion_tokens)
 
     def stream_usage(self, request: GenerationRequest, plan: Plan, outcome: Outcome) -> Usage | None:
         """The usage a stream reports at its end: only when `stream_options.include_usage` asks."""

@@ -97,6 +97,8 @@ def test_a_claim_is_scored_as_the_reference_scores_it(server, llama_reference, t
     response = ask(server, "check", {"claim": CLAIM})
     decision = response.steering["decision"]
     assert (decision["claim"], decision["labels"]) == (CLAIM, CLAIM_LABELS)
+    assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (len(prompt) + len(claim), 1), \
+        "the claim is input the engine reads"
     assert decision["claim_logprob"] == pytest.approx(said + float(end), abs=1e-4)
     p = math.exp(decision["claim_logprob"])
     assert [decision["probabilities"][label] for label in CLAIM_LABELS] == pytest.approx([p, 1 - p], rel=1e-9)
