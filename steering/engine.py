@@ -142,7 +142,7 @@ class SteeringEngine:
         # True on the V1 runner: logprobs are of the steered distribution at temperature 1.
         self.logprobs_at_temperature_one = llm.model_config.logprobs_mode == "raw_logprobs"
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
-        self.policies = Policies.build(deployment, self._encode_label)
+        self.policies = Policies.build(deployment, self._encode_text)
         self.max_model_len: int = llm.model_config.max_model_len
         # The tokens that end an answer, as vLLM stops on them: the tokenizer's EOS and the generation config's.
         ends = llm.model_config.try_get_generation_config().get("eos_token_id")
@@ -156,7 +156,7 @@ class SteeringEngine:
         """The deployment whose policies are served now (its base, experts and engine never change)."""
         return self.policies.deployment
 
-    def _encode_label(self, text: str) -> list[int]:
+    def _encode_text(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False)
 
     def reload(self, deployment: Deployment) -> PolicyChanges:
@@ -169,7 +169,7 @@ class SteeringEngine:
         check_reloadable(self.deployment, deployment)
         if not self.logprobs_at_temperature_one:
             _refuse_rules_without_temperature_one(deployment)
-        policies = Policies.build(deployment, self._encode_label)
+        policies = Policies.build(deployment, self._encode_text)
         previous, self.policies = self.policies, policies  # one assignment: the swap is atomic
         return PolicyChanges.between(previous.deployment, deployment)
 
@@ -310,11 +310,11 @@ class SteeringEngine:
         step = final.outputs[0].logprobs[0]
         return [step[token].logprob for token in labels]
 
-    async def claim_logprob(self, prompt: Sequence[int], claim: Sequence[int], steering: Steering, *,
-                            request_id: str | None = None) -> float:
-        """Steered log-probability, at temperature 1, that the answer to `prompt` is exactly `claim`:
-        the claim's tokens, then one of the tokens that end an answer. One single-token request on
-        prompt + claim, its prompt logprobs steered."""
+    async def claim_logprob(self, prompt: Sequence[int], steering: Steering, *, request_id: str | None = None) -> float:
+        """Steered log-probability, at temperature 1, that the answer to `prompt` is exactly the
+        steering's claim: its tokens, then one of the tokens that end an answer. One single-token
+        request on prompt + claim, its prompt logprobs steered."""
+        claim = steering.claim_ids
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
                                 logprob_token_ids=list(self.end_token_ids))
         final = await self.complete([*prompt, *claim], params, steering=steering, request_id=request_id)

@@ -103,7 +103,8 @@ class Steering:
     alpha: dict[str, float]  # per pair named by the policy or the request, as reported
     alpha_row: tuple[float, ...]  # one per expert pair, in the engine's pair order (absent: 0)
     rule: DecisionRule | AbstentionRule | None = None
-    claim: str | None = None  # what a claim check checks
+    claim: str | None = None  # what a claim check checks, as sent
+    claim_ids: tuple[int, ...] = ()  # and tokenized by the base's tokenizer, to continue the prompt
 
 
 class Policy:
@@ -114,6 +115,7 @@ class Policy:
         self.name = name
         self.config = config
         self.pair_names = pair_names
+        self._encode = encode
         self._default = self._rule(config, encode)
 
     @staticmethod
@@ -148,7 +150,8 @@ class Policy:
             rule = self._costs(overrides.costs, overrides.abstain_cost)
         self._check_claim(overrides.claim)
         row = tuple(alpha.get(name, 0.0) for name in self.pair_names)
-        return Steering(self.name, alpha, row, rule, overrides.claim)
+        claim_ids = tuple(self._encode(overrides.claim)) if overrides.claim is not None else ()
+        return Steering(self.name, alpha, row, rule, overrides.claim, claim_ids)
 
     def _check_claim(self, claim: str | None) -> None:
         checks = isinstance(self._default, DecisionRule) and self._default.checks_claims

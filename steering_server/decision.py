@@ -21,7 +21,7 @@ async def decide(engine: SteeringEngine, plan: Plan, outcome: Outcome, metrics: 
     rule: DecisionRule = plan.steering.rule
     report = {}
     if rule.checks_claims:
-        said = await engine.claim_logprob(plan.prompts[0], plan.claim_ids, plan.steering, request_id=plan.request_id)
+        said = await engine.claim_logprob(plan.prompts[0], plan.steering, request_id=plan.request_id)
         logprobs = claim_label_logprobs(said)
         report = {"claim": plan.steering.claim, "claim_logprob": said}
     else:

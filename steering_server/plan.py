@@ -31,7 +31,6 @@ class Plan:
     num_logprobs: int | None  # what the client asked for; abstention asks the engine for more
     tools: ToolCalling | None = None
     constraint: str | None = None  # the field that constrains the answer's format, if one does
-    claim_ids: list[int] | None = None  # a claim check's claim, tokenized to continue the prompt
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -43,7 +42,7 @@ class Plan:
     @property
     def prompt_tokens(self) -> int:
         """The input the engine reads: every prompt, and a claim check's claim."""
-        return sum(len(prompt) for prompt in self.prompts) + len(self.claim_ids or ())
+        return sum(len(prompt) for prompt in self.prompts) + len(self.steering.claim_ids)
 
 
 def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: list[list[int]],
@@ -60,13 +59,10 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
     constrains = request.response_format is not None and request.response_format.type != "text"
     if rule is not None:
         _refuse_what_the_rule_cannot_serve(rule, request, prompts, tools, constrains)
-    claim_ids = None
-    if steering.claim is not None:
-        claim_ids = engine.encode(steering.claim, add_special_tokens=False)
-        if len(prompts[0]) + len(claim_ids) >= engine.max_model_len:  # and a step after it, for the answer's end
-            raise InvalidRequest(f"the prompt's {len(prompts[0])} tokens and the claim's {len(claim_ids)} leave no "
-                                 f"room for the answer's end in the context of {engine.max_model_len}",
-                                 param="steering.claim")
+    claim = len(steering.claim_ids)
+    if claim and len(prompts[0]) + claim >= engine.max_model_len:  # and a step after it, for the answer's end
+        raise InvalidRequest(f"the prompt's {len(prompts[0])} tokens and the claim's {claim} leave no room for the "
+                             f"answer's end in the context of {engine.max_model_len}", param="steering.claim")
     params = []
     for prompt in prompts:
         sampling = sampling_params(request, prompt_len=len(prompt), max_model_len=engine.max_model_len)
@@ -81,7 +77,7 @@ def plan_request(engine: SteeringEngine, request: GenerationRequest, prompts: li
     constraint = ("tools" if tools is not None and tools.request.structured_outputs is not None
                   else "structured_outputs" if request.structured_outputs is not None
                   else "response_format" if constrains else None)
-    return Plan(steering, prompts, params, request.num_logprobs, tools, constraint, claim_ids)
+    return Plan(steering, prompts, params, request.num_logprobs, tools, constraint)
 
 
 RULES = (AbstentionRule, DecisionRule)

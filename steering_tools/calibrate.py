@@ -137,8 +137,7 @@ async def decision_logprobs(engine: SteeringEngine, policy: Policy, rows: list[R
 
     async def check(row: Row) -> list[float]:
         steering = policy.resolve(Overrides(claim=row.claim))
-        claim = engine.encode(row.claim, add_special_tokens=False)
-        return claim_label_logprobs(await engine.claim_logprob(_prompt(engine, row), claim, steering))
+        return claim_label_logprobs(await engine.claim_logprob(_prompt(engine, row), steering))
 
     return np.asarray(await _gather([check(row) for row in rows], "checking claims"), dtype=np.float64)
 
