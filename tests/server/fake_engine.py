@@ -81,7 +81,7 @@ class FakeEngine(SteeringEngine):
 
     def __init__(self, deployment: Deployment, *, max_model_len: int = 64):
         self.tokenizer = CharTokenizer()
-        self.policies = Policies.build(deployment, self._encode_label)
+        self.policies = Policies.build(deployment, self._encode_text)
         self.max_model_len = max_model_len
         self.logprobs_at_temperature_one = True
         self.running = 0
