@@ -122,6 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--family", type=Path,
                          help="instead, one built demo family (`steer demo build`); the models only the benchmark "
                               "needs are added to it")
+    quality.add_argument("--compare", type=Path, metavar="REPORT",
+                         help="an earlier report over seeds (its quality.json, e.g. docs/bench/quality.json): say "
+                              "which figures of this run fall outside its spread")
     perf = bench_commands.add_parser("perf", help="tokens/s and latency: vllm serve, steer serve, the reference")
     perf.add_argument("--preset", choices=["cpu", "tiny", "gpu"], default="cpu", help="model sizes (base ~10x experts)")
     perf.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32],
@@ -353,7 +356,14 @@ def _bench(args) -> int:
         if args.family and args.seeds:
             print("steer bench quality: give --family or --seeds, not both", file=sys.stderr)
             return 2
+        try:  # before the run: a bad reference should not cost one
+            reference = job.read_reference(args.compare) if args.compare else None
+        except ValueError as error:
+            print(f"steer bench quality: --compare: {error}", file=sys.stderr)
+            return 2
         report = asyncio.run(job.run_family(args.family) if args.family else job.run_seeds(args.seeds or job.SEEDS))
+        if reference is not None:
+            report["comparison"] = job.compare(report, reference)
     else:
         from steering_tools.bench import perf as job
 

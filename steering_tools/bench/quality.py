@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import os
 from pathlib import Path
 
@@ -294,9 +295,19 @@ def machine() -> dict:
     import vllm
 
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+    return {"cpu": platform.processor() or platform.machine(), "cpu_model": _cpu_model(),
+            # which vector kernels torch picks: the likeliest reason builds differ between machines
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
             "memory_gib": round(memory / 2**30, 1), "torch": torch.__version__, "vllm": vllm.__version__,
             "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+
+
+def _cpu_model() -> str | None:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), None)
 
 
 def spread(reports: list[dict]) -> dict:
@@ -328,6 +339,67 @@ async def run_seeds(seeds=SEEDS, *, recipe: Recipe = Recipe(), alphas=ALPHAS) ->
             "spread": spread(list(per_seed.values()))}
 
 
+def read_reference(path: Path) -> dict:
+    """An earlier report over seeds to `compare` against; ValueError saying what is wrong with it."""
+    try:
+        reference = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path}: {error}") from None
+    missing = [key for key in ("seeds", "recipe_digests", "spread") if not isinstance(reference, dict)
+               or key not in reference]
+    if missing:
+        raise ValueError(f"{path} is not a report over seeds (it has no {', '.join(missing)}); "
+                         "`steer bench quality --seeds 0 1 2 --out DIR` writes one")
+    return reference
+
+
+def compare(report: dict, reference: dict) -> dict:
+    """Every figure of `report` (one family, or the mean over its seeds) against the same figure
+    of an earlier run over seeds, `reference`: does it reproduce within the reported spread?
+
+    z is the difference of the two means over its standard error, sqrt(sd_ref^2 / n_ref +
+    sd^2 / n), where a single family counts as one draw with the reference's sd; `within` is
+    |z| <= 2, or equality where neither run varies. About one figure in twenty lands outside by
+    chance alone, and figures are correlated, so read the list, not the count."""
+    ours = report.get("spread", report)
+    n_ours = len(report.get("seeds", [])) or 1
+    figures: dict[str, dict] = {}
+
+    def walk(mine, theirs, path: str) -> None:
+        if isinstance(theirs, dict) and "values" in theirs:
+            single = isinstance(mine, (int, float)) and not isinstance(mine, bool)
+            if not (single or isinstance(mine, dict) and "values" in mine):
+                return
+            value = float(mine) if single else mine["mean"]
+            sd = theirs["std"] if single else mine["std"]
+            error = float(np.sqrt(theirs["std"] ** 2 / len(theirs["values"]) + sd ** 2 / n_ours))
+            difference = value - theirs["mean"]
+            z = difference / error if error > 0 else (0.0 if abs(difference) < 1e-9 else float("inf"))
+            figures[path] = {"value": value, "reference": {k: theirs[k] for k in ("mean", "std", "min", "max")},
+                             "z": z, "within": abs(z) <= 2.0}
+        elif isinstance(theirs, dict) and isinstance(mine, dict):
+            for key, sub in theirs.items():
+                if key in mine:
+                    walk(mine[key], sub, f"{path}.{key}" if path else key)
+
+    walk(ours, reference["spread"], "")
+    return {"reference": {"seeds": reference["seeds"], "recipe_digests": reference["recipe_digests"],
+                          "machine": reference.get("machine")},
+            "figures": len(figures), "within": sum(row["within"] for row in figures.values()),
+            "by_figure": figures}
+
+
+def comparison_summary(comparison: dict) -> str:
+    lines = [f"against the reference run ({len(comparison['reference']['seeds'])} seeds): "
+             f"{comparison['within']} of {comparison['figures']} figures within 2 standard errors"]
+    for path, row in comparison["by_figure"].items():
+        if not row["within"]:
+            ref = row["reference"]
+            lines.append(f"  outside: {path} {row['value']:.4f} against {ref['mean']:.4f} ± {ref['std']:.4f} "
+                         f"(z {row['z']:+.1f})")
+    return "\n".join(lines)
+
+
 def _fmt(value, spec: str = ".3f") -> str:
     """A figure of one run, or the mean ± sd of a figure over seeds (`spread`); n/a where undefined."""
     if value is None:
@@ -339,10 +411,11 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def summary(report: dict) -> str:
     """One family's figures, or (from `run_seeds`) each figure's mean ± sd over the seeds."""
+    compared = "\n" + comparison_summary(report["comparison"]) if "comparison" in report else ""
     if "per_seed" not in report:
-        return _figures(report)
+        return _figures(report) + compared
     families = ", ".join(f"seed {seed}: {digest}" for seed, digest in report["recipe_digests"].items())
-    return f"mean ± sd over {len(report['seeds'])} seeds ({families})\n" + _figures(report["spread"])
+    return f"mean ± sd over {len(report['seeds'])} seeds ({families})\n" + _figures(report["spread"]) + compared
 
 
 def _figures(report: dict) -> str:

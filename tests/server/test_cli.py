@@ -95,3 +95,12 @@ def test_check_passes_a_config_serve_would_start_and_names_the_field_of_one_it_w
     result = steer("check", "--config", str(bad), timeout=300)
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.splitlines()[-1].startswith("steer: engine.max_model_len: vLLM refused it: ")
+
+
+def test_bench_quality_refuses_a_bad_reference_before_building_anything(tmp_path):
+    single = tmp_path / "quality.json"
+    single.write_text('{"accuracy": {"base": 0.0}}')  # one family's report, not one over seeds
+    result = steer("bench", "quality", "--seeds", "7", "--compare", str(single), timeout=120)
+    assert result.returncode == 2
+    assert f"--compare: {single} is not a report over seeds" in result.stderr
+    assert "seed 7" not in result.stdout, "refused before the family of seed 7 was built"

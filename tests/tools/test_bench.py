@@ -115,6 +115,42 @@ def test_bench_quality_reports_every_section(toy_family):
     assert len(quality.plot(seeds, toy_family)) == 4
 
 
+def test_compare_places_each_figure_against_the_reference_spread_by_hand(tmp_path):
+    def seeds(*runs):
+        return {"seeds": list(range(len(runs))), "recipe_digests": {i: "d" for i in range(len(runs))},
+                "per_seed": dict(enumerate(runs)), "spread": quality.spread(list(runs))}
+
+    # Reference: accuracy 0.6, 0.7, 0.8 (mean 0.7, sd 0.1); a count that never varies; a list.
+    reference = seeds(*({"accuracy": a, "rows": 240, "curve": [a]} for a in (0.6, 0.7, 0.8)))
+    same = quality.compare(seeds(*({"accuracy": a, "rows": 240} for a in (0.65, 0.7, 0.75))), reference)
+    assert same["figures"] == 2 and same["within"] == 2, "the list has no spread, so it is no figure"
+    row = same["by_figure"]["accuracy"]
+    assert row["value"] == pytest.approx(0.7) and row["z"] == pytest.approx(0.0)
+    assert row["reference"] == pytest.approx({"mean": 0.7, "std": 0.1, "min": 0.6, "max": 0.8})
+
+    # Three seeds at 0.9, 1.0, 1.1: difference 0.3 over sqrt(0.1^2/3 + 0.1^2/3) = z 3.67, outside.
+    far = quality.compare(seeds(*({"accuracy": a, "rows": 241} for a in (0.9, 1.0, 1.1))), reference)
+    assert far["by_figure"]["accuracy"]["z"] == pytest.approx(0.3 / np.sqrt(0.02 / 3))
+    assert not far["by_figure"]["accuracy"]["within"]
+    assert far["by_figure"]["rows"]["z"] == float("inf"), "a figure that never varied must repeat exactly"
+    assert far["within"] == 0
+    text = quality.comparison_summary(far)
+    assert "0 of 2 figures within 2 standard errors" in text and "outside: accuracy 1.0000 against 0.7000" in text
+
+    # One family is one draw with the reference's sd: 0.9 is 0.2 / sqrt(0.1^2/3 + 0.1^2) = z 1.73, within.
+    one = quality.compare({"accuracy": 0.9, "rows": 240}, reference)
+    assert one["by_figure"]["accuracy"]["z"] == pytest.approx(0.2 / np.sqrt(0.01 / 3 + 0.01))
+    assert one["within"] == 2
+
+    # A reference that is not a report over seeds is refused, naming what it lacks.
+    path = tmp_path / "one.json"
+    path.write_text(json.dumps({"accuracy": 0.9}))
+    with pytest.raises(ValueError, match="not a report over seeds .*no seeds, recipe_digests, spread"):
+        quality.read_reference(path)
+    with pytest.raises(ValueError, match="missing.json"):
+        quality.read_reference(tmp_path / "missing.json")
+
+
 def test_utility_in_training_against_after_it_by_hand():
     costs = DecisionConfig(labels=[" yes", " no"], cost_fp=10.0, cost_fn=1.0).cost_matrix()
     log = np.log
