@@ -2,7 +2,8 @@
 
 From one synthetic world (steering_tools.world):
 - `base`: the largest model, pretrained on the narratives; never sees the question format;
-- `chat-untuned`: a small model pretrained briefly on the same narratives (it holds few facts);
+- `chat-untuned`: a small model pretrained on the same narratives, long enough to be about as sure
+  of their form as the base (so its delta has the base's scale), too small to hold many facts;
 - `chat-tuned`: the untuned model fine-tuned to answer questions, about the tuning entities only;
 - `direct`: the base fine-tuned the same way — the ceiling for `steer bench quality`, never served.
 
@@ -67,7 +68,9 @@ class Recipe:
     small: Shape = field(default_factory=lambda: demo_shape(hidden=96, layers=2, heads=3, kv_heads=1, intermediate=256))
     base_epochs: int = 100
     base_lr: float = 2e-3
-    small_epochs: int = 15
+    # At 15 the untuned model was less sure than the base that a value is followed by more
+    # narrative, so at alpha 1 the pair's "stop here" lost and answers ran on (docs/benchmarks.md).
+    small_epochs: int = 30
     small_lr: float = 3e-3
     tune_epochs: int = 5
     tune_lr: float = 1e-3
