@@ -374,29 +374,40 @@ def compare(report: dict, reference: dict) -> dict:
             sd = theirs["std"] if single else mine["std"]
             error = float(np.sqrt(theirs["std"] ** 2 / len(theirs["values"]) + sd ** 2 / n_ours))
             difference = value - theirs["mean"]
-            z = difference / error if error > 0 else (0.0 if abs(difference) < 1e-9 else float("inf"))
+            if error > 0:
+                z, within = difference / error, abs(difference / error) <= 2.0
+            else:  # neither run varies: the figure must repeat (z is undefined unless it does)
+                z, within = (0.0, True) if abs(difference) < 1e-9 else (None, False)
             figures[path] = {"value": value, "reference": {k: theirs[k] for k in ("mean", "std", "min", "max")},
-                             "z": z, "within": abs(z) <= 2.0}
+                             "z": z, "within": within}
         elif isinstance(theirs, dict) and isinstance(mine, dict):
             for key, sub in theirs.items():
                 if key in mine:
                     walk(mine[key], sub, f"{path}.{key}" if path else key)
 
     walk(ours, reference["spread"], "")
+    digests = report.get("recipe_digests")
     return {"reference": {"seeds": reference["seeds"], "recipe_digests": reference["recipe_digests"],
                           "machine": reference.get("machine")},
+            # over seeds, whether both runs built the same recipes (then only the machine differs)
+            "same_recipes": None if digests is None else _digests(digests) == _digests(reference["recipe_digests"]),
             "figures": len(figures), "within": sum(row["within"] for row in figures.values()),
             "by_figure": figures}
+
+
+def _digests(digests: dict) -> dict[str, str]:
+    return {str(seed): digest for seed, digest in digests.items()}  # JSON turned the seeds into strings
 
 
 def comparison_summary(comparison: dict) -> str:
     lines = [f"against the reference run ({len(comparison['reference']['seeds'])} seeds): "
              f"{comparison['within']} of {comparison['figures']} figures within 2 standard errors"]
+    if comparison["same_recipes"] is False:
+        lines.append("  the recipes differ from the reference's: this compares recipes, not only machines")
     for path, row in comparison["by_figure"].items():
         if not row["within"]:
-            ref = row["reference"]
-            lines.append(f"  outside: {path} {row['value']:.4f} against {ref['mean']:.4f} ± {ref['std']:.4f} "
-                         f"(z {row['z']:+.1f})")
+            ref, z = row["reference"], "n/a" if row["z"] is None else f"{row['z']:+.1f}"
+            lines.append(f"  outside: {path} {row['value']:.4f} against {ref['mean']:.4f} ± {ref['std']:.4f} (z {z})")
     return "\n".join(lines)
 
 

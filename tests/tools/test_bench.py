@@ -132,15 +132,19 @@ def test_compare_places_each_figure_against_the_reference_spread_by_hand(tmp_pat
     far = quality.compare(seeds(*({"accuracy": a, "rows": 241} for a in (0.9, 1.0, 1.1))), reference)
     assert far["by_figure"]["accuracy"]["z"] == pytest.approx(0.3 / np.sqrt(0.02 / 3))
     assert not far["by_figure"]["accuracy"]["within"]
-    assert far["by_figure"]["rows"]["z"] == float("inf"), "a figure that never varied must repeat exactly"
-    assert far["within"] == 0
+    assert far["by_figure"]["rows"]["z"] is None, "a figure that never varied must repeat exactly"
+    assert far["within"] == 0 and far["same_recipes"] is True
     text = quality.comparison_summary(far)
     assert "0 of 2 figures within 2 standard errors" in text and "outside: accuracy 1.0000 against 0.7000" in text
+    assert "outside: rows 241.0000 against 240.0000 ± 0.0000 (z n/a)" in text and "recipes differ" not in text
+    json.dumps(far, allow_nan=False)  # the report stays strict JSON
+    other_recipe = seeds(*({"accuracy": a, "rows": 240} for a in (0.6, 0.7, 0.8))) | {"recipe_digests": {0: "e"}}
+    assert "recipes differ" in quality.comparison_summary(quality.compare(other_recipe, reference))
 
     # One family is one draw with the reference's sd: 0.9 is 0.2 / sqrt(0.1^2/3 + 0.1^2) = z 1.73, within.
     one = quality.compare({"accuracy": 0.9, "rows": 240}, reference)
     assert one["by_figure"]["accuracy"]["z"] == pytest.approx(0.2 / np.sqrt(0.01 / 3 + 0.01))
-    assert one["within"] == 2
+    assert one["within"] == 2 and one["same_recipes"] is None
 
     # A reference that is not a report over seeds is refused, naming what it lacks.
     path = tmp_path / "one.json"
