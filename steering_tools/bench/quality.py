@@ -536,8 +536,9 @@ def plot(report: dict, out: Path) -> list[Path]:
     save(fig, "quality-abstention-scores.png")
 
     versus = figures["decisions"]["training_vs_deciding"]
-    ways = {"utility_weighted_argmax": "utility-\nweighted,\nargmax", "symmetric_argmax": "symmetric,\nargmax",
-            "symmetric_calibrated_bayes": "symmetric,\ncalibrated\nBayes",
+    ways = {"utility_weighted_argmax": "yes/no,\nutility-\nweighted,\nargmax",
+            "symmetric_argmax": "yes/no,\nsymmetric,\nargmax",
+            "symmetric_calibrated_bayes": "yes/no,\nsymmetric,\ncalibrated\nBayes",
             "by_answering_argmax": "by\nanswering,\nargmax",
             "by_answering_calibrated_bayes": "by\nanswering,\ncalibrated\nBayes"}
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
