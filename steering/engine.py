@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import functools
 import gc
@@ -264,6 +265,12 @@ class SteeringEngine:
         request_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request steered as admitted by `Policy.resolve`."""
+        if params.logprob_token_ids is not None and self.logprobs_at_temperature_one:
+            # vLLM 0.32's V1 sampler prefers token-id logprobs batch-wide: every request in a step
+            # with one that asks would get them, its own top logprobs lost. `next_token_logprobs`.
+            raise InvalidRequest("logprob_token_ids would erase the top logprobs of every request sharing its "
+                                 "engine step (vLLM 0.32's V1 sampler); ask with next_token_logprobs",
+                                 param="logprob_token_ids")
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         params = params.clone()
         params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: list(steering.alpha_row)}
@@ -300,47 +307,79 @@ class SteeringEngine:
             pass
         return final
 
+    async def next_token_logprobs(
+        self,
+        prompt_ids: Sequence[int],
+        tokens: Sequence[int],
+        steering: Steering,
+        *,
+        prompt_logprobs: bool = False,
+        request_id: str | None = None,
+    ) -> tuple[dict[int, float], RequestOutput]:
+        """Steered log-probabilities, at temperature 1, of each of `tokens` next after `prompt_ids`,
+        and the first request's output (with the prompt's steered logprobs if `prompt_logprobs`).
+
+        One single-token request per token, its sample forced to it by `allowed_token_ids`: the
+        sampler reports a sampled token's logprob from the steered logits, before any mask. Not
+        `logprob_token_ids`, which vLLM 0.32's V1 sampler applies to every request of the step (see
+        `generate`). The first request runs alone, so the rest read its prompt from the prefix cache.
+        """
+        tokens = list(dict.fromkeys(tokens))
+        request_id = request_id or uuid.uuid4().hex
+
+        def forced(token: int, *, with_prompt: bool) -> SamplingParams:
+            return SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[token],
+                                  ignore_eos=True, prompt_logprobs=0 if with_prompt else None)
+
+        def logprob(output: RequestOutput, token: int) -> float:
+            return output.outputs[0].logprobs[0][token].logprob
+
+        first = await self.complete(prompt_ids, forced(tokens[0], with_prompt=prompt_logprobs), steering=steering,
+                                    request_id=request_id)
+        rest = await asyncio.gather(*(
+            self.complete(prompt_ids, forced(token, with_prompt=False), steering=steering,
+                          request_id=f"{request_id}-{i}")
+            for i, token in enumerate(tokens[1:], 1)))
+        found = {tokens[0]: logprob(first, tokens[0])}
+        found.update((token, logprob(output, token)) for token, output in zip(tokens[1:], rest))
+        return found, first
+
     async def label_logprobs(
         self, prompt: str | Sequence[int], steering: Steering, *, request_id: str | None = None
     ) -> list[float]:
         """Steered log-probabilities, at temperature 1, of each of the decision rule's label tokens next."""
         labels = list(steering.rule.label_token_ids)
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=labels)
-        final = await self.complete(prompt, params, steering=steering, request_id=request_id)
-        step = final.outputs[0].logprobs[0]
-        return [step[token].logprob for token in labels]
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        found, _ = await self.next_token_logprobs(prompt_ids, labels, steering, request_id=request_id)
+        return [found[token] for token in labels]
 
     async def claim_logprob(self, prompt: Sequence[int], steering: Steering, *, request_id: str | None = None) -> float:
         """Steered log-probability, at temperature 1, that the answer to `prompt` is exactly the
-        steering's claim: its tokens, then one of the tokens that end an answer. One single-token
-        request on prompt + claim, its prompt logprobs steered."""
+        steering's claim: its tokens, then one of the tokens that end an answer. Single-token
+        requests on prompt + claim, one per end token; the first's prompt logprobs score the claim."""
         claim = steering.claim_ids
-        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0,
-                                logprob_token_ids=list(self.end_token_ids))
-        final = await self.complete([*prompt, *claim], params, steering=steering, request_id=request_id)
-        said = sum(entry[token].logprob for entry, token in zip(final.prompt_logprobs[len(prompt):], claim))
-        step = final.outputs[0].logprobs[0]
-        return said + float(np.logaddexp.reduce([step[token].logprob for token in self.end_token_ids]))
+        ends, first = await self.next_token_logprobs([*prompt, *claim], self.end_token_ids, steering,
+                                                     prompt_logprobs=True, request_id=request_id)
+        said = sum(entry[token].logprob for entry, token in zip(first.prompt_logprobs[len(prompt):], claim))
+        return said + float(np.logaddexp.reduce(list(ends.values())))
 
     async def first_step(self, prompt: str | Sequence[int], token_ids: Sequence[int],
                          logprobs: Sequence[Mapping[int, Any]], *, familiarity: bool = False) -> FirstStep | None:
         """An answer's first step as the steered distribution (the answer's own logprobs) and the
         base alone see it, and with `familiarity` the base alone's prompt logprobs; None for an
-        empty answer. One single-token request with every alpha 0, so the steered sum is exactly
-        the base's logits."""
+        empty answer. Single-token requests with every alpha 0, so the steered sum is exactly the
+        base's logits: one per token of the steered step."""
         if not token_ids:
             return None
         steered = {token: entry.logprob for token, entry in logprobs[0].items()}
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         unsteered = Steering(policy="", alpha={}, alpha_row=(0.0,) * len(self.deployment.experts))
-        params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=list(steered),
-                                prompt_logprobs=0 if familiarity else None)
-        final = await self.complete(prompt_ids, params, steering=unsteered)
-        step = final.outputs[0].logprobs[0]
+        base, first = await self.next_token_logprobs(prompt_ids, list(steered), unsteered,
+                                                     prompt_logprobs=familiarity)
         known = None
         if familiarity:  # entry 0 is None: the first token has no context
-            known = [entry[token].logprob for entry, token in zip(final.prompt_logprobs[1:], prompt_ids[1:])]
-        return FirstStep(token_ids[0], steered, {token: step[token].logprob for token in steered}, known)
+            known = [entry[token].logprob for entry, token in zip(first.prompt_logprobs[1:], prompt_ids[1:])]
+        return FirstStep(token_ids[0], steered, {token: base[token] for token in steered}, known)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, *, limit_field: str = "max_tokens") -> None:
         """Admission: refuse a prompt that leaves no room in the context, or a max_tokens beyond it.

@@ -69,7 +69,7 @@ class AbstentionRule:
 
     @property
     def uses_base(self) -> bool:
-        """The score needs the base alone's view of the first step (one extra engine request)."""
+        """The score needs the base alone's view of the first step (`extra_requests` engine requests)."""
         return self.score in ENSEMBLE_SCORES
 
     @property

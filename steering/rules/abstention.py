@@ -5,8 +5,10 @@ Two families of scores, all at temperature 1:
 - from the ensemble the engine holds (`ENSEMBLE_SCORES`): the base alone's view of the prompt
   and of the answer's first step, beside the steered one. The base holds the knowledge and the
   small pairs the format, so where the base alone is unsure, the steering overrules it, or the
-  question itself is strange to the base, the answer is weak. These cost one extra
-  single-token engine request per answer (the base alone on the prompt).
+  question itself is strange to the base, the answer is weak. These cost extra single-token
+  engine requests per answer, the base alone on the prompt: one for `base_prob` and
+  `base_familiarity`, one per steered top token (AGREEMENT_TOKENS and the chosen one) for
+  `base_agreement`, all but the first reading the prompt from the prefix cache.
 """
 
 from __future__ import annotations
@@ -22,9 +24,15 @@ SCORES = STEERED_SCORES + ENSEMBLE_SCORES
 # Scores known once the answer's first token is: the answer can stream (or stop) from there on.
 FIRST_STEP_SCORES = ("first_prob", *ENSEMBLE_SCORES)
 # `base_agreement` compares the two distributions over the steered one's most likely tokens:
-# vLLM's default `max_logprobs`, and well within its `MAX_LOGPROB_TOKEN_IDS` for the base's side.
+# vLLM's default `max_logprobs`.
 AGREEMENT_TOKENS = 20
 
+
+
+def extra_requests(kind: str) -> int:
+    """The single-token engine requests a score adds to a greedy answer: the base alone, once per
+    token whose logprob it reads (the greedy token is the steered top one)."""
+    return AGREEMENT_TOKENS if kind == "base_agreement" else int(kind in ENSEMBLE_SCORES)
 
 @dataclass(frozen=True)
 class FirstStep:

@@ -31,7 +31,7 @@ from vllm import SamplingParams
 from steering.config import Deployment, load_deployment, parse_deployment
 from steering.engine import SteeringEngine, answer_logprobs
 from steering.policy import Overrides, Steering
-from steering.rules.abstention import AGREEMENT_TOKENS, ENSEMBLE_SCORES, SCORES, confidence_score
+from steering.rules.abstention import AGREEMENT_TOKENS, ENSEMBLE_SCORES, SCORES, confidence_score, extra_requests
 from steering.rules.calibration import platt
 from steering.rules.decisions import decide, label_probabilities
 from steering_tools import metrics
@@ -129,7 +129,7 @@ async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict
         raw = scores[kind]
         calibrated = platt(raw, *metrics.fit_platt(fit_scores[kind], fit_correct))
         report[kind] = {
-            "extra_engine_requests": 1 if kind in ENSEMBLE_SCORES else 0,
+            "extra_engine_requests": extra_requests(kind),
             "auroc_answerable": metrics.auroc(raw, answerable),
             "auroc_correct": metrics.auroc(raw, correct > 0),
             "aurc": metrics.aurc(raw, correct),

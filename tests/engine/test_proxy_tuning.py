@@ -121,40 +121,47 @@ def test_logprobs_are_of_the_steered_distribution_at_temperature_one(
         assert logprob.logprob == pytest.approx(want[token_id].item(), abs=1e-4)
 
 
-def test_logprobs_of_chosen_token_ids(llama_engine, llama_reference, tokenizer):
+def test_logprobs_of_chosen_next_tokens(llama_engine, llama_reference, tokenizer):
     prompt = prompts(tokenizer)[2]
     alpha = {"chat": -1.0}
-    labels = [5, 17, 40]
-    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=labels)
-    (output,) = llama_engine.outputs([prompt], [alpha], params)
-    got = output.outputs[0].logprobs[0]
+    chosen = [5, 17, tokenizer.eos_token_id, 40, 5]  # the end of text too, and one twice
+    got, first = llama_engine.run(llama_engine.engine.next_token_logprobs(prompt, chosen, llama_engine.steering(alpha)))
     want = llama_reference.next_token_logprobs([prompt], [alpha])[0]
-    assert set(labels) <= set(got)
-    assert [got[t].logprob for t in labels] == pytest.approx([want[t].item() for t in labels], abs=1e-4)
+    assert list(got) == [5, 17, tokenizer.eos_token_id, 40], "each token once, in the order asked"
+    assert list(got.values()) == pytest.approx([want[t].item() for t in got], abs=1e-4)
+    assert first.outputs[0].token_ids == [5] and first.prompt_logprobs is None
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "vLLM 0.32's sampler prefers logprob_token_ids batch-wide: in a step where any request asks for chosen token "
-    "ids, every other request's top logprobs become its sampled token plus (0, -inf) padding. Decisions, claim "
-    "checks and the ensemble abstention scores ask for token ids, so a user's top_logprobs (and base_agreement's "
-    "steered top 20) are lost while one of them shares the step. When this passes, vLLM has fixed it."))
-def test_top_logprobs_survive_a_step_shared_with_chosen_token_ids(llama_engine, llama_reference, tokenizer):
+def test_chosen_token_ids_in_sampling_params_are_refused(llama_engine, tokenizer):
+    params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[5, 17])
+    with pytest.raises(InvalidRequest) as refused:
+        llama_engine.run(llama_engine.engine.complete(prompts(tokenizer)[0], params, steering=llama_engine.steering({})))
+    assert refused.value.param == "logprob_token_ids" and "engine step" in str(refused.value)
+
+
+def test_top_logprobs_survive_a_step_shared_with_chosen_token_logprobs(llama_engine, llama_reference, tokenizer):
+    """vLLM 0.32's sampler, asked for `logprob_token_ids`, answers every request of the step with
+    them; chosen tokens' logprobs come from forced samples instead, and top logprobs beside them hold."""
     prompt = prompts(tokenizer)[0]
     alpha = {"chat": 2.5}
     steering = llama_engine.steering(alpha)
     top = SamplingParams(max_tokens=1, temperature=0.0, logprobs=5)
-    chosen = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[5, 17, 40])
+    chosen = [5, 17, 40]
 
     async def interleaved():
-        return await asyncio.gather(*(llama_engine.engine.complete(prompt, chosen if i % 2 else top, steering=steering)
-                                      for i in range(16)))
+        return await asyncio.gather(*(
+            llama_engine.engine.next_token_logprobs(prompt, chosen, steering) if i % 2
+            else llama_engine.engine.complete(prompt, top, steering=steering) for i in range(16)))
 
     outputs = llama_engine.run(interleaved())
-    want = llama_reference.next_token_logprobs([prompt], [alpha])[0].topk(5)
+    reference = llama_reference.next_token_logprobs([prompt], [alpha])[0]
+    want = reference.topk(5)
     for output in outputs[::2]:  # the top-logprobs requests
         got = output.outputs[0].logprobs[0]
         assert {token: got[token].logprob for token in want.indices.tolist() if token in got} == pytest.approx(
             dict(zip(want.indices.tolist(), want.values.tolist())), abs=1e-4), "a top-5 token is missing or wrong"
+    for found, _ in outputs[1::2]:
+        assert list(found.values()) == pytest.approx([reference[t].item() for t in chosen], abs=1e-4)
 
 
 def test_prompt_logprobs_are_steered_per_request_across_chunks(llama_engine, llama_reference, tokenizer):

@@ -8,7 +8,8 @@ Only vLLM's half is faked: the token stream (`generate`), the tokenizer and the 
 - choice j answers ANSWER_LEN lower-case letters, letter k being `(sum(prompt) + 3k + j + shift) % 26`
   of the alphabet, with `shift = round(10 * sum((i + 1) * alpha_i))` over the pairs: steering shows.
 - the k-th answer token has probability `token_prob(k)`; the top-N alternatives are upper-case letters.
-- a token named in `logprob_token_ids` (decision labels) has probability `label_prob(token, alpha_row)`.
+- a request forced to one token by `allowed_token_ids` (decision labels) answers it, with probability
+  `label_prob(token, alpha_row)`.
 - every prompt token after the first has probability PROMPT_PROB (prompt logprobs, rank 1).
 - a prompt with the BEL character (id 7) ends its answers with vLLM's finish_reason "error".
 """
@@ -94,6 +95,8 @@ class FakeEngine(SteeringEngine):
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         length = min(ANSWER_LEN, params.max_tokens)
         answers = [[ord(c) for c in answer(prompt_ids, steering.alpha_row, j)[:length]] for j in range(params.n)]
+        if params.allowed_token_ids:  # a forced sample: the label's own step
+            length, answers = 1, [params.allowed_token_ids[:1]] * params.n
         finish = "error" if BEL in prompt_ids else "length" if length < ANSWER_LEN else "stop"
 
         def output(start: int, stop: int) -> RequestOutput:
@@ -146,17 +149,15 @@ class FakeEngine(SteeringEngine):
 
 def _completion(index: int, token_ids: list[int], start: int, params: SamplingParams, steering: Steering,
                 finish: str | None) -> CompletionOutput:
-    wants_logprobs = params.logprobs is not None or params.logprob_token_ids
+    wants_logprobs = params.logprobs is not None
     logprobs = [_step(t, start + i, params, steering) for i, t in enumerate(token_ids)] if wants_logprobs else None
     return CompletionOutput(index, "".join(map(chr, token_ids)), token_ids, None, logprobs, finish_reason=finish)
 
 
 def _step(token: int, k: int, params: SamplingParams, steering: Steering) -> dict[int, Logprob]:
-    """One position's logprobs: the chosen token (rank 1), top-N alternatives, asked-for label tokens."""
-    p = token_prob(k)
+    """One position's logprobs: the chosen token (rank 1), or a forced label, and top-N alternatives."""
+    p = label_prob(token, steering.alpha_row) if params.allowed_token_ids else token_prob(k)
     step = {token: Logprob(math.log(p), rank=1, decoded_token=chr(token))}
     for rank in range(2, (params.logprobs or 0) + 1):
         step[ord("A") + rank] = Logprob(math.log((1 - p) / 20), rank=rank, decoded_token=chr(ord("A") + rank))
-    for label in params.logprob_token_ids or ():
-        step[label] = Logprob(math.log(label_prob(label, steering.alpha_row)), decoded_token=chr(label))
     return step
