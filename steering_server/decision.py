@@ -1,5 +1,6 @@
-"""Decision policies: score each label's first token in one engine step (a claim check: the claim's
-tokens and the answer's end, in one request), answer with the Bayes action.
+"""Decision policies: score each label's first token, one single-token engine request per label
+(a claim check: the claim's tokens, then one per token that ends an answer), and answer with the
+Bayes action. `SteeringEngine.next_token_logprobs` says why one request per token.
 
 Sampling fields do not apply; the answer is the action's label, or the abstain message.
 """
