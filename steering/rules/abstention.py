@@ -7,8 +7,8 @@ Two families of scores, all at temperature 1:
   small pairs the format, so where the base alone is unsure, the steering overrules it, or the
   question itself is strange to the base, the answer is weak. These cost extra single-token
   engine requests per answer, the base alone on the prompt: one for `base_prob` and
-  `base_familiarity`, one per steered top token (AGREEMENT_TOKENS and the chosen one) for
-  `base_agreement`, all but the first reading the prompt from the prefix cache.
+  `base_familiarity`, one per token of the steered top AGREEMENT_TOKENS (the greedy token
+  among them) for `base_agreement`, all but the first reading the prompt from the prefix cache.
 """
 
 from __future__ import annotations
@@ -28,11 +28,11 @@ FIRST_STEP_SCORES = ("first_prob", *ENSEMBLE_SCORES)
 AGREEMENT_TOKENS = 20
 
 
-
 def extra_requests(kind: str) -> int:
     """The single-token engine requests a score adds to a greedy answer: the base alone, once per
     token whose logprob it reads (the greedy token is the steered top one)."""
     return AGREEMENT_TOKENS if kind == "base_agreement" else int(kind in ENSEMBLE_SCORES)
+
 
 @dataclass(frozen=True)
 class FirstStep:
