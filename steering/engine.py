@@ -309,14 +309,14 @@ class SteeringEngine:
 
     async def next_token_logprobs(
         self,
-        prompt_ids: Sequence[int],
+        prompt: str | Sequence[int],
         tokens: Sequence[int],
         steering: Steering,
         *,
         prompt_logprobs: bool = False,
         request_id: str | None = None,
     ) -> tuple[dict[int, float], RequestOutput]:
-        """Steered log-probabilities, at temperature 1, of each of `tokens` next after `prompt_ids`,
+        """Steered log-probabilities, at temperature 1, of each of `tokens` next after `prompt`,
         and the first request's output (with the prompt's steered logprobs if `prompt_logprobs`).
 
         One single-token request per token, its sample forced to it by `allowed_token_ids`: the
@@ -324,6 +324,7 @@ class SteeringEngine:
         `logprob_token_ids`, which vLLM 0.32's V1 sampler applies to every request of the step (see
         `generate`). The first request runs alone, so the rest read its prompt from the prefix cache.
         """
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         tokens = list(dict.fromkeys(tokens))
         request_id = request_id or uuid.uuid4().hex
 
@@ -331,17 +332,13 @@ class SteeringEngine:
             return SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[token],
                                   ignore_eos=True, prompt_logprobs=0 if with_prompt else None)
 
-        def logprob(output: RequestOutput, token: int) -> float:
-            return output.outputs[0].logprobs[0][token].logprob
-
         first = await self.complete(prompt_ids, forced(tokens[0], with_prompt=prompt_logprobs), steering=steering,
                                     request_id=request_id)
         rest = await asyncio.gather(*(
             self.complete(prompt_ids, forced(token, with_prompt=False), steering=steering,
                           request_id=f"{request_id}-{i}")
             for i, token in enumerate(tokens[1:], 1)))
-        found = {tokens[0]: logprob(first, tokens[0])}
-        found.update((token, logprob(output, token)) for token, output in zip(tokens[1:], rest))
+        found = {token: output.outputs[0].logprobs[0][token].logprob for token, output in zip(tokens, [first, *rest])}
         return found, first
 
     async def label_logprobs(
@@ -349,8 +346,7 @@ class SteeringEngine:
     ) -> list[float]:
         """Steered log-probabilities, at temperature 1, of each of the decision rule's label tokens next."""
         labels = list(steering.rule.label_token_ids)
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        found, _ = await self.next_token_logprobs(prompt_ids, labels, steering, request_id=request_id)
+        found, _ = await self.next_token_logprobs(prompt, labels, steering, request_id=request_id)
         return [found[token] for token in labels]
 
     async def claim_logprob(self, prompt: Sequence[int], steering: Steering, *, request_id: str | None = None) -> float:
@@ -372,13 +368,12 @@ class SteeringEngine:
         if not token_ids:
             return None
         steered = {token: entry.logprob for token, entry in logprobs[0].items()}
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         unsteered = Steering(policy="", alpha={}, alpha_row=(0.0,) * len(self.deployment.experts))
-        base, first = await self.next_token_logprobs(prompt_ids, list(steered), unsteered,
-                                                     prompt_logprobs=familiarity)
+        base, first = await self.next_token_logprobs(prompt, list(steered), unsteered, prompt_logprobs=familiarity)
         known = None
         if familiarity:  # entry 0 is None: the first token has no context
-            known = [entry[token].logprob for entry, token in zip(first.prompt_logprobs[1:], prompt_ids[1:])]
+            steps = zip(first.prompt_logprobs[1:], first.prompt_token_ids[1:])
+            known = [entry[token].logprob for entry, token in steps]
         return FirstStep(token_ids[0], steered, {token: base[token] for token in steered}, known)
 
     def check_request(self, prompt_ids: list[int], params: SamplingParams, *, limit_field: str = "max_tokens") -> None:
