@@ -8,7 +8,7 @@ import functools
 import gc
 import logging
 import uuid
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Mapping, Sequence
 from contextlib import nullcontext
 from typing import Any
 
@@ -322,24 +322,32 @@ class SteeringEngine:
         One single-token request per token, its sample forced to it by `allowed_token_ids`: the
         sampler reports a sampled token's logprob from the steered logits, before any mask. Not
         `logprob_token_ids`, which vLLM 0.32's V1 sampler applies to every request of the step (see
-        `generate`). The first request runs alone, so the rest read its prompt from the prefix cache.
+        `generate`). Where the prefix cache can keep part of the prompt (`caches_prompt`), the
+        first request runs alone and the rest read it from there; else all run together, one step.
         """
         prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
         tokens = list(dict.fromkeys(tokens))
         request_id = request_id or uuid.uuid4().hex
 
-        def forced(token: int, *, with_prompt: bool) -> SamplingParams:
-            return SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[token],
-                                  ignore_eos=True, prompt_logprobs=0 if with_prompt else None)
+        def ask(i: int) -> Awaitable[RequestOutput]:
+            params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=0, allowed_token_ids=[tokens[i]],
+                                    ignore_eos=True, prompt_logprobs=0 if prompt_logprobs and i == 0 else None)
+            return self.complete(prompt_ids, params, steering=steering,
+                                 request_id=f"{request_id}-{i}" if i else request_id)
 
-        first = await self.complete(prompt_ids, forced(tokens[0], with_prompt=prompt_logprobs), steering=steering,
-                                    request_id=request_id)
-        rest = await asyncio.gather(*(
-            self.complete(prompt_ids, forced(token, with_prompt=False), steering=steering,
-                          request_id=f"{request_id}-{i}")
-            for i, token in enumerate(tokens[1:], 1)))
-        found = {token: output.outputs[0].logprobs[0][token].logprob for token, output in zip(tokens, [first, *rest])}
-        return found, first
+        if self.caches_prompt(len(prompt_ids)):
+            outputs = [await ask(0), *await asyncio.gather(*map(ask, range(1, len(tokens))))]
+        else:
+            outputs = await asyncio.gather(*map(ask, range(len(tokens))))
+        found = {token: output.outputs[0].logprobs[0][token].logprob for token, output in zip(tokens, outputs)}
+        return found, outputs[0]
+
+    def caches_prompt(self, prompt_tokens: int) -> bool:
+        """Whether a request on a prompt this long leaves some of it in the prefix cache for the
+        next one: vLLM keeps whole KV blocks only, and recomputes a prompt's last token. On CPU
+        the default block is 128 tokens, so a shorter prompt is never cached there."""
+        cache = self.llm.vllm_config.cache_config
+        return bool(cache.enable_prefix_caching) and prompt_tokens > cache.block_size
 
     async def label_logprobs(
         self, prompt: str | Sequence[int], steering: Steering, *, request_id: str | None = None

@@ -8,7 +8,8 @@ Two families of scores, all at temperature 1:
   question itself is strange to the base, the answer is weak. These cost extra single-token
   engine requests per answer, the base alone on the prompt: one for `base_prob` and
   `base_familiarity`, one per token of the steered top AGREEMENT_TOKENS (the greedy token
-  among them) for `base_agreement`, all but the first reading the prompt from the prefix cache.
+  among them) for `base_agreement`, all but the first reading the prompt from the prefix cache
+  where it holds a whole block (`SteeringEngine.caches_prompt`).
 """
 
 from __future__ import annotations

@@ -121,11 +121,17 @@ def test_logprobs_are_of_the_steered_distribution_at_temperature_one(
         assert logprob.logprob == pytest.approx(want[token_id].item(), abs=1e-4)
 
 
-def test_logprobs_of_chosen_next_tokens(llama_engine, llama_reference, tokenizer):
-    prompt = prompts(tokenizer)[2]
+@pytest.mark.parametrize("cached", [False, True], ids=["all-at-once", "first-alone"])
+def test_logprobs_of_chosen_next_tokens(llama_engine, llama_reference, tokenizer, cached):
+    """Under one KV block (32 tokens here) nothing of the prompt can be cached, so the requests
+    run together; over it, the first runs alone and the rest read the prompt from the cache."""
+    engine = llama_engine.engine
+    assert (engine.caches_prompt(32), engine.caches_prompt(33)) == (False, True)
+    prompt = long_prompt(tokenizer, 5) if cached else prompts(tokenizer)[2]
+    assert engine.caches_prompt(len(prompt)) is cached
     alpha = {"chat": -1.0}
     chosen = [5, 17, tokenizer.eos_token_id, 40, 5]  # the end of text too, and one twice
-    got, first = llama_engine.run(llama_engine.engine.next_token_logprobs(prompt, chosen, llama_engine.steering(alpha)))
+    got, first = llama_engine.run(engine.next_token_logprobs(prompt, chosen, llama_engine.steering(alpha)))
     want = llama_reference.next_token_logprobs([prompt], [alpha])[0]
     assert list(got) == [5, 17, tokenizer.eos_token_id, 40], "each token once, in the order asked"
     assert list(got.values()) == pytest.approx([want[t].item() for t in got], abs=1e-4)
