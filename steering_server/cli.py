@@ -132,9 +132,10 @@ def build_parser() -> argparse.ArgumentParser:
     perf.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     perf.add_argument("--prompt-tokens", type=int, default=64)
     perf.add_argument("--max-tokens", type=int, default=64)
-    perf.add_argument("--workload", choices=["equal", "mixed"], default="equal",
+    perf.add_argument("--workload", choices=["equal", "mixed", "decisions"], default="equal",
                       help="equal: --prompt-tokens in, --max-tokens out, all at once; mixed: lengths from --lengths, "
-                           "arrivals at --rate")
+                           "arrivals at --rate; decisions: what yes/no decisions, claim checks and abstention scores "
+                           "cost against plain steered calls, on one steered server")
     perf.add_argument("--lengths", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"),
                       help="mixed: prompt and output lengths, each uniform in MIN..MAX tokens")
     perf.add_argument("--rate", type=float, default=float("inf"),
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also two pairs that share their untuned model, against the same with that model copied")
     perf.add_argument("--no-reference", dest="reference", action="store_false")
     perf.add_argument("--eager", action="store_true", help="no torch.compile (faster start, slower steps)")
+    perf.add_argument("--block-size", type=int, help="KV cache block size for every server (default: vLLM's for the "
+                      "platform, 128 on CPU); the prefix cache keeps whole blocks only")
     for command in (quality, perf):
         command.add_argument("--json", action="store_true", help="print the report as JSON")
         command.add_argument("--out", type=Path, help="write the JSON report and PNG plots into this folder")
@@ -370,7 +373,8 @@ def _bench(args) -> int:
         report = job.run(preset=args.preset, concurrency=tuple(args.concurrency), requests=args.requests,
                          prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, workload=args.workload,
                          lengths=tuple(args.lengths), rate=args.rate, vllm_serve=args.vllm_serve,
-                         base_only=args.base_only, sharing=args.sharing, reference=args.reference, eager=args.eager)
+                         base_only=args.base_only, sharing=args.sharing, reference=args.reference, eager=args.eager,
+                         block_size=args.block_size)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.bench_command}.json").write_text(json.dumps(report, indent=2))

@@ -11,6 +11,11 @@ batcher's best case) and `mixed` (lengths drawn from a wide range, Poisson arriv
 continuous batching earns its keep). At each concurrency: output tokens/s, time to first token,
 inter-token and end-to-end latency. The FLOPs-ideal ratio `base / (base + experts)` comes from
 parameter counts.
+
+A third, `decisions`, prices the decision layer on one steered server: a yes/no decision and a
+claim check against one plain steered step, and an answer under each first-step abstention score
+against the same answer unscored. Each is made of single-token engine requests
+(`SteeringEngine.next_token_logprobs`), so its cost is latency, which no count of requests shows.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -33,6 +39,7 @@ import yaml
 from transformers import AutoConfig
 
 from steering.memory import MiB, kv_bytes_per_token
+from steering.rules.abstention import FIRST_STEP_SCORES, extra_requests
 from steering.testing.families import Shape, save_model, train_tokenizer
 from steering_tools.server_process import ServerProcess, free_port
 
@@ -43,7 +50,7 @@ PRESETS = {
     "gpu": (Shape("llama", hidden=2048, heads=16, kv_heads=8, layers=16), Shape("llama", hidden=512, heads=8, kv_heads=4, layers=8)),
 }
 VOCAB = 8192
-WORKLOADS = ("equal", "mixed")
+WORKLOADS = ("equal", "mixed", "decisions")
 
 
 @dataclass(frozen=True)
@@ -90,6 +97,21 @@ class Load:
 
         return cls(concurrency, len(traces), sum(t.tokens for t in traces), max(t.token_times[-1] for t in traces),
                    ms(ttfts), ms(gaps) if gaps.size else math.nan, ms(ttfts, 90), ms(e2es))
+
+
+@dataclass
+class Calls:
+    """Whole requests, not streamed, at one concurrency: what a caller waits for each answer."""
+
+    concurrency: int
+    requests: int
+    seconds: float  # makespan
+    latency_ms: float  # median, from sending to the whole response
+    latency_p90_ms: float
+
+    @property
+    def requests_per_second(self) -> float:
+        return self.requests / self.seconds
 
 
 def equal_requests(rng: np.random.Generator, vocab: int, count: int, prompt_tokens: int,
@@ -211,6 +233,81 @@ def _step_times(reference, batch: list[Request]) -> list[float]:
     return times
 
 
+# The decisions workload, a row per kind of call: the policy it asks, its body beyond the prompt,
+# whether it generates the workload's answer (else one step), and the plain row it is held against.
+PLAIN_STEP, PLAIN_ANSWER = "plain steered step", "plain steered answer"
+LABELS, COSTS = ["yes", "no"], {"cost_fp": 10, "cost_fn": 1}
+
+
+@dataclass(frozen=True)
+class Call:
+    policy: str
+    body: dict
+    answers: bool
+    against: str | None
+
+
+DECISION_CALLS = {
+    PLAIN_STEP: Call("bench", {"max_tokens": 1, "temperature": 0.0}, False, None),
+    f"yes/no decision ({len(LABELS)} requests)": Call("decide", {}, False, PLAIN_STEP),
+    "claim check (1 per end token)": Call("check", {"steering": {"claim": " yes"}}, False, PLAIN_STEP),
+    PLAIN_ANSWER: Call("bench", {}, True, None),
+    **{f"abstain on {score} (+{extra_requests(score)})": Call(f"abstain-{score}", {}, True, PLAIN_ANSWER)
+       for score in FIRST_STEP_SCORES},
+}
+
+
+def _decision_deployment(models: dict, root: Path, *, engine: dict) -> Path:
+    """One pair at alpha 1 under every policy `DECISION_CALLS` asks. The abstention threshold is 0,
+    so every answer is given in full, as the plain one is: only the score's cost differs."""
+    alpha = {"pair": 1.0}
+    policies = {
+        "bench": {"alpha": alpha},
+        "decide": {"alpha": alpha, "decision": {"labels": LABELS, **COSTS}},
+        "check": {"alpha": alpha, "decision": {"claim": True, "labels": LABELS, **COSTS}},
+        **{f"abstain-{score}": {"alpha": alpha, "abstain": {"score": score, "threshold": 0.0}}
+           for score in FIRST_STEP_SCORES},
+    }
+    config = {"base": str(models["base"]), "experts": {"pair": {"tuned": str(models["tuned"]),
+                                                                "untuned": str(models["untuned"])}},
+              "policies": policies, "engine": engine}
+    path = root / "decisions.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+async def calls(url: str, call: Call, requests: list[Request], concurrency: int) -> Calls:
+    """Each request whole, at most `concurrency` at a time; a response that did not decide, or
+    abstained, is an error, not a measurement."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def send(http: httpx.AsyncClient, request: Request) -> float:
+        body = {"model": call.policy, "prompt": request.prompt, **call.body}
+        if call.answers:
+            body |= {"max_tokens": request.output_tokens, "temperature": 0.0, "ignore_eos": True}
+        async with slots:
+            sent = time.perf_counter()
+            response = await http.post("/v1/completions", json=body)
+            took = time.perf_counter() - sent
+        response.raise_for_status()
+        answer = response.json()
+        steering = answer.get("steering") or {}
+        if call.policy == "bench":
+            tokens = request.output_tokens if call.answers else 1
+            if answer["usage"]["completion_tokens"] != tokens:
+                raise RuntimeError(f"{call.policy}: {answer['usage']} for {tokens} tokens")
+        elif steering.get("abstained") is not False or not (steering.get("decision") or steering.get("abstention")):
+            raise RuntimeError(f"{call.policy} did not decide, or abstained: {steering}")
+        return took
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
+        started = time.perf_counter()
+        latencies = await asyncio.gather(*(send(http, request) for request in requests))
+        seconds = time.perf_counter() - started
+    return Calls(concurrency, len(requests), seconds, 1000 * float(np.median(latencies)),
+                 1000 * float(np.percentile(latencies, 90)))
+
+
 def _deployment(models: dict, root: Path, *, steered: bool, engine: dict, pairs: str = "one") -> Path:
     """The base alone, or steered by one pair (`pairs="one"`) or two: `"shared"` names one untuned
     checkpoint for both, `"copied"` gives the second pair a copy of it (the same weights, run twice)."""
@@ -244,12 +341,18 @@ def run(
     sharing: bool = False,
     reference: bool = True,
     eager: bool = False,
+    block_size: int | None = None,
     work: Path | None = None,
 ) -> dict:
     """Measure every system on one workload. `equal`: `prompt_tokens` in and `max_tokens` out per
-    request, all sent at once; `mixed`: both lengths uniform in `lengths`, Poisson arrivals at `rate`."""
+    request, all sent at once; `mixed`: both lengths uniform in `lengths`, Poisson arrivals at `rate`;
+    `decisions`: the `equal` requests, one steered server, a row per `DECISION_CALLS` entry (the
+    other systems and `sharing` do not apply). `block_size`: the KV cache's (vLLM's default for
+    the platform if None: 128 on CPU, 16 on GPU); the prefix cache keeps whole blocks only."""
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+    if workload == "decisions" and sharing:
+        raise ValueError("sharing compares two-pair deployments; the decisions workload serves one pair")
     mixed = workload == "mixed"
     if mixed:
         prompt_tokens = max_tokens = lengths[1]
@@ -270,9 +373,21 @@ def run(
     # largest concurrency's sequences at full length (a fraction would depend on the machine).
     kv_bytes = kv_cache_bytes(models, max_model_len, max(concurrency))
     engine = {"dtype": "float32", "max_model_len": max_model_len, "kv_cache_memory_bytes": kv_bytes,
-              "enforce_eager": eager}
+              "enforce_eager": eager, **({"block_size": block_size} if block_size else {})}
     warm_up = [replace(r, output_tokens=min(r.output_tokens, 64), arrival=0.0) for r in jobs[:8]]
     rows: dict[str, list[Load]] = {}
+    machine = {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "preset": preset, "base": asdict(base_shape), "expert": asdict(expert_shape),
+        "base_parameters": base_params, "expert_pair_parameters": expert_params,
+        "flops_ideal_ratio": base_params / (base_params + expert_params), "block_size": block_size,
+    }
+    if workload == "decisions":
+        def draw() -> list[Request]:
+            return equal_requests(rng, models["tokens"], requests, prompt_tokens, max_tokens)
+
+        return machine | {"requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
+                          "workload": workload, "rows": _decision_rows(models, root, engine, draw, concurrency)}
 
     def serve(name: str, command: list[str], model: str) -> None:
         port = free_port()
@@ -289,7 +404,8 @@ def run(
         serve("vllm serve, base", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["base"]),
                                    "--served-model-name", "bench", "--dtype", "float32", "--max-model-len",
                                    str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes),
-                                   "--disable-log-stats", *(["--enforce-eager"] if eager else [])], "bench")
+                                   "--disable-log-stats", *(["--enforce-eager"] if eager else []),
+                                   *(["--block-size", str(block_size)] if block_size else [])], "bench")
     if base_only:
         serve("steer serve, base only", steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))],
               "bench")
@@ -305,11 +421,7 @@ def run(
         steerer = ReferenceSteerer(str(models["base"]), {"pair": (str(models["tuned"]), str(models["untuned"]))})
         _step_times(steerer, warm_up[:2])
         rows["reference, steered"] = [reference_load(steerer, jobs, c, from_arrival=mixed) for c in concurrency]
-    return {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-        "preset": preset, "base": asdict(base_shape), "expert": asdict(expert_shape),
-        "base_parameters": base_params, "expert_pair_parameters": expert_params,
-        "flops_ideal_ratio": base_params / (base_params + expert_params),
+    return machine | {
         # Two pairs: base + 4 expert models unshared, base + 3 shared (the experts are one size).
         **({"sharing_flops_ideal_speedup": (base_params + 2 * expert_params) / (base_params + 1.5 * expert_params)}
            if sharing else {}),
@@ -322,7 +434,30 @@ def run(
     }
 
 
+def _decision_rows(models: dict, root: Path, engine: dict, draw: Callable[[], list[Request]],
+                   concurrency: tuple[int, ...]) -> dict[str, list[dict]]:
+    """Every `DECISION_CALLS` row at every concurrency, on one steered server; each kind of call
+    is warmed up first, so no row pays for another's first shapes. Each row and level gets
+    prompts of its own from `draw`: none finds another's in the prefix cache, only its own."""
+    command = [sys.executable, "-m", "steering_server.cli", "serve", "--config",
+               str(_decision_deployment(models, root, engine=engine))]
+    port = free_port()
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    rows = {}
+    with ServerProcess.start(command + ["--port", str(port)], port=port, log=root / "decisions.log",
+                             env=env).wait_ready(900) as server:
+        for call in DECISION_CALLS.values():
+            asyncio.run(calls(server.url, call, draw()[:4], 4))
+        for name, call in DECISION_CALLS.items():
+            rows[name] = [asdict(measured) | {"requests_per_second": measured.requests_per_second}
+                          for measured in (asyncio.run(calls(server.url, call, draw(), c)) for c in concurrency)]
+    return rows
+
+
 def _workload_line(report: dict) -> str:
+    if report.get("workload") == "decisions":
+        return (f"{report['requests']} requests of {report['prompt_tokens']} prompt tokens, whole (not streamed); "
+                f"answers of {report['max_tokens']} tokens; latencies from sending")
     if report.get("workload", "equal") == "equal":
         return (f"{report['requests']} requests, {report['prompt_tokens']} prompt + {report['max_tokens']} output "
                 "tokens, all sent at once; latencies from sending")
@@ -338,19 +473,41 @@ def summary(report: dict) -> str:
              f"{report['expert_pair_parameters'] / 1e6:.1f}M; FLOPs-ideal steered/base ratio "
              f"{report['flops_ideal_ratio']:.3f}",
              _workload_line(report)]
-    lines.append(f"{'':26}{'conc':>5}{'tok/s':>10}{'TTFT ms':>10}{'p90':>9}{'ITL ms':>9}{'E2E ms':>10}")
-    for name, loads in report["rows"].items():
-        for r in loads:
-            lines.append(f"{name:26}{r['concurrency']:>5}{r['tokens_per_second']:>10.1f}{r['ttft_ms']:>10.1f}"
-                         f"{r.get('ttft_p90_ms', math.nan):>9.1f}{r['itl_ms']:>9.2f}{r.get('e2e_ms', math.nan):>10.1f}")
+    if report.get("workload") == "decisions":
+        lines.append(f"{'':38}{'conc':>5}{'req/s':>9}{'median ms':>11}{'p90':>9}")
+        lines += [f"{name:38}{r['concurrency']:>5}{r['requests_per_second']:>9.1f}{r['latency_ms']:>11.1f}"
+                  f"{r['latency_p90_ms']:>9.1f}" for name, rows in report["rows"].items() for r in rows]
+    else:
+        lines.append(f"{'':26}{'conc':>5}{'tok/s':>10}{'TTFT ms':>10}{'p90':>9}{'ITL ms':>9}{'E2E ms':>10}")
+        lines += [f"{name:26}{r['concurrency']:>5}{r['tokens_per_second']:>10.1f}{r['ttft_ms']:>10.1f}"
+                  f"{r.get('ttft_p90_ms', math.nan):>9.1f}{r['itl_ms']:>9.2f}{r.get('e2e_ms', math.nan):>10.1f}"
+                  for name, loads in report["rows"].items() for r in loads]
     ratios = ratio_table(report)
     for label, values in ratios.items():
         lines.append(f"{label}: " + ", ".join(f"c={c} {v:.3f}" for c, v in values.items()))
     return "\n".join(lines)
 
 
+def decision_ratios(report: dict) -> dict[str, dict[int, float]]:
+    """Each decision or scored call against the plain call it stands beside: its median latency
+    over the plain one's, and the plain one's requests/s over its own (both: how many times dearer)."""
+    rows = {name: {r["concurrency"]: r for r in calls} for name, calls in report["rows"].items()}
+    ratios = {}
+    for name, call in DECISION_CALLS.items():
+        if call.against is None or name not in rows or call.against not in rows:
+            continue
+        plain = rows[call.against]
+        ratios[f"{name} / {call.against}: median latency"] = {
+            c: r["latency_ms"] / plain[c]["latency_ms"] for c, r in rows[name].items()}
+        ratios[f"{name} / {call.against}: time per request at load"] = {
+            c: plain[c]["requests_per_second"] / r["requests_per_second"] for c, r in rows[name].items()}
+    return ratios
+
+
 def ratio_table(report: dict) -> dict[str, dict[int, float]]:
     """The ratios the targets are stated in, per concurrency; a mixed workload's labels say so."""
+    if report.get("workload") == "decisions":
+        return decision_ratios(report)
     rows = {name: {r["concurrency"]: r["tokens_per_second"] for r in loads} for name, loads in report["rows"].items()}
     suffix = ", mixed workload" if report.get("workload") == "mixed" else ""
     ratios = {}
@@ -378,6 +535,8 @@ def plot(report: dict, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     workload = report.get("workload", "equal")
+    if workload == "decisions":
+        return [_plot_decisions(report, out, plt)]
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, loads in report["rows"].items():
         ax.plot([r["concurrency"] for r in loads], [r["tokens_per_second"] for r in loads], marker="o", label=name)
@@ -392,3 +551,31 @@ def plot(report: dict, out: Path) -> list[Path]:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return [path]
+
+
+def _plot_decisions(report: dict, out: Path, plt) -> Path:
+    """Median latency and requests/s against concurrency, one line per kind of call."""
+    from matplotlib.ticker import LogLocator, NullFormatter, NullLocator, ScalarFormatter
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, rows in report["rows"].items():
+        levels = [r["concurrency"] for r in rows]
+        style = {"marker": "o", "label": name, "linestyle": "--" if name in (PLAIN_STEP, PLAIN_ANSWER) else "-"}
+        axes[0].plot(levels, [r["latency_ms"] for r in rows], **style)
+        axes[1].plot(levels, [r["requests_per_second"] for r in rows], **style)
+    for ax, label in zip(axes, ("median latency, ms", "requests / s")):
+        ax.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel=label)
+        ax.set_xticks(levels, [str(level) for level in levels])
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ScalarFormatter())
+        ax.yaxis.set_minor_formatter(NullFormatter())
+    axes[1].legend(fontsize=8)
+    block = f", KV blocks of {report['block_size']}" if report.get("block_size") else ""
+    fig.suptitle(f"What a decision costs: {report['requests']} requests of {report['prompt_tokens']} prompt tokens, "
+                 f"answers of {report['max_tokens']}, on {report['device']}{block}")
+    fig.tight_layout()
+    path = out / ("perf-decisions.png" if not block else f"perf-decisions-block{report['block_size']}.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

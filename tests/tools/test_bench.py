@@ -231,3 +231,28 @@ def test_bench_perf_mixed_workload_and_sharing_count_each_requests_own_tokens(tm
     assert any(label.startswith("2 pairs: untuned shared / copied throughput, mixed workload") for label in ratios)
     assert "mixed workload" in perf.summary(report)
     assert perf.plot(report, tmp_path)[0].name == "perf-mixed-throughput.png"
+
+
+def test_bench_perf_decisions_workload_prices_each_kind_of_call_against_its_plain_one(tmp_path):
+    with pytest.raises(ValueError, match="sharing"):
+        perf.run(workload="decisions", sharing=True, work=tmp_path)
+    report = perf.run(preset="tiny", concurrency=(1, 3), requests=6, prompt_tokens=16, max_tokens=6,
+                      workload="decisions", eager=True, work=tmp_path)
+    # Every call was answered as asked (the run refuses a decision that did not decide, an
+    # abstention, or a plain answer of the wrong length), at every concurrency.
+    assert list(report["rows"]) == list(perf.DECISION_CALLS)
+    for rows in report["rows"].values():
+        assert [r["concurrency"] for r in rows] == [1, 3]
+        for r in rows:
+            assert r["requests"] == 6 and 0 < r["latency_ms"] <= r["latency_p90_ms"]
+            assert r["requests_per_second"] == pytest.approx(6 / r["seconds"])
+    ratios = perf.ratio_table(report)
+    decision = next(name for name in perf.DECISION_CALLS if name.startswith("yes/no"))
+    step, mine = report["rows"][perf.PLAIN_STEP], report["rows"][decision]
+    assert ratios[f"{decision} / {perf.PLAIN_STEP}: median latency"] == pytest.approx(
+        {c: r["latency_ms"] / s["latency_ms"] for c, r, s in zip((1, 3), mine, step)})
+    assert ratios[f"{decision} / {perf.PLAIN_STEP}: time per request at load"] == pytest.approx(
+        {c: s["requests_per_second"] / r["requests_per_second"] for c, r, s in zip((1, 3), mine, step)})
+    assert len(ratios) == 2 * sum(call.against is not None for call in perf.DECISION_CALLS.values())
+    assert "base_agreement (+20)" in perf.summary(report)
+    assert perf.plot(report, tmp_path)[0].name == "perf-decisions.png"
