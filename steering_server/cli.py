@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="show vLLM's own logs")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    complete = commands.add_parser("complete", help="complete one prompt under one or more policies")
+    complete = commands.add_parser("complete", help="answer one prompt under one or more policies, as the server "
+                                   "would: decision policies decide, abstention policies may abstain")
     complete.add_argument("--config", required=True, type=Path, help="deployment YAML")
     complete.add_argument(
         "--policy", action="append", required=True,
@@ -57,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     complete.add_argument("--temperature", type=float, default=0.0, help="0 (the default) is greedy")
     complete.add_argument("--seed", type=int, default=None)
     complete.add_argument("--chat", action="store_true", help="send PROMPT as a user message")
+    complete.add_argument("--claim", help="claim-check policies: the answer to PROMPT to check "
+                          "(mind the leading space)")
     complete.add_argument("--json", action="store_true", help="print one JSON object per policy")
     complete.add_argument("prompt")
     complete.set_defaults(handler=lambda args: asyncio.run(_complete(args)))
@@ -194,41 +197,75 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# What `steer complete` calls the request fields it sets, for its errors.
+_COMPLETE_FLAGS = {"steering.alpha": "--alpha", "steering.claim": "--claim"}
+
+
 async def _complete(args) -> int:
+    """Each policy answers the prompt as the server would: through its own planning and policy
+    kinds, so a decision policy decides and an abstention policy may abstain."""
     from transformers import AutoTokenizer
-    from vllm import SamplingParams
 
     from steering.config import load_deployment
     from steering.engine import SteeringEngine
+    from steering.errors import RequestError
     from steering.policy import Overrides, Policies
+    from steering_server.metrics import ServerMetrics
+    from steering_server.protocol import ChatCompletionRequest, CompletionRequest
+    from steering_server.service import ChatCompletions, Completions
 
     deployment = load_deployment(args.config)
     tokenizer = AutoTokenizer.from_pretrained(deployment.base)
     policies = Policies.build(deployment, lambda text: tokenizer.encode(text, add_special_tokens=False))
-    overrides = Overrides(alpha=dict(args.alpha))
-    runs = [policies[name].resolve(overrides) for name in args.policy]  # refused before an engine starts
+    overrides = {"alpha": dict(args.alpha) or None, "claim": args.claim}
+    for name in args.policy:  # refused before an engine starts, naming the flag
+        try:
+            policies[name].resolve(Overrides(**overrides))
+        except RequestError as error:
+            flag = next((flag for field, flag in _COMPLETE_FLAGS.items() if (error.param or "").startswith(field)), None)
+            raise RequestError(f"{error} ({flag})" if flag else str(error), param=error.param) from None
+    steering = {key: value for key, value in overrides.items() if value is not None} or None
     engine = SteeringEngine.start(deployment)
     try:
-        prompt = engine.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-        params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
-        for steering in runs:
-            output = await engine.complete(prompt, params, steering=steering)
-            completion = output.outputs[0]
+        service = (ChatCompletions if args.chat else Completions)(engine, ServerMetrics(set(deployment.policies)))
+        for name in args.policy:
+            body = {"model": name, "max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed,
+                    "steering": steering}
+            body |= {"messages": [{"role": "user", "content": args.prompt}]} if args.chat else {"prompt": args.prompt}
+            request = (ChatCompletionRequest if args.chat else CompletionRequest).model_validate_json(json.dumps(body))
+            plan = service.plan(request)
+            (answer,), outcome = await service.answer(plan)
+            info = outcome.steering
             if args.json:
                 print(json.dumps({
-                    "policy": steering.policy,
-                    "alpha": steering.alpha,
-                    "text": completion.text,
-                    "token_ids": list(completion.token_ids),
-                    "prompt_token_ids": list(output.prompt_token_ids),
-                    "finish_reason": completion.finish_reason,
+                    "policy": name,
+                    "alpha": info.alpha,
+                    "text": answer.text,
+                    "token_ids": list(answer.token_ids),
+                    "prompt_token_ids": list(plan.prompts[0]),
+                    "finish_reason": answer.finish_reason,
+                    "steering": info.model_dump(exclude_none=True),
                 }))
             else:
-                shown = ", ".join(f"{pair}={value:g}" for pair, value in steering.alpha.items()) or "unsteered"
-                print(f"[{steering.policy}: {shown}]\n{completion.text}\n")
+                shown = ", ".join(f"{pair}={value:g}" for pair, value in info.alpha.items()) or "unsteered"
+                print(f"[{name}: {shown}]\n{answer.text}\n{_judgement(info)}")
     finally:
         engine.shutdown()
     return 0
+
+
+def _judgement(info) -> str:
+    """What a decision or abstention policy decided, and on what, in a line (blank for plain policies)."""
+    if info.decision is not None:
+        calibrated = ", ".join(f"{label!r} {p:.3f}" for label, p in info.decision["calibrated"].items())
+        costs = ", ".join(f"{action!r} {cost:.3f}" for action, cost in info.decision["expected_costs"].items())
+        return f"(decided {info.decision['action']!r}: p {calibrated}; expected costs {costs})\n"
+    if info.abstention is not None:
+        report = info.abstention
+        verdict = "abstained" if info.abstained else "answered"
+        return (f"({verdict}: {report['score']} {report['raw']:.3f}, calibrated {report['confidence']:.3f}, "
+                f"threshold {report['threshold']:.3f})\n")
+    return ""
 
 
 def _serve(args) -> int:

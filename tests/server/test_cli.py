@@ -70,6 +70,54 @@ def test_complete_names_the_bad_config_field(deploy_yaml, tmp_path):
     assert "policies.chat.alpha.poetry: unknown expert pair" in result.stderr
 
 
+def test_complete_decides_and_abstains_as_the_server_would(deploy_yaml, qwen2_reference, tokenizer, tmp_path):
+    """Decision and abstention policies answer through the server's own planning, not as plain
+    generation: the Bayes action over the reference's label probabilities, and the abstention
+    message below the threshold."""
+    prompt = "a river follows"
+    ids = tokenizer.encode(prompt)
+    alpha = {"chat": 1.0}
+    first = qwen2_reference.next_token_logprobs([ids], [alpha])[0]
+    answer = qwen2_reference.generate([ids], [alpha], max_tokens=6)[0]
+    p_first = float(first[answer[0]].exp())
+    assert p_first < 0.99, "the abstaining policy's threshold must sit above the first token's probability"
+    config = yaml.safe_load(deploy_yaml.read_text())
+    config["policies"] |= {
+        "triage": {"alpha": alpha, "decision": {"labels": ["yes", "no"], "cost_fp": 10, "cost_fn": 1}},
+        "sure": {"alpha": alpha, "abstain": {"score": "first_prob", "threshold": 0.0}},
+        "unsure": {"alpha": alpha, "abstain": {"score": "first_prob", "threshold": (1 + p_first) / 2,
+                                               "message": "Not sure."}},
+    }
+    path = tmp_path / "decide.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = steer("complete", "--config", str(path), "--policy", "triage", "--policy", "sure", "--policy", "unsure",
+                   "--max-tokens", "6", "--json", prompt)
+    assert result.returncode == 0, result.stderr
+    triage, sure, unsure = [json.loads(line) for line in result.stdout.splitlines()]
+
+    labels = [tokenizer.encode(label, add_special_tokens=False)[0] for label in ("yes", "no")]
+    p_yes = float(first[labels].softmax(dim=0)[0])
+    decision = triage["steering"]["decision"]
+    assert decision["probabilities"]["yes"] == pytest.approx(p_yes, abs=1e-4)
+    action = "yes" if p_yes >= 10 / 11 else "no"  # a false yes costs 10, a false no 1
+    assert decision["action"] == triage["text"] == action
+
+    assert sure["token_ids"] == answer and sure["steering"]["abstained"] is False
+    assert sure["steering"]["abstention"]["raw"] == pytest.approx(p_first, abs=1e-4)
+    assert (unsure["text"], unsure["steering"]["abstained"]) == ("Not sure.", True)
+
+
+def test_complete_names_the_flag_a_claim_check_needs_before_starting_an_engine(deploy_yaml, tmp_path):
+    config = yaml.safe_load(deploy_yaml.read_text())
+    config["policies"]["check"] = {"alpha": {"chat": 1.0},
+                                   "decision": {"claim": True, "labels": ["yes", "no"], "cost_fp": 10, "cost_fn": 1}}
+    path = tmp_path / "check.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = steer("complete", "--config", str(path), "--policy", "check", "hi", timeout=120)
+    assert result.returncode == 2
+    assert "this policy checks a claim" in result.stderr and "(--claim)" in result.stderr
+
+
 def test_fixtures_writes_a_loadable_family(tmp_path):
     from steering.config import load_deployment
 
