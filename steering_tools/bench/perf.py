@@ -390,10 +390,7 @@ def run(
                           "workload": workload, "rows": _decision_rows(models, root, engine, draw, concurrency)}
 
     def serve(name: str, command: list[str], model: str) -> None:
-        port = free_port()
-        env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
-        log = root / f"{name}.log"
-        with ServerProcess.start(command + ["--port", str(port)], port=port, log=log, env=env).wait_ready(900) as server:
+        with _started(command, root / f"{name}.log") as server:
             asyncio.run(load(server.url, model, warm_up, 4, from_arrival=False))
             rows[name] = [asyncio.run(load(server.url, model, jobs, c, from_arrival=mixed)) for c in concurrency]
 
@@ -434,6 +431,13 @@ def run(
     }
 
 
+def _started(command: list[str], log: Path) -> ServerProcess:
+    """A server on a free port, logging warnings only, once it is ready (a context manager)."""
+    port = free_port()
+    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
+    return ServerProcess.start(command + ["--port", str(port)], port=port, log=log, env=env).wait_ready(900)
+
+
 def _decision_rows(models: dict, root: Path, engine: dict, draw: Callable[[], list[Request]],
                    concurrency: tuple[int, ...]) -> dict[str, list[dict]]:
     """Every `DECISION_CALLS` row at every concurrency, on one steered server; each kind of call
@@ -441,11 +445,8 @@ def _decision_rows(models: dict, root: Path, engine: dict, draw: Callable[[], li
     prompts of its own from `draw`: none finds another's in the prefix cache, only its own."""
     command = [sys.executable, "-m", "steering_server.cli", "serve", "--config",
                str(_decision_deployment(models, root, engine=engine))]
-    port = free_port()
-    env = {**os.environ, "VLLM_LOGGING_LEVEL": "WARNING"}
     rows = {}
-    with ServerProcess.start(command + ["--port", str(port)], port=port, log=root / "decisions.log",
-                             env=env).wait_ready(900) as server:
+    with _started(command, root / "decisions.log") as server:
         for call in DECISION_CALLS.values():
             asyncio.run(calls(server.url, call, draw()[:4], 4))
         for name, call in DECISION_CALLS.items():
