@@ -145,6 +145,9 @@ class SteeringEngine:
         self.tokenizer = AutoTokenizer.from_pretrained(deployment.base)
         self.policies = Policies.build(deployment, self._encode_text)
         self.max_model_len: int = llm.model_config.max_model_len
+        # The prefix cache keeps whole KV blocks of this many tokens; None where it is off.
+        cache = llm.vllm_config.cache_config
+        self.prefix_cache_block: int | None = cache.block_size if cache.enable_prefix_caching else None
         # The tokens that end an answer, as vLLM stops on them: the tokenizer's EOS and the generation config's.
         ends = llm.model_config.try_get_generation_config().get("eos_token_id")
         ends = set() if ends is None else {ends} if isinstance(ends, int) else set(ends)
@@ -346,8 +349,7 @@ class SteeringEngine:
         """Whether a request on a prompt this long leaves some of it in the prefix cache for the
         next one: vLLM keeps whole KV blocks only, and recomputes a prompt's last token. On CPU
         the default block is 128 tokens, so a shorter prompt is never cached there."""
-        cache = self.llm.vllm_config.cache_config
-        return bool(cache.enable_prefix_caching) and prompt_tokens > cache.block_size
+        return self.prefix_cache_block is not None and prompt_tokens > self.prefix_cache_block
 
     async def label_logprobs(
         self, prompt: str | Sequence[int], steering: Steering, *, request_id: str | None = None

@@ -85,6 +85,7 @@ class FakeEngine(SteeringEngine):
         self.policies = Policies.build(deployment, self._encode_text)
         self.max_model_len = max_model_len
         self.logprobs_at_temperature_one = True
+        self.prefix_cache_block = None  # no prefix cache: chosen-token requests run together
         self.running = 0
         self.is_shut_down = False
 
