@@ -257,23 +257,13 @@ DECISION_CALLS = {
 }
 
 
-def _decision_deployment(models: dict, root: Path, *, engine: dict) -> Path:
-    """One pair at alpha 1 under every policy `DECISION_CALLS` asks. The abstention threshold is 0,
-    so every answer is given in full, as the plain one is: only the score's cost differs."""
-    alpha = {"pair": 1.0}
-    policies = {
-        "bench": {"alpha": alpha},
-        "decide": {"alpha": alpha, "decision": {"labels": LABELS, **COSTS}},
-        "check": {"alpha": alpha, "decision": {"claim": True, "labels": LABELS, **COSTS}},
-        **{f"abstain-{score}": {"alpha": alpha, "abstain": {"score": score, "threshold": 0.0}}
-           for score in FIRST_STEP_SCORES},
-    }
-    config = {"base": str(models["base"]), "experts": {"pair": {"tuned": str(models["tuned"]),
-                                                                "untuned": str(models["untuned"])}},
-              "policies": policies, "engine": engine}
-    path = root / "decisions.yaml"
-    path.write_text(yaml.safe_dump(config))
-    return path
+# The policies `DECISION_CALLS` asks beside `bench`, at its alpha. The abstention threshold is 0,
+# so every answer is given in full, as the plain one is: only the score's cost differs.
+DECISION_POLICIES = {
+    "decide": {"decision": {"labels": LABELS, **COSTS}},
+    "check": {"decision": {"claim": True, "labels": LABELS, **COSTS}},
+    **{f"abstain-{score}": {"abstain": {"score": score, "threshold": 0.0}} for score in FIRST_STEP_SCORES},
+}
 
 
 async def calls(url: str, call: Call, requests: list[Request], concurrency: int) -> Calls:
@@ -308,17 +298,20 @@ async def calls(url: str, call: Call, requests: list[Request], concurrency: int)
                  1000 * float(np.percentile(latencies, 90)))
 
 
-def _deployment(models: dict, root: Path, *, steered: bool, engine: dict, pairs: str = "one") -> Path:
+def _deployment(models: dict, root: Path, *, steered: bool, engine: dict, pairs: str = "one",
+                rules: dict | None = None) -> Path:
     """The base alone, or steered by one pair (`pairs="one"`) or two: `"shared"` names one untuned
-    checkpoint for both, `"copied"` gives the second pair a copy of it (the same weights, run twice)."""
+    checkpoint for both, `"copied"` gives the second pair a copy of it (the same weights, run twice).
+    Steered, `rules` adds a policy per entry, each the `bench` policy's alpha and that entry."""
     experts = {"pair": {"tuned": str(models["tuned"]), "untuned": str(models["untuned"])}}
     if pairs != "one":
         second = models["untuned"] if pairs == "shared" else models["untuned_copy"]
         experts["pair2"] = {"tuned": str(models["tuned2"]), "untuned": str(second)}
+    bench = {"alpha": {name: 1.0 / len(experts) for name in experts}} if steered else {}
     config = {
         "base": str(models["base"]),
         "experts": experts if steered else {},
-        "policies": {"bench": {"alpha": {name: 1.0 / len(experts) for name in experts}} if steered else {}},
+        "policies": {"bench": bench, **{name: bench | rule for name, rule in (rules or {}).items()}},
         "engine": engine,
     }
     path = root / (f"steered-{pairs}.yaml" if steered else "base.yaml")
@@ -444,7 +437,7 @@ def _decision_rows(models: dict, root: Path, engine: dict, draw: Callable[[], li
     is warmed up first, so no row pays for another's first shapes. Each row and level gets
     prompts of its own from `draw`: none finds another's in the prefix cache, only its own."""
     command = [sys.executable, "-m", "steering_server.cli", "serve", "--config",
-               str(_decision_deployment(models, root, engine=engine))]
+               str(_deployment(models, root, steered=True, engine=engine, rules=DECISION_POLICIES))]
     rows = {}
     with _started(command, root / "decisions.log") as server:
         for call in DECISION_CALLS.values():
