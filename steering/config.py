@@ -33,7 +33,7 @@ from pydantic import (
 
 from steering.errors import ConfigError, RestartRequired
 from steering.memory import GiB
-from steering.rules.abstention import SCORES
+from steering.rules.abstention import FITTED_SCORES, SCORES
 from steering.rules.calibration import Calibration, FiniteFloat
 from steering.rules.decisions import CostMatrix, label_first_tokens
 
@@ -300,7 +300,8 @@ class Deployment(_Strict):
         return name
 
     @model_validator(mode="after")
-    def _policies_are_consistent(self) -> Deployment:
+    def _policies_are_consistent(self, info: ValidationInfo) -> Deployment:
+        calibrating = (info.context or {}).get("calibrating", False)
         for name, policy in self.policies.items():
             for pair in policy.alpha:
                 if pair not in self.experts:
@@ -308,7 +309,7 @@ class Deployment(_Strict):
                         f"policies.{name}.alpha.{pair}",
                         f"unknown expert pair; defined pairs: {sorted(self.experts)}",
                     )
-            _check_rules(name, policy)
+            _check_rules(name, policy, calibrating=calibrating)
         return self
 
     @property
@@ -316,12 +317,16 @@ class Deployment(_Strict):
         return tuple(self.experts)
 
 
-def _check_rules(name: str, policy: PolicyConfig) -> None:
-    """A policy abstains or decides (not both), with a calibration file fitted for exactly that."""
+def _check_rules(name: str, policy: PolicyConfig, *, calibrating: bool = False) -> None:
+    """A policy abstains or decides (not both), with a calibration file fitted for exactly that; a
+    fitted score needs one, except to `steer calibrate`, which serves nothing (`calibrating`)."""
     field = f"policies.{name}"
     if policy.abstain and policy.decision:
         raise ConfigError(field, "a policy either abstains or decides; a decision can abstain via abstain_cost")
     calibration = policy.calibration
+    if calibration is None and policy.abstain and policy.abstain.score in FITTED_SCORES and not calibrating:
+        raise ConfigError(f"{field}.calibration", f"required: score {policy.abstain.score!r} is weighed by a fit "
+                          "that `steer calibrate` writes into the calibration file")
     if calibration is None:
         if policy.abstain and policy.abstain.threshold is None:
             raise ConfigError(f"{field}.abstain.threshold", "required (or a calibration file with a threshold)")
@@ -339,19 +344,20 @@ def _check_rules(name: str, policy: PolicyConfig) -> None:
             raise ConfigError(f"{field}.abstain.threshold", "required: the calibration file has no threshold")
 
 
-def parse_deployment(raw: Any, *, root: Path | None = None) -> Deployment:
+def parse_deployment(raw: Any, *, root: Path | None = None, calibrating: bool = False) -> Deployment:
     """Validate a config mapping against the schema (no filesystem checks)."""
     if not isinstance(raw, dict):
         raise ConfigError("config", "must be a mapping with base, experts, policies and engine")
     try:
-        return Deployment.model_validate(raw, context={"root": root})
+        return Deployment.model_validate(raw, context={"root": root, "calibrating": calibrating})
     except ValidationError as error:
         raise _config_error(error) from None
 
 
-def read_deployment(path: str | Path) -> Deployment:
+def read_deployment(path: str | Path, *, calibrating: bool = False) -> Deployment:
     """Read and validate a deployment YAML file (its calibration files too), without opening a
-    checkpoint: what a reload needs, the checkpoints being those already running."""
+    checkpoint: what a reload needs, the checkpoints being those already running. For `steer
+    calibrate` (`calibrating`), a policy with a fitted score may lack the file that holds its weights."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())
@@ -361,12 +367,12 @@ def read_deployment(path: str | Path) -> Deployment:
         raise ConfigError("config", f"{path} is not UTF-8 text") from None
     except yaml.YAMLError as error:
         raise ConfigError("config", f"{path} is not valid YAML: {error}") from None
-    return parse_deployment(raw, root=path.parent)
+    return parse_deployment(raw, root=path.parent, calibrating=calibrating)
 
 
-def load_deployment(path: str | Path) -> Deployment:
+def load_deployment(path: str | Path, *, calibrating: bool = False) -> Deployment:
     """Read, validate and check a deployment YAML file; fail with the offending field named."""
-    deployment = read_deployment(path)
+    deployment = read_deployment(path, calibrating=calibrating)
     check_executor(deployment)
     check_checkpoints(deployment)
     return deployment

@@ -20,6 +20,7 @@ from steering.rules.abstention import (
     AGREEMENT_TOKENS,
     ENSEMBLE_SCORES,
     FIRST_STEP_SCORES,
+    PROMPT_SCORES,
     Abstention,
     FirstStep,
     confidence_score,
@@ -80,7 +81,7 @@ class AbstentionRule:
     @property
     def uses_prompt(self) -> bool:
         """The score reads the base alone's prompt logprobs."""
-        return self.score == "base_familiarity"
+        return self.score in PROMPT_SCORES
 
     @property
     def top_logprobs(self) -> int:
@@ -90,7 +91,8 @@ class AbstentionRule:
     def assess(self, token_logprobs: Sequence[float], first_step: FirstStep | None = None) -> Abstention:
         """An answer's calibrated confidence, from its tokens' steered logprobs (and, for the
         ensemble scores, its first step), against the threshold."""
-        raw = confidence_score(self.score, token_logprobs, first_step)
+        raw = confidence_score(self.score, token_logprobs, first_step,
+                               self.calibration.weights if self.calibration else None)
         confidence = self.calibration.confidence(raw) if self.calibration else raw
         return Abstention(self.score, raw, confidence, self.threshold)
 

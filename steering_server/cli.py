@@ -311,7 +311,7 @@ async def _calibrate(args) -> int:
     from steering_tools import rollout
     from steering_tools.calibrate import calibrate, summary
 
-    deployment = load_deployment(args.config)
+    deployment = load_deployment(args.config, calibrating=True)
     out = args.out or args.config.parent / f"{args.policy}.calibration.json"
     if args.apply:  # refused before any engine starts
         named = rollout.named_calibration(args.config, args.policy)

@@ -24,7 +24,7 @@ from steering.config import AbstainConfig, Deployment
 from steering.engine import SteeringEngine, answer_logprobs
 from steering.errors import ConfigError, UnknownPolicy
 from steering.policy import Overrides, Policy
-from steering.rules.abstention import confidence_score
+from steering.rules.abstention import FITTED_SCORES, FirstStep, confidence_score, familiarity_profile
 from steering.rules.calibration import Calibration, platt
 from steering.rules.decisions import CostMatrix, claim_label_logprobs, decide, label_probabilities
 from steering_tools import metrics
@@ -209,24 +209,45 @@ def fit_decision(name: str, policy: Policy, logprobs: np.ndarray, truth: np.ndar
 # Abstention policies
 
 
-async def abstention_scores(engine, policy: Policy, rows: list[Row], max_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """Raw confidence scores of the policy's greedy answers, and whether each answer is right."""
+Answer = tuple[list[float], FirstStep | None]  # an answer's steered token logprobs, and its first step if needed
+
+
+async def abstention_answers(
+    engine, policy: Policy, rows: list[Row], max_tokens: int
+) -> tuple[list[Answer], np.ndarray]:
+    """What the policy's score reads of its greedy answer to each row, and whether each is right."""
     steering = policy.resolve()
     rule = steering.rule
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=rule.top_logprobs)
 
-    async def answer(row: Row) -> tuple[float, bool]:
+    async def answer(row: Row) -> tuple[Answer, bool]:
         prompt = _prompt(engine, row)
         output = (await engine.complete(prompt, params, steering=steering)).outputs[0]
         first_step = None
         if rule.uses_base:
             first_step = await engine.first_step(prompt, output.token_ids, output.logprobs,
                                                  familiarity=rule.uses_prompt)
-        score = confidence_score(rule.score, answer_logprobs(output.token_ids, output.logprobs), first_step)
-        return score, is_correct(output.text, row.answer)
+        return (answer_logprobs(output.token_ids, output.logprobs), first_step), is_correct(output.text, row.answer)
 
-    scored = await _gather([answer(row) for row in rows], "answering")
-    return np.asarray([s for s, _ in scored]), np.asarray([c for _, c in scored], dtype=float)
+    answered = await _gather([answer(row) for row in rows], "answering")
+    return [a for a, _ in answered], np.asarray([c for _, c in answered], dtype=float)
+
+
+def fit_score(kind: str, answers: list[Answer], correct: np.ndarray) -> list[float] | None:
+    """A fitted score's weights (None for the other scores): a logistic fit of whether each answer
+    was right on the base's `familiarity_profile` of its prompt. Empty answers score 0 and are left out."""
+    if kind not in FITTED_SCORES:
+        return None
+    kept = [(familiarity_profile(step.prompt), right) for (_, step), right in zip(answers, correct)
+            if step is not None]
+    if not kept:
+        raise ConfigError("data", f"score {kind!r} is fitted on answers, and every answer was empty")
+    return metrics.fit_weights(np.stack([f for f, _ in kept]), np.asarray([r for _, r in kept]))
+
+
+def raw_scores(kind: str, answers: list[Answer], weights: list[float] | None = None) -> np.ndarray:
+    """The score `kind` of each answer (a fitted score's with `weights`)."""
+    return np.asarray([confidence_score(kind, logprobs, step, weights) for logprobs, step in answers])
 
 
 def abstention_cost(confidence: np.ndarray, correct: np.ndarray, threshold: float, abstain: AbstainConfig) -> float:
@@ -256,9 +277,11 @@ def _confidence_report(confidence: np.ndarray, correct: np.ndarray, bins: int) -
     }
 
 
-def fit_abstention(name: str, policy: Policy, scores: np.ndarray, correct: np.ndarray, fit, held, bins: int):
-    a, b = metrics.fit_platt(scores[fit], correct[fit])
+def fit_abstention(name: str, policy: Policy, answers: list[Answer], correct: np.ndarray, fit, held, bins: int):
     abstain = policy.config.abstain
+    weights = fit_score(abstain.score, [answers[i] for i in fit], correct[fit])
+    scores = raw_scores(abstain.score, answers, weights)
+    a, b = metrics.fit_platt(scores[fit], correct[fit])
     threshold = fit_threshold(platt(scores[fit], a, b), correct[fit], abstain)
     bayes = abstain.bayes_threshold
     raw, calibrated = scores[held], platt(scores[held], a, b)
@@ -267,6 +290,7 @@ def fit_abstention(name: str, policy: Policy, scores: np.ndarray, correct: np.nd
         "kind": "abstention",
         "score": abstain.score,
         "platt": {"a": a, "b": b},
+        "weights": weights,
         "threshold": threshold,
         "bayes_threshold": bayes,
         "raw": _confidence_report(raw, correct[held], bins),
@@ -279,8 +303,8 @@ def fit_abstention(name: str, policy: Policy, scores: np.ndarray, correct: np.nd
             "always_abstain": abstain.cost_abstain,
         },
     }
-    calibration = Calibration(kind="abstention", policy=name, score=abstain.score, platt_a=a, platt_b=b,
-                              threshold=threshold, fitted_on=len(fit))
+    calibration = Calibration(kind="abstention", policy=name, score=abstain.score, weights=weights, platt_a=a,
+                              platt_b=b, threshold=threshold, fitted_on=len(fit))
     curves = {"raw": (raw, correct[held] > 0), "calibrated": (calibrated, correct[held] > 0)}
     return calibration, report, curves
 
@@ -372,8 +396,8 @@ async def calibrate(
             logprobs = await decision_logprobs(engine, policy, dataset.rows)
             calibration, report, curves = fit_decision(name, policy, logprobs, truth, fit, held, bins)
         else:
-            scores, correct = await abstention_scores(engine, policy, dataset.rows, max_tokens)
-            calibration, report, curves = fit_abstention(name, policy, scores, correct, fit, held, bins)
+            answers, correct = await abstention_answers(engine, policy, dataset.rows, max_tokens)
+            calibration, report, curves = fit_abstention(name, policy, answers, correct, fit, held, bins)
     finally:
         if owned:
             engine.shutdown()
@@ -398,6 +422,8 @@ def summary(result: Result) -> str:
     else:
         lines.append(f"platt a={report['platt']['a']:.4f} b={report['platt']['b']:.4f}; "
                      f"fitted threshold {report['threshold']:.4f} (Bayes: {report['bayes_threshold']:.4f})")
+        if report["weights"]:
+            lines.append(f"{report['score']} weights: {', '.join(f'{w:.4f}' for w in report['weights'])}")
     lines.append(f"{'':12}{'accuracy':>10}{'nll':>10}{'brier':>10}{'ece':>10}{'aurc':>10}")
     for stage in ("raw", "calibrated"):
         m = report[stage]

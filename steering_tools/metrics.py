@@ -42,6 +42,29 @@ def fit_logistic(x: np.ndarray, correct: np.ndarray, *, min_slope: float | None 
     return float(result.x[0]), float(result.x[1])
 
 
+def fit_weights(features: np.ndarray, correct: np.ndarray, *, l2: float = 1.0) -> list[float]:
+    """Logistic regression of `correct` on `features` [N, F]: F weights then the intercept,
+    minimising the NLL plus `l2` times the squared weights of the standardized features (summed,
+    not averaged, so the penalty fades as rows grow). A feature constant on the rows gets weight 0."""
+    x = np.asarray(features, dtype=np.float64)
+    y = np.asarray(correct, dtype=np.float64)
+    mean, scale = x.mean(axis=0), x.std(axis=0)
+    varies = scale > 0
+    z = np.where(varies, (x - mean) / np.where(varies, scale, 1.0), 0.0)
+
+    def loss(w: np.ndarray) -> tuple[float, np.ndarray]:
+        logits = z @ w[:-1] + w[-1]
+        residual = 1.0 / (1.0 + np.exp(-logits)) - y
+        penalty = l2 * float(w[:-1] @ w[:-1])
+        value = float(np.sum(np.logaddexp(0.0, logits) - y * logits)) + penalty
+        return value, np.append(z.T @ residual + 2 * l2 * w[:-1], residual.sum())
+
+    w = minimize(loss, np.zeros(x.shape[1] + 1), jac=True, method="L-BFGS-B").x
+    # Back to the raw features: w·(x - mean)/scale + c = (w/scale)·x + (c - w·mean/scale).
+    weights = np.where(varies, w[:-1] / np.where(varies, scale, 1.0), 0.0)
+    return [*map(float, weights), float(w[-1] - weights @ mean)]
+
+
 def nll(probs: np.ndarray, labels: np.ndarray) -> float:
     probs = np.asarray(probs, dtype=np.float64)
     return float(-np.log(np.clip(probs[np.arange(len(labels)), labels], EPS, 1.0)).mean())

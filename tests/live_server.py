@@ -45,12 +45,18 @@ LABELS = ["yes", "no", "cat"]  # first tokens 'y', 'n', 'ca' in the fixture toke
 ZERO_ONE = [[0, 1, 1], [1, 0, 1], [1, 1, 0]]
 CALIBRATED_TEMPERATURE = 2.5
 CLAIM_LABELS = ["true", "false"]  # a claim check's labels are names: they need no tokens of their own
+# `qa-profile`'s fitted weights: on each of the 22 levels of the base's surprise at the prompt
+# (the deeper, the worse), on the mean log-probability, then the intercept.
+PROFILE_WEIGHTS = [*(0.1 * level - 1.0 for level in range(22)), 0.05, 0.3]
 
 
 def write_config(family: dict, path: Path, **engine) -> Path:
     calibration = {"kind": "decision", "policy": "triage-calibrated", "temperature": CALIBRATED_TEMPERATURE,
                    "labels": LABELS}
     (path.parent / "triage.json").write_text(json.dumps(calibration))
+    profile = {"kind": "abstention", "policy": "qa-profile", "score": "base_familiarity_fit",
+               "weights": PROFILE_WEIGHTS, "platt_a": 1.5, "platt_b": -0.2}
+    (path.parent / "qa-profile.json").write_text(json.dumps(profile))
     decision = {"labels": LABELS, "costs": ZERO_ONE, "max_cost": 100}
     config = {
         "base": family["base"],
@@ -70,6 +76,8 @@ def write_config(family: dict, path: Path, **engine) -> Path:
             "qa-agree": {"alpha": {"chat": 1.0}, "abstain": {"score": "base_agreement", "threshold": 0.0,
                                                               "threshold_bounds": [0.0, 1.0]}},
             "qa-familiar": {"alpha": {"chat": 1.0}, "abstain": {"score": "base_familiarity", "threshold": 0.0}},
+            "qa-profile": {"alpha": {"chat": 1.0}, "abstain": {"score": "base_familiarity_fit", "threshold": 0.0},
+                           "calibration": "qa-profile.json"},
             "check": {"alpha": {"chat": 1.0}, "decision": {"claim": True, "labels": CLAIM_LABELS, "cost_fp": 4.0,
                                                             "cost_fn": 1.0, "max_cost": 100}},
         },

@@ -3,7 +3,8 @@
 Decision policies calibrate label probabilities with a temperature, and claim checks with a bias
 on the claim too: `softmax(z / T + bias)` (for a claim check, Platt scaling of its probability).
 Abstention policies calibrate a confidence score in (0, 1) with Platt scaling on its logit:
-`sigmoid(a * logit(s) + b)`. The fits live with the job (`steering_tools.metrics`).
+`sigmoid(a * logit(s) + b)`; a fitted score's weights come in the same file. The fits live with
+the job (`steering_tools.metrics`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from steering.rules.abstention import FITTED_SCORES, FITTED_WEIGHTS
 
 EPS = 1e-12
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # the one definition; config and protocol import it
@@ -31,15 +34,22 @@ class Calibration(BaseModel):
     labels: list[str] | None = None  # decision: the labels it was fitted for
     bias: list[FiniteFloat] | None = None  # decision: added per label after the temperature (claim checks)
     score: str | None = None  # abstention: the score it was fitted for
+    weights: list[FiniteFloat] | None = None  # abstention with a fitted score: its weights, intercept last
     platt_a: FiniteFloat = 1.0  # abstention
     platt_b: FiniteFloat = 0.0
     threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
     fitted_on: int = 0
 
     @model_validator(mode="after")
-    def _a_bias_per_label(self) -> Calibration:
+    def _fits_its_policy(self) -> Calibration:
         if self.bias is not None and len(self.bias) != len(self.labels or ()):
             raise ValueError(f"bias has {len(self.bias)} entries; the labels are {self.labels}")
+        fitted = self.kind == "abstention" and self.score in FITTED_SCORES
+        if fitted and len(self.weights or ()) != FITTED_WEIGHTS:
+            raise ValueError(f"score {self.score!r} needs {FITTED_WEIGHTS} weights, intercept last; "
+                             f"the file has {len(self.weights or ())}")
+        if not fitted and self.weights is not None:
+            raise ValueError(f"weights are for the fitted scores {FITTED_SCORES}, not for score {self.score!r}")
         return self
 
     def confidence(self, score: float) -> float:

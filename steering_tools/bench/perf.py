@@ -39,7 +39,7 @@ import yaml
 from transformers import AutoConfig
 
 from steering.memory import MiB, kv_bytes_per_token
-from steering.rules.abstention import FIRST_STEP_SCORES, extra_requests
+from steering.rules.abstention import FIRST_STEP_SCORES, FITTED_SCORES, extra_requests
 from steering.testing.families import Shape, save_model, train_tokenizer
 from steering_tools.server_process import ServerProcess, free_port
 
@@ -247,13 +247,15 @@ class Call:
     against: str | None
 
 
+# A fitted score sends what `base_familiarity` sends (and needs a calibration file): not timed apart.
+TIMED_SCORES = tuple(score for score in FIRST_STEP_SCORES if score not in FITTED_SCORES)
 DECISION_CALLS = {
     PLAIN_STEP: Call("bench", {"max_tokens": 1, "temperature": 0.0}, False, None),
     f"yes/no decision ({len(LABELS)} requests)": Call("decide", {}, False, PLAIN_STEP),
     "claim check (1 per end token)": Call("check", {"steering": {"claim": " yes"}}, False, PLAIN_STEP),
     PLAIN_ANSWER: Call("bench", {}, True, None),
     **{f"abstain on {score} (+{extra_requests(score)})": Call(f"abstain-{score}", {}, True, PLAIN_ANSWER)
-       for score in FIRST_STEP_SCORES},
+       for score in TIMED_SCORES},
 }
 
 
@@ -262,7 +264,7 @@ DECISION_CALLS = {
 DECISION_POLICIES = {
     "decide": {"decision": {"labels": LABELS, **COSTS}},
     "check": {"decision": {"claim": True, "labels": LABELS, **COSTS}},
-    **{f"abstain-{score}": {"abstain": {"score": score, "threshold": 0.0}} for score in FIRST_STEP_SCORES},
+    **{f"abstain-{score}": {"abstain": {"score": score, "threshold": 0.0}} for score in TIMED_SCORES},
 }
 
 

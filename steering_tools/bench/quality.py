@@ -36,11 +36,14 @@ from steering.rules.calibration import platt
 from steering.rules.decisions import decide, label_probabilities
 from steering_tools import metrics
 from steering_tools.calibrate import (
+    Answer,
     Row,
     abstention_cost,
     decision_logprobs,
     fit_label_map,
+    fit_score,
     normalize,
+    raw_scores,
     realized_cost,
 )
 from steering_tools.demo_family import Recipe, build, default_dir, read_questions, read_recipe
@@ -100,34 +103,33 @@ async def abstention_report(engine: SteeringEngine, rows: list[dict]) -> dict:
     }
 
 
-async def _every_score(engine: SteeringEngine, rows: list[dict], steering: Steering) -> tuple[dict, np.ndarray]:
-    """Every abstention score of the steered greedy answer to each row, and whether it is right."""
+async def _every_answer(engine: SteeringEngine, rows: list[dict], steering: Steering) -> tuple[list, np.ndarray]:
+    """The steered greedy answer to each row as every abstention score reads it, and whether it is right."""
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"], logprobs=AGREEMENT_TOKENS)
 
-    async def one(row: dict) -> tuple[dict, bool]:
+    async def one(row: dict) -> tuple[Answer, bool]:
         prompt = engine.encode(row["prompt"])
         answer = (await engine.complete(prompt, params, steering=steering)).outputs[0]
         first_step = await engine.first_step(prompt, answer.token_ids, answer.logprobs, familiarity=True)
-        steered = answer_logprobs(answer.token_ids, answer.logprobs)
-        return {kind: confidence_score(kind, steered, first_step) for kind in SCORES}, exact_match(answer.text,
-                                                                                                  row["answer"])
+        return (answer_logprobs(answer.token_ids, answer.logprobs), first_step), exact_match(answer.text, row["answer"])
 
-    scored = await asyncio.gather(*(one(row) for row in rows))
-    scores = {kind: np.array([s[kind] for s, _ in scored]) for kind in SCORES}
-    return scores, np.array([c for _, c in scored], dtype=float)
+    answered = await asyncio.gather(*(one(row) for row in rows))
+    return [a for a, _ in answered], np.array([c for _, c in answered], dtype=float)
 
 
 async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict]) -> dict:
-    """Each abstention score on the `qa` policy's answers: Platt-fitted on `val`, judged on `test`."""
+    """Each abstention score on the `qa` policy's answers: fitted (Platt, and a fitted score's
+    weights) on `val`, judged on `test`."""
     policy = engine.policies["qa"]
     abstain, steering = policy.config.abstain, policy.resolve()
-    fit_scores, fit_correct = await _every_score(engine, val, steering)
-    scores, correct = await _every_score(engine, test, steering)
+    fit_answers, fit_correct = await _every_answer(engine, val, steering)
+    answers, correct = await _every_answer(engine, test, steering)
     answerable = np.array([bool(row["answer"]) for row in test])
     report = {}
     for kind in SCORES:
-        raw = scores[kind]
-        calibrated = platt(raw, *metrics.fit_platt(fit_scores[kind], fit_correct))
+        weights = fit_score(kind, fit_answers, fit_correct)
+        raw = raw_scores(kind, answers, weights)
+        calibrated = platt(raw, *metrics.fit_platt(raw_scores(kind, fit_answers, weights), fit_correct))
         report[kind] = {
             "extra_engine_requests": extra_requests(kind),
             "auroc_answerable": metrics.auroc(raw, answerable),
@@ -136,6 +138,7 @@ async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict
             "ece": {"raw": metrics.ece(raw, correct), "calibrated": metrics.ece(calibrated, correct)},
             "expected_cost_bayes_calibrated": abstention_cost(calibrated, correct, abstain.bayes_threshold, abstain),
             "mean_raw": {"answerable": float(raw[answerable].mean()), "unanswerable": float(raw[~answerable].mean())},
+            **({"weights": weights} if weights else {}),
             "raw": raw.tolist(),
         }
     return {"rows": len(test), "fit_rows": len(val), "correct": correct.tolist(), "answerable": answerable.tolist(),
@@ -446,7 +449,7 @@ def _figures(report: dict) -> str:
     lines.append("  expected cost: " + ", ".join(f"{k} {_fmt(v)}" for k, v in ab["expected_cost"].items()))
     lines.append("every score (AUROC: answerable vs unanswerable, right vs wrong; cost: calibrated Bayes threshold):")
     for kind, row in ab["by_score"]["scores"].items():
-        lines.append(f"  {kind:15} AUROC {_fmt(row.get('auroc_answerable'))} / {_fmt(row.get('auroc_correct'))}  "
+        lines.append(f"  {kind:20} AUROC {_fmt(row.get('auroc_answerable'))} / {_fmt(row.get('auroc_correct'))}  "
                      f"AURC {_fmt(row['aurc'])}  ECE {_fmt(row['ece']['raw'])} -> {_fmt(row['ece']['calibrated'])}  "
                      f"cost {_fmt(row['expected_cost_bayes_calibrated'])}  "
                      f"extra requests {_fmt(row['extra_engine_requests'], '.0f')}")
@@ -524,7 +527,7 @@ def plot(report: dict, out: Path) -> list[Path]:
     save(fig, "quality-risk-coverage.png")
 
     scores = figures["abstention"]["by_score"]["scores"]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = ["tab:orange" if kind in ENSEMBLE_SCORES else "tab:blue" for kind in scores]
     _bars(left, list(scores), [row.get("auroc_answerable") for row in scores.values()], colors)
     left.axhline(0.5, color="grey", linestyle=":")
@@ -532,7 +535,7 @@ def plot(report: dict, out: Path) -> list[Path]:
     _bars(right, list(scores), [row["aurc"] for row in scores.values()], colors, "{:.3f}")
     right.set(ylabel="AURC (lower is better)", title="steered (blue), ensemble (orange)")
     for ax in (left, right):
-        ax.tick_params(axis="x", labelsize=8, rotation=20)
+        ax.tick_params(axis="x", labelsize=8, rotation=30)
     save(fig, "quality-abstention-scores.png")
 
     versus = figures["decisions"]["training_vs_deciding"]

@@ -46,7 +46,7 @@ def test_policies_are_listed_with_their_pairs_and_bounds(client, llama_family):
     policies = {policy.id: policy for policy in client.policies.list()}
     assert [m.id for m in client.models.list()] == list(policies) == [
         "base", "chat", "mix", "triage", "triage-calibrated", "qa", "qa-first", "qa-base", "qa-agree", "qa-familiar",
-        "check"]
+        "qa-profile", "check"]
     mix = policies["mix"]
     assert (mix.base, mix.pairs, mix.alpha, mix.max_alpha) == ("base", ["chat", "code"], {"chat": 1.5, "code": -0.5}, 3.0)
     assert mix.experts["code"].tuned == Path(llama_family["experts"]["code"]["tuned"]).name

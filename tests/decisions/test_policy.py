@@ -127,6 +127,26 @@ def test_a_calibrated_threshold_stands_in_for_a_missing_one(llama_family, tokeni
     assert policy.resolve().rule.threshold == 0.3
 
 
+def test_a_fitted_score_needs_its_weights_from_a_calibration_file(llama_family, tokenizer, tmp_path):
+    path = tmp_path / "deploy.yaml"
+    fitted = {"abstain": {"score": "base_familiarity_fit", "threshold": 0.5}}
+    path.write_text(yaml.safe_dump(config(llama_family, qa=fitted)))
+    with pytest.raises(ConfigError) as caught:
+        load_deployment(path)
+    assert caught.value.field == "policies.qa.calibration" and "steer calibrate" in caught.value.reason
+    calibration = {"kind": "abstention", "policy": "qa", "score": "base_familiarity_fit", "weights": [0.1] * 24}
+    (tmp_path / "qa.json").write_text(json.dumps(calibration))
+    path.write_text(yaml.safe_dump(config(llama_family, qa={**fitted, "calibration": "qa.json"})))
+    assert resolved(load_deployment(path), tokenizer)["qa"].rule.calibration.weights == [0.1] * 24
+    for bad, reason in (({**calibration, "weights": [0.1] * 23}, "needs 24 weights, intercept last; the file has 23"),
+                        ({**calibration, "weights": None}, "the file has 0"),
+                        ({**calibration, "score": "base_familiarity"}, "weights are for the fitted scores")):
+        (tmp_path / "qa.json").write_text(json.dumps(bad))
+        with pytest.raises(ConfigError, match=reason) as caught:
+            load_deployment(path)
+        assert caught.value.field == "policies.qa.calibration"
+
+
 def test_threshold_and_cost_overrides_stay_within_bounds(llama_family, tokenizer):
     deployment = parse_deployment(config(llama_family, qa={"abstain": ABSTAIN}, triage={"decision": DECISION},
                                          fixed={"decision": {**DECISION, "max_cost": None}}))

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from steering.rules.abstention import Abstention, FirstStep, confidence_score
+from steering.rules.abstention import Abstention, FirstStep, confidence_score, familiarity_profile
 from steering.rules.decisions import (
     ABSTAIN,
     CostMatrix,
@@ -115,6 +115,27 @@ def test_ensemble_scores_by_hand():
         confidence_score("base_prob", steered)
     with pytest.raises(ValueError, match="unknown confidence score"):
         confidence_score("entropy", steered)
+
+
+def test_the_fitted_familiarity_by_hand():
+    # Levels one nat wide from -20 to 0, the last split at -0.1: one prompt token at each of six,
+    # below -20 (level 0), [-16, -15) (5), [-9, -8) (12), [-3, -2) (18), [-1, -0.1) (20), >= -0.1 (21).
+    prompt = [-25.0, -16.0, -9.0, -3.0, -0.5, -0.1]
+    shares = np.zeros(22)
+    shares[[0, 5, 12, 18, 20, 21]] = 1 / 6
+    profile = familiarity_profile(prompt)
+    assert profile.tolist() == pytest.approx([*shares, -53.6 / 6])
+    # Weights on the share below -20 and on the mean, then the intercept.
+    weights = [-3.0, *[0.0] * 21, 0.5, 2.0]
+    step = FirstStep(7, {}, {}, prompt)
+    want = 1 / (1 + math.exp(-(-3.0 / 6 + 0.5 * -53.6 / 6 + 2.0)))
+    assert confidence_score("base_familiarity_fit", [math.log(0.9)], step, weights) == pytest.approx(want)
+    assert confidence_score("base_familiarity_fit", [math.log(0.9)], FirstStep(7, {}, {}, []), weights) == 0.0
+    for missing in (None, weights[:-1]):
+        with pytest.raises(ValueError, match="needs 24 fitted weights"):
+            confidence_score("base_familiarity_fit", [math.log(0.9)], step, missing)
+    with pytest.raises(ValueError, match="'base_familiarity_fit' needs the base alone's prompt"):
+        confidence_score("base_familiarity_fit", [math.log(0.9)], FirstStep(7, {}, {}), weights)
 
 
 def test_abstention_switches_exactly_at_the_threshold():

@@ -38,7 +38,7 @@ def test_health_is_503_while_loading_then_200(server):
 def test_models_lists_every_policy(server, llama_family):
     assert [m.id for m in server.openai().models.list()] == ["base", "chat", "mix", "triage", "triage-calibrated",
                                                              "qa", "qa-first", "qa-base", "qa-agree",
-                                                             "qa-familiar", "check"]
+                                                             "qa-familiar", "qa-profile", "check"]
     with server.http() as http:
         listing = http.get("/v1/models")
     cards = {card["id"]: card for card in listing.json()["data"]}

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from tests.live_server import CALIBRATED_TEMPERATURE, CLAIM_LABELS, LABELS, MAX_MODEL_LEN, ZERO_ONE
+from steering.rules.abstention import familiarity_profile
+from tests.live_server import CALIBRATED_TEMPERATURE, CLAIM_LABELS, LABELS, MAX_MODEL_LEN, PROFILE_WEIGHTS, ZERO_ONE
 
 MESSAGES = [{"role": "user", "content": "every cat reads a long story"}]
 ALPHA = {"chat": 1.0}
@@ -169,11 +170,17 @@ def test_ensemble_scores_equal_the_reference(server, llama_reference, tokenizer)
     first = int(ranked.indices[0])  # greedy
     want = {"qa-base": float(base[first].exp()),
             "qa-agree": float(torch.minimum(steered[top].exp(), base[top].exp()).sum()),
-            "qa-familiar": float(np.exp(np.mean(llama_reference.prompt_logprobs(prompt, {}))))}
+            "qa-familiar": float(np.exp(np.mean(llama_reference.prompt_logprobs(prompt, {})))),
+            # The fitted score by hand: its weights on the profile of the base alone's prompt logprobs.
+            "qa-profile": 1 / (1 + math.exp(-(familiarity_profile(llama_reference.prompt_logprobs(prompt, {}))
+                                              @ PROFILE_WEIGHTS[:-1] + PROFILE_WEIGHTS[-1])))}
     plain = ask(server, "chat", max_tokens=6, temperature=0.0).choices[0].message.content
     for policy, score in want.items():
         answer = ask(server, policy, max_tokens=6, temperature=0.0)
         assert answer.steering["abstention"]["raw"] == pytest.approx(score, abs=1e-4), policy
+        if policy == "qa-profile":  # its calibration file's Platt map, by hand
+            assert answer.steering["abstention"]["confidence"] == pytest.approx(
+                1 / (1 + (1 / score - 1) ** 1.5 * math.exp(0.2)), abs=1e-4)
         assert answer.choices[0].message.content == plain, "the extra base request leaves the answer as it was"
 
 

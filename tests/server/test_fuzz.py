@@ -25,7 +25,7 @@ from tests.server.fake_engine import FakeEngine
 from tests.server.test_protocol import API_KEY, EXPERTS, MAX_MODEL_LEN, POLICIES
 
 LIVE_POLICIES = ["base", "chat", "mix", "triage", "triage-calibrated", "qa", "qa-first", "qa-base", "qa-agree",
-                 "qa-familiar", "check"]
+                 "qa-familiar", "qa-profile", "check"]
 # What the server may refuse although the schema allows it: a bound the schema cannot state
 # (an alpha beyond the policy's max_alpha, a prompt longer than the context, a seed past int64
 # that JSON's float bound lets through), so schema-valid input is not required to be accepted.

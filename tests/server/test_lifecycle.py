@@ -47,7 +47,7 @@ def test_log_says_when_and_where_it_is_ready(draining_server):
     log = draining_server.log.read_text()
     assert "engine ready in" in log
     assert ("serving policies ['base', 'chat', 'check', 'mix', 'qa', 'qa-agree', 'qa-base', 'qa-familiar', "
-            "'qa-first', 'triage', 'triage-calibrated']") in log
+            "'qa-first', 'qa-profile', 'triage', 'triage-calibrated']") in log
     assert f"on {draining_server.url}" in log
 
 

@@ -13,7 +13,7 @@ import yaml
 from steering.config import DecisionConfig, load_deployment
 from steering.engine import engine_config
 from steering.memory import WORKER_RUNTIME_BYTES, GiB, NodeMemory
-from steering.rules.abstention import SCORES
+from steering.rules.abstention import FITTED_WEIGHTS, SCORES
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import claim_label_logprobs
 from steering_tools import metrics
@@ -79,8 +79,10 @@ def test_bench_quality_reports_every_section(toy_family):
     assert answerable.any() and not answerable.all(), "answerable and unanswerable questions are mixed"
     for kind, row in by_score["scores"].items():
         # The base alone once per token read: the greedy token, or the steered top 20 for agreement.
-        extra = {"base_prob": 1, "base_familiarity": 1, "base_agreement": 20}.get(kind, 0)
+        extra = {"base_prob": 1, "base_familiarity": 1, "base_familiarity_fit": 1, "base_agreement": 20}.get(kind, 0)
         assert row["extra_engine_requests"] == extra
+        # Only the fitted score carries weights, fitted on `val`: one per level, the mean, the intercept.
+        assert len(row.get("weights", ())) == (FITTED_WEIGHTS if kind == "base_familiarity_fit" else 0)
         assert row["auroc_answerable"] == pytest.approx(metrics.auroc(row["raw"], answerable))
         assert row["aurc"] == pytest.approx(metrics.aurc(row["raw"], by_score["correct"]))
         assert all(0.0 <= score <= 1.0 for score in row["raw"])

@@ -14,6 +14,7 @@ import yaml
 
 from steering.config import load_deployment
 from steering.errors import ConfigError
+from steering.rules.abstention import familiarity_profile
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import softmax
 from steering.testing.families import corpus
@@ -86,6 +87,8 @@ def calibration_setup(llama_family, llama_reference, tokenizer, tmp_path_factory
                        "decision": {"labels": LABELS, "costs": [[0, 1, 1], [1, 0, 1], [1, 1, 0]], "abstain_cost": 0.6}},
             "qa": {"alpha": ALPHA, "abstain": {"score": "mean_prob", "threshold": 0.5}},
             "qa-base": {"alpha": ALPHA, "abstain": {"score": "base_prob", "threshold": 0.5}},
+            # Served only with the weights `steer calibrate` fits; calibrating it needs none.
+            "qa-profile": {"alpha": ALPHA, "abstain": {"score": "base_familiarity_fit", "threshold": 0.5}},
             "check": {"alpha": ALPHA, "decision": {"claim": True, "labels": CLAIM_LABELS, "cost_fp": 4, "cost_fn": 1}},
         },
         "engine": {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "kv_cache_gib": 0.25},
@@ -136,6 +139,13 @@ def calibrated(root: Path, policy: str, data: str, *extra: str) -> tuple[str, Ca
     return result.stdout, Calibration.read(root / f"{policy}.json"), report
 
 
+def served_config(root: Path, *policies: str) -> dict:
+    """The setup's deployment with only `policies`: a server refuses `qa-profile` until it is fitted."""
+    config = yaml.safe_load((root / "deploy.yaml").read_text())
+    config["policies"] = {name: config["policies"][name] for name in policies}
+    return config
+
+
 def test_calibrating_a_decision_policy(calibration_setup):
     root = calibration_setup
     printed, calibration, report = calibrated(root, "triage", "labels.jsonl")
@@ -153,14 +163,15 @@ def test_calibrating_a_decision_policy(calibration_setup):
     for plot in ("triage.reliability.png", "triage.risk-coverage.png"):
         assert (root / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The file plugs into the policy.
-    config = yaml.safe_load((root / "deploy.yaml").read_text())
+    config = served_config(root, "triage")
     config["policies"]["triage"]["calibration"] = "triage.json"
     (root / "calibrated.yaml").write_text(yaml.safe_dump(config))
     assert load_deployment(root / "calibrated.yaml").policies["triage"].calibration.temperature == calibration.temperature
 
 
-@pytest.mark.parametrize(("policy", "score", "other"), [("qa", "mean_prob", "qa-base"), ("qa-base", "base_prob", "qa")])
-def test_calibrating_an_abstention_policy(calibration_setup, policy, score, other):
+@pytest.mark.parametrize(("policy", "score", "other"), [("qa", "mean_prob", "qa-base"), ("qa-base", "base_prob", "qa"),
+                                                       ("qa-profile", "base_familiarity_fit", "qa")])
+def test_calibrating_an_abstention_policy(calibration_setup, llama_reference, tokenizer, policy, score, other):
     root = calibration_setup
     printed, calibration, report = calibrated(root, policy, "answers.jsonl", "--max-tokens", "6")
     assert calibration.kind == "abstention" and calibration.score == score == report["score"]
@@ -171,8 +182,19 @@ def test_calibrating_an_abstention_policy(calibration_setup, policy, score, othe
     assert set(report["expected_cost"]) == {"always_answer", "bayes_raw", "bayes_calibrated", "fitted_threshold",
                                             "always_abstain"}
     assert "wrote" in printed
+    fit, _ = split(40, 0.5, seed=0)
+    if score == "base_familiarity_fit":
+        # The weights are the logistic fit, on the fit rows, of right (odd rows) on the profile of
+        # the base alone's prompt logprobs; the rows were written from the corpus's first prompts.
+        prompts = [json.loads(line)["prompt"] for line in (root / "answers.jsonl").read_text().splitlines()]
+        profiles = [familiarity_profile(llama_reference.prompt_logprobs(tokenizer.encode(prompts[i]), {})) for i in fit]
+        assert calibration.weights == report["weights"] == pytest.approx(
+            metrics.fit_weights(np.stack(profiles), fit % 2), abs=1e-3)
+        assert f"{score} weights: " in printed
+    else:
+        assert calibration.weights is None and report["weights"] is None
     # The file plugs into the policy it was fitted for, and is refused by one with another score.
-    config = yaml.safe_load((root / "deploy.yaml").read_text())
+    config = served_config(root, policy, other)
     config["policies"][policy]["calibration"] = f"{policy}.json"
     (root / "fitted.yaml").write_text(yaml.safe_dump(config))
     assert load_deployment(root / "fitted.yaml").policies[policy].calibration.score == score

@@ -13,8 +13,10 @@ from steering_tools.metrics import (
     binary_probs,
     brier,
     ece,
+    fit_logistic,
     fit_platt,
     fit_temperature,
+    fit_weights,
     nll,
     risk_at_coverage,
     risk_coverage,
@@ -35,6 +37,20 @@ def test_fit_platt_recovers_known_parameters():
     correct = rng.uniform(size=scores.size) < platt(scores, 1.7, -0.4)
     a, b = fit_platt(scores, correct)
     assert (a, b) == pytest.approx((1.7, -0.4), abs=0.08)
+
+
+def test_fit_weights_is_a_logistic_regression_on_the_raw_features():
+    rng = np.random.default_rng(2)
+    x = rng.normal(loc=[3.0, -1.0], scale=[2.0, 0.5], size=(5_000, 2))
+    correct = rng.uniform(size=len(x)) < 1 / (1 + np.exp(-(0.8 * x[:, 0] - 2.0 * x[:, 1] - 1.5)))
+    constant = np.c_[x, np.full(len(x), 4.0)]  # a feature that never varies gets weight 0
+    weights = fit_weights(constant, correct, l2=0.0)
+    assert weights == pytest.approx([0.8, -2.0, 0.0, -1.5], abs=0.15)
+    # Unpenalized on one feature, it is the one-feature fit.
+    assert fit_weights(x[:, :1], correct, l2=0.0) == pytest.approx(list(fit_logistic(x[:, 0], correct)), abs=1e-4)
+    # The penalty shrinks the weights towards 0, the intercept not.
+    shrunk = fit_weights(x, correct, l2=2_000.0)
+    assert abs(shrunk[0]) < abs(weights[0]) and abs(shrunk[1]) < abs(weights[1])
 
 
 def test_ece_by_hand():
