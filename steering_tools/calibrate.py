@@ -245,6 +245,13 @@ def fit_score(kind: str, answers: list[Answer], correct: np.ndarray) -> list[flo
     return metrics.fit_weights(np.stack([f for f, _ in kept]), np.asarray([r for _, r in kept]))
 
 
+def fit_platt_map(scores: np.ndarray, correct: np.ndarray, weights: list[float] | None) -> tuple[float, float]:
+    """Platt scaling (a, b) of raw scores on the fit rows; the identity for a fitted score (its
+    `weights`), whose logistic fit on those same rows already is a calibration: a second fit on
+    them would only undo the fit's L2 shrinkage, and its outputs are sharper in-sample than after."""
+    return (1.0, 0.0) if weights is not None else metrics.fit_platt(scores, correct)
+
+
 def raw_scores(kind: str, answers: list[Answer], weights: list[float] | None = None) -> np.ndarray:
     """The score `kind` of each answer (a fitted score's with `weights`)."""
     return np.asarray([confidence_score(kind, logprobs, step, weights) for logprobs, step in answers])
@@ -281,7 +288,7 @@ def fit_abstention(name: str, policy: Policy, answers: list[Answer], correct: np
     abstain = policy.config.abstain
     weights = fit_score(abstain.score, [answers[i] for i in fit], correct[fit])
     scores = raw_scores(abstain.score, answers, weights)
-    a, b = metrics.fit_platt(scores[fit], correct[fit])
+    a, b = fit_platt_map(scores[fit], correct[fit], weights)
     threshold = fit_threshold(platt(scores[fit], a, b), correct[fit], abstain)
     bayes = abstain.bayes_threshold
     raw, calibrated = scores[held], platt(scores[held], a, b)

@@ -41,6 +41,7 @@ from steering_tools.calibrate import (
     abstention_cost,
     decision_logprobs,
     fit_label_map,
+    fit_platt_map,
     fit_score,
     normalize,
     raw_scores,
@@ -118,8 +119,8 @@ async def _every_answer(engine: SteeringEngine, rows: list[dict], steering: Stee
 
 
 async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict]) -> dict:
-    """Each abstention score on the `qa` policy's answers: fitted (Platt, and a fitted score's
-    weights) on `val`, judged on `test`."""
+    """Each abstention score on the `qa` policy's answers: fitted on `val` (Platt scaling, or a
+    fitted score's weights), judged on `test`."""
     policy = engine.policies["qa"]
     abstain, steering = policy.config.abstain, policy.resolve()
     fit_answers, fit_correct = await _every_answer(engine, val, steering)
@@ -129,7 +130,7 @@ async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict
     for kind in SCORES:
         weights = fit_score(kind, fit_answers, fit_correct)
         raw = raw_scores(kind, answers, weights)
-        calibrated = platt(raw, *metrics.fit_platt(raw_scores(kind, fit_answers, weights), fit_correct))
+        calibrated = platt(raw, *fit_platt_map(raw_scores(kind, fit_answers, weights), fit_correct, weights))
         report[kind] = {
             "extra_engine_requests": extra_requests(kind),
             "auroc_answerable": metrics.auroc(raw, answerable),

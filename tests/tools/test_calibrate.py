@@ -191,6 +191,9 @@ def test_calibrating_an_abstention_policy(calibration_setup, llama_reference, to
         assert calibration.weights == report["weights"] == pytest.approx(
             metrics.fit_weights(np.stack(profiles), fit % 2), abs=1e-3)
         assert f"{score} weights: " in printed
+        # The fit is the calibration: no Platt map on top, so raw and calibrated agree.
+        assert (calibration.platt_a, calibration.platt_b) == (1.0, 0.0)
+        assert report["calibrated"]["ece"] == pytest.approx(report["raw"]["ece"])
     else:
         assert calibration.weights is None and report["weights"] is None
     # The file plugs into the policy it was fitted for, and is refused by one with another score.
