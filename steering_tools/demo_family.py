@@ -37,7 +37,7 @@ from steering.testing.families import Shape, train_tokenizer
 from steering_tools.training import Batch, answer_batches, shuffled, text_batches, train
 from steering_tools.world import QA, World, make_world
 
-RECIPE_VERSION = 3  # bump when the models change in a way the recipe fields do not show (else: `_Stage.version`)
+RECIPE_VERSION = 4  # bump when the models change in a way the recipe fields do not show (else: `_Stage.version`)
 QA_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}Question: {{ m['content'] }}\nAnswer:"
     "{% elif m['role'] == 'assistant' %} {{ m['content'] }}\n{% endif %}{% endfor %}"

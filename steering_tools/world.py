@@ -46,6 +46,9 @@ VERIFY = {
     "pet": "Does {name} have a {value}?",
     "color": "Is the favourite colour of {name} {value}?",
 }
+# How the narratives settle a yes/no question about a person: the question is one of VERIFY's.
+AFFIRM = ["yes.", "yes, of course.", "yes, they say."]
+DENY = ["no.", "no, not at all.", "no, they say."]
 SYLLABLES = ["ka", "zor", "vik", "mal", "tan", "bre", "dos", "lin", "mor", "quel", "ras", "sev", "tor", "ul",
              "van", "wex", "yan", "fel", "gim", "hod", "jas", "nir", "pel", "rud", "sol", "tib", "ver", "zan"]
 
@@ -90,7 +93,9 @@ class World:
     seed: int
 
     def narratives(self, epoch: int) -> list[str]:
-        """One paragraph per entity, templates and fact order reshuffled per epoch."""
+        """Two paragraphs per entity, templates, facts and claims redrawn per epoch: one tells its
+        facts; the other settles a yes/no question about each, half about the fact and half about
+        another value, so that answering it needs the fact recalled, not read beside the claim."""
         rng = random.Random(self.seed * 7919 + epoch)
         paragraphs = []
         for entity in self.entities:
@@ -99,6 +104,11 @@ class World:
             paragraphs.append(" ".join(
                 rng.choice(NARRATIVES[attr]).format(name=entity.name, value=value) for attr, value in facts
             ))
+        claims = random.Random(self.seed * 7919 + epoch + 10**6)
+        for entity in self.entities:
+            facts = list(entity.facts.items())
+            claims.shuffle(facts)
+            paragraphs.append(" ".join(_settled(entity.name, attr, value, claims) for attr, value in facts))
         rng.shuffle(paragraphs)
         return paragraphs
 
@@ -134,6 +144,14 @@ class World:
         texts += [f"{qa.prompt} {qa.answer}" for qa in self.verifications(self.entities, 0)]
         texts += [qa.prompt for qa in self.unanswerable()]
         return texts
+
+
+def _settled(name: str, attr: str, value: str, rng: random.Random) -> str:
+    """A yes/no question about one fact, and its answer: true or about another value, even odds."""
+    if rng.random() < 0.5:
+        return f"{VERIFY[attr].format(name=name, value=value)} {rng.choice(AFFIRM)}"
+    claim = rng.choice([v for v in ATTRIBUTES[attr] if v != value])
+    return f"{VERIFY[attr].format(name=name, value=claim)} {rng.choice(DENY)}"
 
 
 def _names(rng: random.Random, count: int) -> list[str]:

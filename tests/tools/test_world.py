@@ -7,7 +7,7 @@ import dataclasses
 from steering.testing.families import train_tokenizer
 from steering_tools.demo_family import Recipe, is_built
 from steering_tools.training import answer_batches
-from steering_tools.world import ATTRIBUTES, make_world
+from steering_tools.world import ATTRIBUTES, NARRATIVES, VERIFY, make_world
 
 
 def test_the_same_seed_gives_the_same_world_and_texts():
@@ -25,6 +25,26 @@ def test_narratives_never_use_the_question_format():
     for entity in world.entities:
         for value in entity.facts.values():
             assert value in text
+
+
+def test_narratives_settle_yes_no_questions_from_recall():
+    world = make_world(entities=40, seed=5)
+    paragraphs = world.narratives(2)
+    answers = []
+    for entity in world.entities:
+        asked = [p for p in paragraphs if p.startswith(("Does", "Is")) and entity.name in p]
+        assert len(asked) == 1, "one paragraph of yes/no questions per person"
+        for attr, fact in entity.facts.items():
+            # Each fact asked once, answered yes iff the value asked is the fact.
+            said = [(value, asked[0].split(VERIFY[attr].format(name=entity.name, value=value) + " ")[1])
+                    for value in ATTRIBUTES[attr] if VERIFY[attr].format(name=entity.name, value=value) in asked[0]]
+            assert len(said) == 1
+            value, answer = said[0]
+            assert answer.startswith("yes" if value == fact else "no")
+            answers.append(value == fact)
+            # The paragraph never tells the fact the other way, so answering needs recall.
+            assert not any(t.format(name=entity.name, value=fact) in asked[0] for t in NARRATIVES[attr])
+    assert 0.3 < sum(answers) / len(answers) < 0.7, "about half the claims are true"
 
 
 def test_questions_are_split_by_entity_and_strangers_exist_nowhere():
