@@ -150,9 +150,11 @@ def deployment_config() -> dict:
             "base": {"description": "The base alone: it knows the facts, not the question format."},
             "chat": {"description": "Proxy-tuned: the base steered by the small question-answering pair.",
                      "alpha": {"chat": DEMO_ALPHA}, "max_alpha": 4.0},
-            "qa": {"description": "Proxy-tuned, abstaining when the calibrated first-token confidence is low.",
+            "qa": {"description": "Proxy-tuned, abstaining when the base alone finds the question unfamiliar "
+                                  "(its surprise at the prompt, weighed by a fit on labelled answers).",
                    "alpha": {"chat": DEMO_ALPHA},
-                   "abstain": {"score": "first_prob", "message": ABSTAIN_MESSAGE, "threshold_bounds": [0.0, 1.0],
+                   "abstain": {"score": "base_familiarity_fit", "message": ABSTAIN_MESSAGE,
+                               "threshold_bounds": [0.0, 1.0],
                                "cost_wrong": 1.0, "cost_abstain": 0.3},
                    "calibration": "calibration/qa.json"},
             "verify": {"description": "Yes/no verification as a decision: a false yes costs 10, a false no 1.",
@@ -274,7 +276,7 @@ async def calibrate_policies(out: Path, into: Path | None = None) -> None:
     for name in ("qa", "verify", "check"):
         uncalibrated["policies"][name].pop("calibration")
     uncalibrated["policies"]["qa"]["abstain"]["threshold"] = 0.5
-    deployment = parse_deployment(uncalibrated, root=out)
+    deployment = parse_deployment(uncalibrated, root=out, calibrating=True)  # qa's weights are what it fits
     engine = SteeringEngine.start(deployment)
     try:
         for name, data in (("qa", "qa-val.jsonl"), ("verify", "verify-val.jsonl"), ("check", "check-val.jsonl")):

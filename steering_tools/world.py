@@ -58,6 +58,11 @@ def question_text(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
+def plain_question(prompt: str) -> str:
+    """The question a `question_text` prompt asks, as a user (or a narrative) would ask it."""
+    return prompt.removeprefix("Question: ").removesuffix("\nAnswer:")
+
+
 @dataclass(frozen=True)
 class Entity:
     name: str

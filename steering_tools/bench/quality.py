@@ -31,7 +31,7 @@ from vllm import SamplingParams
 from steering.config import Deployment, load_deployment, parse_deployment
 from steering.engine import SteeringEngine, answer_logprobs
 from steering.policy import Overrides, Steering
-from steering.rules.abstention import AGREEMENT_TOKENS, ENSEMBLE_SCORES, SCORES, confidence_score, extra_requests
+from steering.rules.abstention import AGREEMENT_TOKENS, ENSEMBLE_SCORES, SCORES, extra_requests
 from steering.rules.calibration import platt
 from steering.rules.decisions import decide, label_probabilities
 from steering_tools import metrics
@@ -48,6 +48,7 @@ from steering_tools.calibrate import (
     realized_cost,
 )
 from steering_tools.demo_family import Recipe, build, default_dir, read_questions, read_recipe
+from steering_tools.world import plain_question
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0)
 MAX_TOKENS = 8
@@ -65,24 +66,19 @@ def _eager(deployment: Deployment, **changes) -> Deployment:
     return parse_deployment(raw)
 
 
-async def _answers(engine: SteeringEngine, rows: list[dict], steering: Steering, *, logprobs: bool = False):
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"], logprobs=0 if logprobs else None)
-    return await asyncio.gather(*(engine.complete(row["prompt"], params, steering=steering) for row in rows))
-
-
 async def accuracy(engine: SteeringEngine, rows: list[dict], steering: Steering) -> float:
-    outputs = await _answers(engine, rows, steering)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"])
+    outputs = await asyncio.gather(*(engine.complete(row["prompt"], params, steering=steering) for row in rows))
     return float(np.mean([exact_match(o.outputs[0].text, row["answer"]) for o, row in zip(outputs, rows)]))
 
 
-async def abstention_report(engine: SteeringEngine, rows: list[dict]) -> dict:
-    policy = engine.policies["qa"]
+def abstention_report(policy, answers: list[Answer], correct: np.ndarray, unanswerable: int) -> dict:
+    """The `qa` policy as served, on its `test` answers: its own score, raw and calibrated, and
+    what abstaining costs at the Bayes threshold and at the policy's fitted one."""
     abstain, rule = policy.config.abstain, policy.rule
-    outputs = await _answers(engine, rows, policy.resolve(), logprobs=True)
-    completions = [o.outputs[0] for o in outputs]
-    raw = np.array([confidence_score(abstain.score, answer_logprobs(c.token_ids, c.logprobs)) for c in completions])
-    correct = np.array([exact_match(c.text, row["answer"]) for c, row in zip(completions, rows)], dtype=float)
-    calibrated = np.array([rule.calibration.confidence(s) for s in raw])
+    assessed = [rule.assess(logprobs, step) for logprobs, step in answers]
+    raw = np.array([a.raw for a in assessed])
+    calibrated = np.array([a.confidence for a in assessed])
     bayes = abstain.bayes_threshold
 
     def cost(confidence, threshold):
@@ -93,7 +89,7 @@ async def abstention_report(engine: SteeringEngine, rows: list[dict]) -> dict:
                 "risk_coverage": metrics.risk_at_coverage(confidence, correct, levels=(0.25, 0.5, 0.75, 1.0))}
 
     return {
-        "rows": len(rows), "unanswerable": sum(1 for r in rows if not r["answer"]),
+        "rows": len(answers), "unanswerable": unanswerable,
         "score": abstain.score, "accuracy_if_always_answering": float(correct.mean()),
         "raw": judged(raw), "calibrated": judged(calibrated),
         "expected_cost": {"always_answer": cost(raw, 0.0), "bayes_raw": cost(raw, bayes),
@@ -104,7 +100,7 @@ async def abstention_report(engine: SteeringEngine, rows: list[dict]) -> dict:
     }
 
 
-async def _every_answer(engine: SteeringEngine, rows: list[dict], steering: Steering) -> tuple[list, np.ndarray]:
+async def _every_answer(engine: SteeringEngine, rows: list[dict], steering: Steering) -> tuple[list[Answer], np.ndarray]:
     """The steered greedy answer to each row as every abstention score reads it, and whether it is right."""
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"], logprobs=AGREEMENT_TOKENS)
 
@@ -118,14 +114,12 @@ async def _every_answer(engine: SteeringEngine, rows: list[dict], steering: Stee
     return [a for a, _ in answered], np.array([c for _, c in answered], dtype=float)
 
 
-async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict]) -> dict:
+def scores_report(abstain, fitting: tuple[list[Answer], np.ndarray], judged: tuple[list[Answer], np.ndarray],
+                  answerable: np.ndarray) -> dict:
     """Each abstention score on the `qa` policy's answers: fitted on `val` (Platt scaling, or a
     fitted score's weights), judged on `test`."""
-    policy = engine.policies["qa"]
-    abstain, steering = policy.config.abstain, policy.resolve()
-    fit_answers, fit_correct = await _every_answer(engine, val, steering)
-    answers, correct = await _every_answer(engine, test, steering)
-    answerable = np.array([bool(row["answer"]) for row in test])
+    fit_answers, fit_correct = fitting
+    answers, correct = judged
     report = {}
     for kind in SCORES:
         weights = fit_score(kind, fit_answers, fit_correct)
@@ -142,8 +136,8 @@ async def scores_report(engine: SteeringEngine, val: list[dict], test: list[dict
             **({"weights": weights} if weights else {}),
             "raw": raw.tolist(),
         }
-    return {"rows": len(test), "fit_rows": len(val), "correct": correct.tolist(), "answerable": answerable.tolist(),
-            "scores": report}
+    return {"rows": len(answers), "fit_rows": len(fit_answers), "correct": correct.tolist(),
+            "answerable": answerable.tolist(), "scores": report}
 
 
 async def policy_logprobs(engine: SteeringEngine, name: str, rows: list[dict]) -> np.ndarray:
@@ -235,9 +229,10 @@ async def run(family: Path, *, alphas=ALPHAS) -> dict:
     experts = {**{name: pair.model_dump() for name, pair in deployment.experts.items()},
                "chat-weighted": {"tuned": str(family / "chat-tuned-weighted"), "untuned": str(family / "chat-untuned")}}
     verify_alpha = deployment.policies["verify"].alpha
+    verify_decision = deployment.policies["verify"].decision.model_dump(exclude_none=True)
     policies = {**{name: policy.model_dump(exclude_none=True) for name, policy in deployment.policies.items()},
-                "verify-weighted": {"alpha": {"chat-weighted": verify_alpha["chat"]},
-                                    "decision": deployment.policies["verify"].decision.model_dump(exclude_none=True)}}
+                "verify-weighted": {"alpha": {"chat-weighted": verify_alpha["chat"]}, "decision": verify_decision},
+                "verify-base": {"decision": verify_decision}}  # the base alone
     engine = SteeringEngine.start(_eager(deployment, experts=experts, policies=policies))
     try:
         sweep = {}
@@ -245,12 +240,22 @@ async def run(family: Path, *, alphas=ALPHAS) -> dict:
             steering = engine.policies["chat"].resolve(Overrides(alpha={"chat": alpha}))
             sweep[alpha] = {"val": await accuracy(engine, val, steering), "test": await accuracy(engine, test, steering)}
         qa_val, qa_test = read_questions(questions / "qa-val.jsonl"), read_questions(questions / "qa-test.jsonl")
-        abstention = await abstention_report(engine, qa_test)
-        abstention["by_score"] = await scores_report(engine, qa_val, qa_test)
+        qa = engine.policies["qa"]
+        # One greedy answer per question, read by the policy's own score and by every other.
+        fitting = await _every_answer(engine, qa_val, qa.resolve())
+        judged = await _every_answer(engine, qa_test, qa.resolve())
+        answerable = np.array([bool(row["answer"]) for row in qa_test])
+        abstention = abstention_report(qa, *judged, unanswerable=int((~answerable).sum()))
+        abstention["by_score"] = scores_report(qa.config.abstain, fitting, judged, answerable)
         proxy = {name: {split: await policy_logprobs(engine, name, rows) for split, rows in asked.items()}
                  for name, asked in (("verify", verify), ("verify-weighted", verify), ("check", check))}
         decisions = decision_report(engine.policies["verify"].rule, proxy["verify"]["test"], truth["test"])
         decisions["check"] = decision_report(engine.policies["check"].rule, proxy["check"]["test"], truth["test"])
+        # Whether the base can verify at all: asked as its narratives ask, with no question format.
+        as_narrated = [{**row, "prompt": plain_question(row["prompt"])} for row in verify["test"]]
+        narrated = await policy_logprobs(engine, "verify-base", as_narrated)
+        decisions["base_as_narrated"] = {"rows": len(as_narrated),
+                                         "accuracy": float(np.mean(narrated.argmax(axis=1) == truth["test"]))}
     finally:
         engine.shutdown()
     tuned = (await _single_model(deployment, str(family / "chat-tuned"), answers=test))["exact"]
@@ -458,6 +463,8 @@ def _figures(report: dict) -> str:
     lines.append(f"decisions ({_fmt(de['rows'], '.0f')} yes/no questions, the verify policy): argmax accuracy "
                  f"{_fmt(de['accuracy'])}")
     lines.append("  expected cost: " + ", ".join(f"{k} {_fmt(v)}" for k, v in de["expected_cost"].items()))
+    lines.append("  the base alone, asked yes/no as its narratives ask (no question format): accuracy "
+                 f"{_fmt(de['base_as_narrated']['accuracy'])}")
     by_answering = de["check"]
     lines.append("the same checks asked by answering (the check policy): argmax accuracy "
                  f"{_fmt(by_answering['accuracy'])}")

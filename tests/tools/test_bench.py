@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import yaml
+from transformers import AutoTokenizer
 
 from steering.config import DecisionConfig, load_deployment
 from steering.engine import engine_config
@@ -16,9 +17,11 @@ from steering.memory import WORKER_RUNTIME_BYTES, GiB, NodeMemory
 from steering.rules.abstention import FITTED_WEIGHTS, SCORES
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import claim_label_logprobs
+from steering.testing.reference import ReferenceSteerer
 from steering_tools import metrics
 from steering_tools.bench import perf, quality
 from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_questions, read_recipe
+from steering_tools.world import plain_question
 
 TOY = Recipe(
     entities=24, strangers=4, base=demo_shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128),
@@ -86,13 +89,28 @@ def test_bench_quality_reports_every_section(toy_family):
         assert row["auroc_answerable"] == pytest.approx(metrics.auroc(row["raw"], answerable))
         assert row["aurc"] == pytest.approx(metrics.aurc(row["raw"], by_score["correct"]))
         assert all(0.0 <= score <= 1.0 for score in row["raw"])
-    # The policy's own score, scored again with every other: the same answers give the same raw scores.
-    assert by_score["scores"]["first_prob"]["raw"] == pytest.approx(report["abstention"]["curves"]["raw"])
+    # The policy's own score (the fitted familiarity, its weights from the build's calibration file)
+    # reads the same answers as every other score; a fitted score's Platt map is the identity.
+    policy = report["abstention"]
+    assert policy["score"] == "base_familiarity_fit"
+    assert policy["curves"]["correct"] == by_score["correct"]
+    assert policy["curves"]["calibrated"] == pytest.approx(policy["curves"]["raw"])
+    weights = Calibration.read(toy_family / "calibration" / "qa.json").weights
+    assert len(weights) == FITTED_WEIGHTS
     versus = report["decisions"]["training_vs_deciding"]
     assert versus["costs"] == {"false_yes": 10.0, "false_no": 1.0}
     for model in ("direct", "proxy"):
         assert set(versus[model]) >= {"utility_weighted_argmax", "symmetric_argmax", "symmetric_calibrated_bayes",
                                       "by_answering_argmax", "by_answering_calibrated_bayes"}
+    # The base alone asked yes/no without the question format: the reference's argmax, row by row.
+    rows = read_questions(toy_family / "questions" / "verify-test.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(toy_family / "tokenizer")
+    labels = [tokenizer.encode(label)[0] for label in (" yes", " no")]
+    logprobs = ReferenceSteerer(str(toy_family / "base")).next_token_logprobs(
+        [tokenizer.encode(plain_question(row["prompt"])) for row in rows], [{}] * len(rows))
+    said = [(" yes", " no")[int(logprobs[i, labels].argmax())] for i in range(len(rows))]
+    assert report["decisions"]["base_as_narrated"] == {
+        "rows": len(rows), "accuracy": pytest.approx(np.mean([s == row["label"] for s, row in zip(said, rows)]))}
     check = report["decisions"]["check"]
     assert set(check["expected_cost"]) == {"argmax", "bayes_raw", "bayes_calibrated"}
     assert versus["proxy"]["by_answering_argmax"]["expected_cost"] == pytest.approx(check["expected_cost"]["argmax"]), \
