@@ -45,7 +45,8 @@ QA_TEMPLATE = (
 ABSTAIN_MESSAGE = "I don't know."
 # The `verify` policy's costs: a false yes (saying yes to a false statement) costs 10, a false no 1.
 VERIFY_COST_FP, VERIFY_COST_FN = 10.0, 1.0
-# The alpha that did best on the `val` entities in `steer bench quality` (docs/benchmarks.md).
+# Chosen on the `val` entities in `steer bench quality` with recipe 3; with recipe 4, alphas 1 to 2
+# are level there (docs/benchmarks.md).
 DEMO_ALPHA = 2.0
 
 
