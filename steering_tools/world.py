@@ -99,8 +99,8 @@ class World:
 
     def narratives(self, epoch: int) -> list[str]:
         """Two paragraphs per entity, templates, facts and claims redrawn per epoch: one tells its
-        facts; the other settles a yes/no question about each, half about the fact and half about
-        another value, so that answering it needs the fact recalled, not read beside the claim."""
+        facts; the other settles a yes/no question about each, at even odds about the fact or another
+        value, so that answering it needs the fact recalled, not read beside the claim."""
         rng = random.Random(self.seed * 7919 + epoch)
         paragraphs = []
         for entity in self.entities:

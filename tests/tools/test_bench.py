@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -14,7 +15,8 @@ from transformers import AutoTokenizer
 from steering.config import DecisionConfig, load_deployment
 from steering.engine import engine_config
 from steering.memory import WORKER_RUNTIME_BYTES, GiB, NodeMemory
-from steering.rules.abstention import FITTED_WEIGHTS, SCORES
+from steering.policy import Policy
+from steering.rules.abstention import FITTED_WEIGHTS, SCORES, FirstStep, familiarity_profile, fitted_score
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import claim_label_logprobs
 from steering.testing.reference import ReferenceSteerer
@@ -89,14 +91,10 @@ def test_bench_quality_reports_every_section(toy_family):
         assert row["auroc_answerable"] == pytest.approx(metrics.auroc(row["raw"], answerable))
         assert row["aurc"] == pytest.approx(metrics.aurc(row["raw"], by_score["correct"]))
         assert all(0.0 <= score <= 1.0 for score in row["raw"])
-    # The policy's own score (the fitted familiarity, its weights from the build's calibration file)
-    # reads the same answers as every other score; a fitted score's Platt map is the identity.
+    # The demo's qa policy abstains on the fitted familiarity, whose Platt map is the identity.
     policy = report["abstention"]
     assert policy["score"] == "base_familiarity_fit"
-    assert policy["curves"]["correct"] == by_score["correct"]
     assert policy["curves"]["calibrated"] == pytest.approx(policy["curves"]["raw"])
-    weights = Calibration.read(toy_family / "calibration" / "qa.json").weights
-    assert len(weights) == FITTED_WEIGHTS
     versus = report["decisions"]["training_vs_deciding"]
     assert versus["costs"] == {"false_yes": 10.0, "false_no": 1.0}
     for model in ("direct", "proxy"):
@@ -105,7 +103,7 @@ def test_bench_quality_reports_every_section(toy_family):
     # The base alone asked yes/no without the question format: the reference's argmax, row by row.
     rows = read_questions(toy_family / "questions" / "verify-test.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(toy_family / "tokenizer")
-    labels = [tokenizer.encode(label)[0] for label in (" yes", " no")]
+    labels = [tokenizer.encode(label, add_special_tokens=False)[0] for label in (" yes", " no")]
     logprobs = ReferenceSteerer(str(toy_family / "base")).next_token_logprobs(
         [tokenizer.encode(plain_question(row["prompt"])) for row in rows], [{}] * len(rows))
     said = [(" yes", " no")[int(logprobs[i, labels].argmax())] for i in range(len(rows))]
@@ -135,6 +133,34 @@ def test_bench_quality_reports_every_section(toy_family):
     assert "curves" not in seeds["spread"]["abstention"], "per-row lists have no spread"
     assert f"{base['mean']:.3f} ± {base['std']:.3f}" in quality.summary(seeds)
     assert len(quality.plot(seeds, toy_family)) == 4
+
+
+def test_the_qa_report_scores_answers_with_the_policys_own_calibration_by_hand(toy_family):
+    deployment = load_deployment(toy_family / "deploy.yaml")
+    tokenizer = AutoTokenizer.from_pretrained(toy_family / "tokenizer")
+    qa = Policy("qa", deployment.policies["qa"], tuple(deployment.experts), tokenizer.encode)
+    calibration = Calibration.read(toy_family / "calibration" / "qa.json")
+    assert calibration.score == "base_familiarity_fit" and len(calibration.weights) == FITTED_WEIGHTS
+    # Three answers, each with the base alone's logprobs of its prompt; and an empty answer.
+    prompts = [[-0.05, -0.5, -25.0], [-2.5, -12.0], [-0.01, -0.02, -0.3, -1.5]]
+    answers = [([math.log(0.9)], FirstStep(7, {7: math.log(0.9)}, {7: math.log(0.5)}, prompt)) for prompt in prompts]
+    answers.append(([], None))
+    correct = np.array([1.0, 0.0, 1.0, 0.0])
+    report = quality.abstention_report(qa, answers, correct, unanswerable=1)
+
+    want = [fitted_score(familiarity_profile(prompt), calibration.weights) for prompt in prompts] + [0.0]
+    assert report["curves"]["raw"] == pytest.approx(want)
+    assert report["curves"]["calibrated"] == pytest.approx(want), "a fitted score's Platt map is the identity"
+    assert report["score"] == "base_familiarity_fit" and report["unanswerable"] == 1
+    assert report["accuracy_if_always_answering"] == 0.5
+    # Costs by hand: a wrong answer costs 1, abstaining 0.3; answer where confidence >= threshold.
+    def cost(threshold):
+        return np.mean([(1.0 - right) if score >= threshold else 0.3 for score, right in zip(want, correct)])
+
+    costs = report["expected_cost"]
+    assert costs["always_answer"] == pytest.approx(0.5)
+    assert costs["bayes_calibrated"] == pytest.approx(cost(0.7)), "Bayes threshold: 1 - 0.3 / 1"
+    assert costs["policy_threshold"] == pytest.approx(cost(calibration.threshold))
 
 
 def test_compare_places_each_figure_against_the_reference_spread_by_hand(tmp_path):
