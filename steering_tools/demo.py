@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 
 from steering_tools.demo_family import read_questions
-from steering_tools.world import plain_question
 from steering_tools.server_process import ServerProcess, is_ready
+from steering_tools.world import plain_question
 
 READY_TIMEOUT_SECONDS = 900
 

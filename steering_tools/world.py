@@ -129,10 +129,9 @@ class World:
         rows = []
         for e in entities:
             for attr, value in e.facts.items():
-                truth, claim = "yes", value
-                if rng.random() >= 0.5:
-                    truth, claim = "no", rng.choice([v for v in ATTRIBUTES[attr] if v != value])
-                rows.append(Verification(question_text(VERIFY[attr].format(name=e.name, value=claim)), truth, e.name,
+                true, claim = _claim(attr, value, rng)
+                rows.append(Verification(question_text(VERIFY[attr].format(name=e.name, value=claim)),
+                                         "yes" if true else "no", e.name,
                                          question=question_text(QUESTIONS[attr].format(name=e.name)), claim=claim))
         return rows
 
@@ -151,12 +150,18 @@ class World:
         return texts
 
 
-def _settled(name: str, attr: str, value: str, rng: random.Random) -> str:
-    """A yes/no question about one fact, and its answer: true or about another value, even odds."""
+def _claim(attr: str, value: str, rng: random.Random) -> tuple[bool, str]:
+    """A value to claim about one fact, and whether the claim is true: the fact or, at even odds,
+    another value."""
     if rng.random() < 0.5:
-        return f"{VERIFY[attr].format(name=name, value=value)} {rng.choice(AFFIRM)}"
-    claim = rng.choice([v for v in ATTRIBUTES[attr] if v != value])
-    return f"{VERIFY[attr].format(name=name, value=claim)} {rng.choice(DENY)}"
+        return True, value
+    return False, rng.choice([v for v in ATTRIBUTES[attr] if v != value])
+
+
+def _settled(name: str, attr: str, value: str, rng: random.Random) -> str:
+    """A yes/no question about one fact, and its answer, as a narrative tells it."""
+    true, claim = _claim(attr, value, rng)
+    return f"{VERIFY[attr].format(name=name, value=claim)} {rng.choice(AFFIRM if true else DENY)}"
 
 
 def _names(rng: random.Random, count: int) -> list[str]:
