@@ -28,7 +28,7 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 
-from steering.spec import CompositeSpec
+from steering.spec import CompositeSpec, describe_quantization, quantization
 from steering.steer import LINK, fit_vocab
 
 
@@ -93,6 +93,16 @@ def _sub_model_config(engine: ModelConfig, checkpoint: str) -> ModelConfig:
     return config
 
 
+def _check_quantization(configs: dict[str, ModelConfig]) -> None:
+    """Every sub-model is built under the engine's one quantization config, the base's: one
+    quantized otherwise would load and compute garbage (`steering.config` refuses it at load)."""
+    base = quantization(configs["base"].hf_config)
+    for name, config in configs.items():
+        if quantization(config.hf_config) != base:
+            raise ValueError(f"{name} is {describe_quantization(quantization(config.hf_config))} and the base is "
+                             f"{describe_quantization(base)}: every sub-model runs under the base's quantization")
+
+
 def _sub_model(vllm_config: VllmConfig, model_config: ModelConfig, name: str) -> nn.Module:
     # A distinct model tag per sub-model keeps torch.compile caches from colliding. The other
     # configs (cache, compilation) stay shared: every attention layer registers in one KV cache.
@@ -117,6 +127,7 @@ class ProxyTunedForCausalLM(nn.Module):
         for name, path in [("base", vllm_config.model_config.model), *self.spec.expert_checkpoints]:
             owners.setdefault(path, name)
         configs = {name: _sub_model_config(vllm_config.model_config, path) for path, name in owners.items()}
+        _check_quantization(configs)
         self.base = _sub_model(vllm_config, configs["base"], "base")
         self.experts = nn.ModuleDict({pair.name: nn.ModuleDict() for pair in self.spec.pairs})
         for name in list(owners.values())[1:]:

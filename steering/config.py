@@ -36,6 +36,7 @@ from steering.memory import GiB
 from steering.rules.abstention import FITTED_SCORES, SCORES
 from steering.rules.calibration import Calibration, FiniteFloat
 from steering.rules.decisions import CostMatrix, label_first_tokens
+from steering.spec import describe_quantization, quantization
 
 NonNegative = Annotated[float, Field(allow_inf_nan=False, ge=0)]
 Probability = Annotated[float, Field(allow_inf_nan=False, ge=0, le=1)]
@@ -467,7 +468,7 @@ def _shown(tree: dict, field: str) -> str:
 
 def check_checkpoints(deployment: Deployment) -> None:
     """Every checkpoint loads and runs in vLLM (and shards, under tensor parallelism), experts share
-    the base's tokenizer, labels are separable."""
+    the base's tokenizer and quantization, labels are separable."""
     tensor_parallel = deployment.engine.tensor_parallel_size
     base_config, base_tokenizer = _open_checkpoint("base", deployment.base)
     _check_shards("base", base_config, tensor_parallel)
@@ -478,6 +479,7 @@ def check_checkpoints(deployment: Deployment) -> None:
             config, tokenizer = _open_checkpoint(field, getattr(pair, role))
             _check_shards(field, config, tensor_parallel)
             _compare_vocab(field, tokenizer.get_vocab(), base_vocab)
+            _compare_quantization(field, config, base_config)
     for name, policy in deployment.policies.items():
         if policy.decision:
             try:
@@ -539,6 +541,17 @@ def _compare_vocab(field: str, vocab: dict[str, int], base_vocab: dict[str, int]
             f"tokens differ, first {token!r} (id {index}) -> {vocab.get(token)}); "
             "proxy-tuning needs a shared vocabulary",
         )
+
+
+def _compare_quantization(field: str, config, base_config) -> None:
+    """One quantization config serves every sub-model (vLLM derives it from the base), so an expert
+    quantized otherwise than the base would run on kernels meant for other weights: garbage, not
+    an error. Refused until each sub-model gets its own."""
+    mine, base = quantization(config), quantization(base_config)
+    if mine != base:
+        raise ConfigError(field, f"is {describe_quantization(mine)} and the base is {describe_quantization(base)}: "
+                                 "every sub-model runs under the base's quantization, so it would answer garbage; "
+                                 "serve experts quantized exactly as the base, or a base of the experts' precision")
 
 
 def _config_error(error: ValidationError) -> ConfigError:

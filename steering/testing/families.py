@@ -18,7 +18,7 @@ import torch
 import transformers
 import yaml
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
@@ -224,3 +224,34 @@ def write_deployment(family: dict, path: Path, *, engine: dict | None = None) ->
     path = Path(path)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     return path
+
+
+def quantize_w8a8(source: str | Path, dest: str | Path) -> Path:
+    """Write `source` as a compressed-tensors W8A8 int8 checkpoint (weights int8 per output channel,
+    activations int8 per token, dynamic; lm_head kept), as vLLM serves quantized checkpoints."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import (
+        QuantizationArgs,
+        QuantizationConfig,
+        QuantizationScheme,
+        apply_quantization_config,
+    )
+
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
+        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True),
+    )
+    apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
+    with torch.no_grad():
+        for module in model.modules():
+            if hasattr(module, "weight_scale"):  # symmetric: the largest weight of a row maps to 127
+                module.weight_scale.copy_(module.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+    compressor.compress_model(model)
+    dest = Path(dest)
+    model.save_pretrained(dest)
+    compressor.update_config(dest)
+    AutoTokenizer.from_pretrained(source).save_pretrained(dest)
+    return dest
