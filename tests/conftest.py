@@ -8,13 +8,13 @@ import pytest
 
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from steering.testing.families import (  # noqa: E402
+from steering_tools.fixtures import (  # noqa: E402
     LLAMA_FAMILY,
     QWEN2_FAMILY,
     build_family,
     train_tokenizer,
 )
-from steering.testing.reference import ReferenceSteerer  # noqa: E402
+from steering_tools.reference import ReferenceSteerer  # noqa: E402
 from tests.live_server import Server, start_server, stop_server, write_config  # noqa: E402
 
 

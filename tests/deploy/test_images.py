@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from steering_server.cli import build_parser
+from steering_cli.main import build_parser
 from tests.deploy.conftest import DEPLOY, DOCKERFILES, instructions
 
 ROOT = DEPLOY.parent
@@ -85,8 +85,10 @@ def test_the_gpu_image_is_vllms_own_at_the_pinned_version_and_the_cpu_image_inst
 
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda path: path.name)
 def test_every_package_of_the_project_is_copied_in_and_the_build_context_lets_it_through(dockerfile):
-    packages = set(PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"])
-    top_level = {name for name in packages if "." not in name and "*" not in name}
+    # Each folder setuptools finds packages in (the core's is the root: its package folder itself).
+    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
+    top_level = {name for name in find["include"] if "." not in name and (ROOT / name).is_dir()}
+    top_level |= {folder for folder in find["where"] if folder != "."}
     copied = {source for step in instructions(dockerfile) if step.keyword == "COPY"
               for source in step.arguments.split()[:-1]}
     assert top_level | {"pyproject.toml", PYPROJECT["project"]["readme"]} <= copied

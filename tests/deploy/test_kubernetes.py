@@ -13,7 +13,7 @@ import yaml
 
 from steering.config import read_deployment
 from steering_server.app import ServerSettings
-from steering_server.cli import build_parser
+from steering_cli.main import build_parser
 from steering_server.metrics import ServerMetrics
 from tests.deploy.conftest import DEPLOY, KUBERNETES, find, instructions, manifests
 

@@ -21,14 +21,14 @@ from vllm import SamplingParams
 from vllm.config import ModelConfig
 
 from steering.config import load_deployment
-from steering.testing.families import (
+from steering_tools.fixtures import (
     ARCHITECTURES,
     FamilySpec,
     Shape,
     build_family,
     save_model,
 )
-from steering.testing.reference import ReferenceSteerer
+from steering_tools.reference import ReferenceSteerer
 from tests.engine.conftest import LiveEngine, _config
 
 # Engine name -> a base and expert pairs named for their architecture.

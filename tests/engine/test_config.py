@@ -10,7 +10,7 @@ import yaml
 from steering.config import load_deployment, parse_deployment
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
 from steering.policy import Overrides, Policies
-from steering.testing.families import QWEN2_FAMILY, Shape, quantize_w8a8, save_model, train_tokenizer
+from steering_tools.fixtures import QWEN2_FAMILY, Shape, quantize_w8a8, save_model, train_tokenizer
 
 
 def config_of(family: dict, **changes) -> dict:

@@ -25,7 +25,7 @@ from steering.memory import (
     default_kv_cache,
     model_memory,
 )
-from steering.testing.families import write_deployment
+from steering_tools.fixtures import write_deployment
 from tests.engine.conftest import _config as engine_test_config
 from tests.live_server import write_config
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from steering.testing.families import save_model
-from steering.testing.reference import ReferenceSteerer
+from steering_tools.fixtures import save_model
+from steering_tools.reference import ReferenceSteerer
 from tests.engine.conftest import LiveEngine
 from tests.engine.test_proxy_tuning import prompts
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steering.testing.families import write_deployment
+from steering_tools.fixtures import write_deployment
 
 STEER = str(Path(sys.executable).parent / "steer")
 

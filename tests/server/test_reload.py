@@ -19,7 +19,7 @@ from steering.config import PolicyChanges, check_reloadable, digest, parse_deplo
 from steering.errors import RestartRequired
 from steering.policy import Overrides
 from steering_server.app import ServerSettings, create_app, watch_config
-from steering_server.cli import build_parser
+from steering_cli.main import build_parser
 from steering_server.protocol import CompletionRequest
 from tests.server.fake_engine import BOS, FakeEngine, answer
 from tests.server.test_protocol import API_KEY, EXPERTS, INVALID, MAX_MODEL_LEN, POLICIES, assert_error, metric

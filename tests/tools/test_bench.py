@@ -19,7 +19,7 @@ from steering.policy import Policy
 from steering.rules.abstention import FITTED_WEIGHTS, SCORES, FirstStep, familiarity_profile, fitted_score
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import claim_label_logprobs
-from steering.testing.reference import ReferenceSteerer
+from steering_tools.reference import ReferenceSteerer
 from steering_tools import metrics
 from steering_tools.bench import perf, quality
 from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_questions, read_recipe

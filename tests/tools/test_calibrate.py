@@ -17,7 +17,7 @@ from steering.errors import ConfigError
 from steering.rules.abstention import familiarity_profile
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import softmax
-from steering.testing.families import corpus
+from steering_tools.fixtures import corpus
 from steering_tools import metrics
 from steering_tools.calibrate import is_correct, read_rows, split
 

@@ -422,7 +422,7 @@ def _bench(args) -> int:
 
 
 def _fixtures(args) -> int:
-    from steering.testing.families import (
+    from steering_tools.fixtures import (
         LLAMA_FAMILY,
         QWEN2_FAMILY,
         build_family,

