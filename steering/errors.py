@@ -64,3 +64,9 @@ class InvalidSteering(RequestError):
 
 class InvalidRequest(RequestError):
     """Generation input the engine cannot serve (e.g. longer than the context)."""
+
+
+def vllm_refusal(error: Exception) -> InvalidRequest:
+    """vLLM's refusal of a request (its `VLLMClientError`s, the `ValueError`s of its parameter
+    checks) as this request's error, naming the parameter where vLLM names one."""
+    return InvalidRequest(str(error), param=getattr(error, "parameter", None))

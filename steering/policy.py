@@ -16,17 +16,8 @@ from dataclasses import dataclass
 
 from steering.config import Deployment, PolicyConfig, check_cost_shape
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
-from steering.rules.abstention import (
-    AGREEMENT_TOKENS,
-    ENSEMBLE_SCORES,
-    FIRST_STEP_SCORES,
-    PROMPT_SCORES,
-    Abstention,
-    FirstStep,
-    confidence_score,
-)
-from steering.rules.calibration import Calibration
-from steering.rules.decisions import CostMatrix, Decision, decide, label_first_tokens
+from steering.kinds import AbstentionRule, DecisionRule, Plain, Rule
+from steering.rules.decisions import CostMatrix, label_first_tokens
 
 
 @dataclass(frozen=True)
@@ -41,70 +32,13 @@ class Overrides:
 
 
 @dataclass(frozen=True)
-class DecisionRule:
-    """Answer with the Bayes action over labels scored by their first token, calibrated; or, for a
-    claim check (`label_token_ids` empty), over "the answer is the claim" and "it is not"."""
-
-    label_token_ids: tuple[int, ...]  # () for a claim check
-    costs: CostMatrix
-    temperature: float  # 1: uncalibrated
-    abstain_message: str
-    bias: tuple[float, ...] | None = None  # after the temperature, per label (a fitted claim check's)
-
-    @property
-    def checks_claims(self) -> bool:
-        return not self.label_token_ids
-
-    def decide(self, label_logprobs: Sequence[float]) -> Decision:
-        return decide(label_logprobs, self.costs, self.temperature, self.bias)
-
-
-@dataclass(frozen=True)
-class AbstentionRule:
-    """Withhold an answer whose calibrated confidence is below `threshold`."""
-
-    score: str
-    calibration: Calibration | None
-    threshold: float
-    message: str
-
-    @property
-    def uses_base(self) -> bool:
-        """The score needs the base alone's view of the first step (`extra_requests` engine requests)."""
-        return self.score in ENSEMBLE_SCORES
-
-    @property
-    def at_first_token(self) -> bool:
-        """The score is known once the answer's first token is."""
-        return self.score in FIRST_STEP_SCORES
-
-    @property
-    def uses_prompt(self) -> bool:
-        """The score reads the base alone's prompt logprobs."""
-        return self.score in PROMPT_SCORES
-
-    @property
-    def top_logprobs(self) -> int:
-        """How many of the steered distribution's top logprobs per step the score reads."""
-        return AGREEMENT_TOKENS if self.score == "base_agreement" else 0
-
-    def assess(self, token_logprobs: Sequence[float], first_step: FirstStep | None = None) -> Abstention:
-        """An answer's calibrated confidence, from its tokens' steered logprobs (and, for the
-        ensemble scores, its first step), against the threshold."""
-        raw = confidence_score(self.score, token_logprobs, first_step,
-                               self.calibration.weights if self.calibration else None)
-        confidence = self.calibration.confidence(raw) if self.calibration else raw
-        return Abstention(self.score, raw, confidence, self.threshold)
-
-
-@dataclass(frozen=True)
 class Steering:
     """A request's admitted steering: what the engine applies and the server reports."""
 
     policy: str
     alpha: dict[str, float]  # per pair named by the policy or the request, as reported
     alpha_row: tuple[float, ...]  # one per expert pair, in the engine's pair order (absent: 0)
-    rule: DecisionRule | AbstentionRule | None = None
+    rule: Rule = Plain()  # the policy's kind, with its rule
     claim: str | None = None  # what a claim check checks, as sent
     claim_ids: tuple[int, ...] = ()  # and tokenized by the base's tokenizer, to continue the prompt
 
@@ -121,7 +55,7 @@ class Policy:
         self._default = self._rule(config, encode)
 
     @staticmethod
-    def _rule(config: PolicyConfig, encode) -> DecisionRule | AbstentionRule | None:
+    def _rule(config: PolicyConfig, encode) -> Rule:
         if config.decision is not None:
             return DecisionRule(
                 label_token_ids=() if config.decision.claim else label_first_tokens(encode, config.decision.labels),
@@ -133,11 +67,11 @@ class Policy:
         if config.abstain is not None:
             abstain = config.abstain
             threshold = abstain.threshold if abstain.threshold is not None else config.calibration.threshold
-            return AbstentionRule(abstain.score, config.calibration, threshold, abstain.message)
-        return None
+            return AbstentionRule.of(abstain.score, config.calibration, threshold, abstain.message)
+        return Plain()
 
     @property
-    def rule(self) -> DecisionRule | AbstentionRule | None:
+    def rule(self) -> Rule:
         """The policy's own rule, before any override."""
         return self._default
 

@@ -15,6 +15,7 @@ from steering_tools.fixtures import (  # noqa: E402
     train_tokenizer,
 )
 from steering_tools.reference import ReferenceSteerer  # noqa: E402
+
 from tests.live_server import Server, start_server, stop_server, write_config  # noqa: E402
 
 

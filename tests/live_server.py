@@ -9,7 +9,6 @@ from pathlib import Path
 import httpx
 import openai
 import yaml
-
 from steering_tools.server_process import ServerProcess, free_port
 
 STEER = str(Path(sys.executable).parent / "steer")

@@ -20,7 +20,7 @@ from steering.errors import (
     SteeringError,
     UnknownPolicy,
 )
-from steering_server.protocol import ErrorBody, ErrorResponse
+from steering_server.protocol import REFUSAL, ErrorBody, ErrorResponse
 
 
 class NotAuthenticated(SteeringError):
@@ -100,6 +100,9 @@ def _union_member_that_got_furthest(errors: list[dict]) -> dict:
 def _validation_body(error: RequestValidationError) -> ErrorBody:
     errors = error.errors()
     first = _union_member_that_got_furthest(errors) if errors else {}
+    if first.get("type") == REFUSAL:  # fields that disagree (`protocol.refusal`): the one it names
+        return ErrorBody(message=first["ctx"]["message"], type="invalid_request_error", param=first["ctx"]["param"],
+                         code="invalid_request")
     param = field_path(tuple(first.get("loc", ())))
     message = first.get("msg", "invalid request")
     if first.get("type") == "json_invalid":  # its loc is the character position, not a field
@@ -117,12 +120,9 @@ def respond(
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
     """The error envelope, counted in the metrics under the request's policy and endpoint."""
-    metrics = request.app.state.service.metrics
-    policy = metrics.policy_label(getattr(request.state, "policy", None))
-    metrics.errors.labels(policy, body.code or body.type).inc()
     if endpoint is None:
         endpoint = request.scope["route"].name if request.scope.get("route") else "unknown"
-    metrics.requests.labels(policy, endpoint, str(status)).inc()
+    request.app.state.server.metrics.refused(getattr(request.state, "policy", None), endpoint, status, body)
     if status == 401:
         headers = {**(headers or {}), "WWW-Authenticate": "Bearer"}
     return JSONResponse(ErrorResponse(error=body).model_dump(), status_code=status, headers=headers)

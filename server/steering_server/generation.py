@@ -1,36 +1,105 @@
-"""Plain policies (steering only): every prompt's choices, streamed as the engine makes them."""
+"""What chat and completions share: a request admitted on the admission thread, its policy kind run
+and counted, the answer sent whole or as server-sent events. Each endpoint's serving says how its
+request becomes a `PolicyRequest` and how pieces become its response and chunks."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
-from vllm.utils.async_utils import merge_async_iterators
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel
 
-from steering.engine import SteeringEngine
-from steering.errors import GenerationFailed, InvalidRequest
-from steering_server.pieces import Outcome, Piece
-from steering_server.plan import Plan
-
-
-async def generate(engine: SteeringEngine, plan: Plan, outcome: Outcome) -> AsyncIterator[Piece]:
-    """Pieces of every choice of every prompt, interleaved as they arrive."""
-    streams = [
-        engine.generate(prompt, params, steering=plan.steering, request_id=f"{plan.request_id}-{i}")
-        for i, (prompt, params) in enumerate(zip(plan.prompts, plan.params))
-    ]
-    async for prompt_index, output in merge_async_iterators(*streams):
-        for c in output.outputs:
-            outcome.completion_tokens += len(c.token_ids)
-            if c.finish_reason == "error":
-                raise _failure(plan)
-            yield Piece(prompt_index, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, output.prompt_logprobs)
+from steering.admission import Plan, PolicyRequest
+from steering.kinds import Outcome, Piece, joined
+from steering_server.errors import error_body
+from steering_server.lifecycle import Lifecycle
+from steering_server.metrics import ServerMetrics
+from steering_server.protocol import GenerationRequest, SteeringInfo, Usage
+from steering_server.streaming import CLIENT_CLOSED_REQUEST, sse, until_disconnected
 
 
-def _failure(plan: Plan) -> Exception:
-    """vLLM ended an answer with an error of its own. Under a format constraint that is the
-    constraint asking for what the base's tokenizer cannot spell (the grammar left no token):
-    the request's to change, not the server's to retry."""
-    if plan.constraint is not None:
-        return InvalidRequest(f"the base's tokenizer cannot spell what {plan.constraint} requires: the grammar left "
-                              "no token of its vocabulary, and the engine ended the answer", param=plan.constraint)
-    return GenerationFailed("the engine ended the answer with an error of its own; the server log says why")
+class GenerationServing:
+    """One generation endpoint: admit, run, answer."""
+
+    endpoint: str
+
+    def __init__(self, lifecycle: Lifecycle, metrics: ServerMetrics):
+        self.lifecycle = lifecycle
+        self.metrics = metrics
+
+    def policy_request(self, body: GenerationRequest) -> PolicyRequest:
+        raise NotImplementedError
+
+    def response(self, body: GenerationRequest, plan: Plan, pieces: list[Piece]) -> BaseModel:
+        raise NotImplementedError
+
+    def chunks(self, body: GenerationRequest, plan: Plan) -> AsyncIterator[BaseModel]:
+        raise NotImplementedError
+
+    async def handle(self, request: Request, body: GenerationRequest) -> Response:
+        """The answer to `body`: refused before anything is generated, or streamed, or whole."""
+        request.state.policy = body.model
+        plan = await self.lifecycle.on_admission_thread(self.plan, body)
+        if body.stream:
+            events = sse(self.chunks(body, plan), on_end=lambda error: self._ended(plan, error),
+                         on_abandoned=lambda: self.metrics.aborted.labels(plan.name).inc())
+            return StreamingResponse(events, media_type="text/event-stream")
+        answered = await until_disconnected(request, self.answer(plan))
+        if answered is None:
+            self.metrics.aborted.labels(plan.name).inc()
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        self.metrics.answered(plan, self.endpoint)
+        return JSONResponse(self.response(body, plan, answered[0]).model_dump())
+
+    def plan(self, body: GenerationRequest) -> Plan:
+        """Admit the request (on the admission thread); raises before anything is generated."""
+        return self.lifecycle.ready().admit(self.policy_request(body))
+
+    async def answer(self, plan: Plan) -> tuple[list[Piece], Outcome]:
+        """Every choice's whole answer, and the outcome; cancelling aborts the engine requests."""
+        pieces = [piece async for piece in self.pieces(plan)]
+        return joined(pieces), plan.outcome
+
+    async def pieces(self, plan: Plan) -> AsyncIterator[Piece]:
+        """The pieces the plan's kind yields, as they may be shown; the tokens it computed are
+        counted however it ends (answered, failed, or abandoned)."""
+        engine = self.lifecycle.ready().engine
+        first = True
+        try:
+            async for item in plan.rule.run(engine, plan):
+                if isinstance(item, Outcome):
+                    return
+                if first:
+                    self.metrics.first_token.labels(plan.name).observe(time.perf_counter() - plan.started)
+                    first = False
+                yield item
+        finally:
+            self.metrics.computed(plan)
+
+    def _ended(self, plan: Plan, error: Exception | None) -> None:
+        if error is None:
+            self.metrics.answered(plan, self.endpoint)
+        else:
+            self.metrics.refused(plan.name, self.endpoint, *error_body(error))
+
+    @staticmethod
+    def steering(plan: Plan) -> SteeringInfo:
+        return SteeringInfo.model_validate(plan.outcome.report())
+
+    @staticmethod
+    def usage(plan: Plan) -> Usage:
+        completion = plan.outcome.completion_tokens
+        return Usage(prompt_tokens=plan.prompt_tokens, completion_tokens=completion,
+                     total_tokens=plan.prompt_tokens + completion)
+
+    def stream_usage(self, body: GenerationRequest, plan: Plan) -> Usage | None:
+        """The usage a stream reports at its end: only when `stream_options.include_usage` asks."""
+        include = body.stream_options is not None and body.stream_options.include_usage
+        return self.usage(plan) if include else None
+
+    def chunk_usage(self, body: GenerationRequest, plan: Plan) -> Usage | None:
+        """The usage so far on every chunk, as vLLM's `stream_options.continuous_usage_stats` asks."""
+        options = body.stream_options
+        return self.stream_usage(body, plan) if options and options.continuous_usage_stats else None

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CollectorRegistry,
@@ -12,6 +14,10 @@ from prometheus_client import (
     Info,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from steering.admission import Plan
+    from steering_server.protocol import ErrorBody
 
 UNKNOWN_POLICY = "<unknown>"
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -86,6 +92,27 @@ class ServerMetrics:
     def policy_label(self, name: object) -> str:
         """A request's policy as a label; unknown names (and a `model` that is no string) collapse to one."""
         return name if isinstance(name, str) and name in self.policies else UNKNOWN_POLICY
+
+    def answered(self, plan: Plan, endpoint: str) -> None:
+        """A request answered whole (200): what its policy decided, and how long it took."""
+        name, outcome = plan.name, plan.outcome
+        self.requests.labels(name, endpoint, "200").inc()
+        self.latency.labels(name, endpoint).observe(time.perf_counter() - plan.started)
+        if outcome.decision is not None:
+            self.decisions.labels(name, outcome.decision.action).inc()
+        elif outcome.abstained:
+            self.abstentions.labels(name).inc()
+
+    def refused(self, policy: object, endpoint: str, status: int, error: ErrorBody) -> None:
+        """A request refused, or failed midway (its status, and the error's code)."""
+        label = self.policy_label(policy)
+        self.errors.labels(label, error.code or error.type).inc()
+        self.requests.labels(label, endpoint, str(status)).inc()
+
+    def computed(self, plan: Plan) -> None:
+        """The tokens an admitted request read and generated: answered, failed or abandoned."""
+        self.prompt_tokens.labels(plan.name).inc(plan.prompt_tokens)
+        self.generation_tokens.labels(plan.name).inc(plan.outcome.completion_tokens)
 
     def watch_engine(self, num_unfinished: Callable[[], int]) -> None:
         self.unfinished.set_function(num_unfinished)

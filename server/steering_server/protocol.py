@@ -1,14 +1,17 @@
-"""OpenAI-compatible request and response models, plus the `steering` extension.
+"""What the generation endpoints share of OpenAI's protocol, and the `steering` extension.
 
 Requests forbid unknown fields: a field we do not implement is refused (400), never ignored.
 They are strict: a value of the wrong JSON type (`"2"` for a number, `true` for an alpha) is
-refused, not coerced; text must be valid Unicode (a lone surrogate escape is refused).
+refused, not coerced; text must be valid Unicode (a lone surrogate escape is refused). What the
+fields must say of each other is checked here too, as vLLM checks it on its request models; such a
+refusal names its field (`refusal`).
 
 Where vLLM's own model fits, it is subclassed and made strict (`response_format`, `/tokenize`,
 `/detokenize`), and vLLM converts (structured outputs, chat rendering, sampling checks). vLLM's
 chat and completion requests are not: they coerce types, ignore unknown fields, and carry some
 eighty fields for what one composite engine cannot honour per policy (beam search, LoRA, KV
 transfer, images, prompt embeddings), each of which would have to be re-declared to be refused.
+Each endpoint's own models are in its folder's `protocol.py`.
 """
 
 from __future__ import annotations
@@ -17,12 +20,23 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 from vllm.entrypoints.generate.base import protocol as vllm_generate
-from vllm.entrypoints.openai.chat_completion import protocol as vllm_chat
-from vllm.entrypoints.serve.tokenize import protocol as vllm_tokenize
+from vllm.entrypoints.generate.base.protocol import structured_outputs_from_response_format
+from vllm.exceptions import VLLMValidationError
+from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-from steering.config import FiniteFloat
+from steering.policy import Overrides
+from steering.rules.calibration import FiniteFloat
+
+REFUSAL = "invalid_request"  # the error type of a cross-field refusal; its context names the field
+
+
+def refusal(param: str, message: str) -> PydanticCustomError:
+    """A request whose fields disagree: the client's error names `param` (`steering_server.errors`)."""
+    return PydanticCustomError(REFUSAL, "{message}", {"message": message, "param": param})
+
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # vLLM's bounds on a seed
 
@@ -39,11 +53,11 @@ def _unicode(text: str) -> str:
 Text = Annotated[str, AfterValidator(_unicode)]
 
 
-class _Request(BaseModel):
+class StrictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class SteeringRequest(_Request):
+class SteeringRequest(StrictRequest):
     """Per-request overrides of the chosen policy, within the bounds the policy sets."""
 
     alpha: dict[Text, FiniteFloat] | None = Field(
@@ -63,7 +77,7 @@ class SteeringRequest(_Request):
     )
 
 
-class StreamOptions(_Request):
+class StreamOptions(StrictRequest):
     include_usage: bool = False
     continuous_usage_stats: bool = Field(
         default=False, description="vLLM extension: with include_usage, every chunk carries the usage so far."
@@ -91,7 +105,7 @@ class ResponseFormat(vllm_generate.ResponseFormat):
         return self
 
 
-class StructuredOutputs(_Request):
+class StructuredOutputs(StrictRequest):
     """vLLM's `structured_outputs` (its `StructuredOutputsParams` fields): exactly one constraint."""
 
     json_: dict | Text | None = Field(default=None, alias="json", description="A JSON schema.")
@@ -104,7 +118,7 @@ class StructuredOutputs(_Request):
     whitespace_pattern: Text | None = None
 
 
-class _GenerationRequest(_Request):
+class GenerationRequest(StrictRequest):
     model: Text = Field(description="A policy name, as listed by GET /v1/models.")
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] = 1.0
@@ -142,18 +156,75 @@ class _GenerationRequest(_Request):
         default=None, description="Steering overrides (send through the OpenAI SDK's extra_body)."
     )
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        try:
+            return None if bias is None else {str(int(token)): value for token, value in bias.items()}
+        except ValueError:
+            raise refusal("logit_bias", "logit_bias keys must be token ids") from None
 
-class TextPart(_Request):
+    @model_validator(mode="after")
+    def _fields_agree(self) -> GenerationRequest:
+        if self.n > 1 and self.temperature == 0:
+            raise refusal("n", "n must be 1 with greedy sampling (temperature 0): the choices would be identical")
+        if self.stream_options is not None and not self.stream:
+            raise refusal("stream_options", "stream_options is only allowed with stream: true")
+        if self.prompt_logprobs is not None and self.stream:
+            raise refusal("prompt_logprobs", "prompt_logprobs are not available with stream: true")
+        try:  # vLLM's own refusal of no constraint, or of several
+            self.structured()
+        except VLLMValidationError as error:
+            raise refusal("structured_outputs", str(error).split(": {")[0]) from None
+        return self
+
+    @property
+    def constraint(self) -> str | None:
+        """The field that constrains the answer's format, if one does."""
+        if self.structured_outputs is not None:
+            return "structured_outputs"
+        if self.response_format is not None and self.response_format.type != "text":
+            return "response_format"
+        return None
+
+    def structured(self) -> StructuredOutputsParams | None:
+        """vLLM's constraint of the answer: its own conversion (`response_format` wins)."""
+        given = self.structured_outputs
+        params = StructuredOutputsParams(**given.model_dump(by_alias=True, exclude_unset=True)) if given else None
+        return structured_outputs_from_response_format(params, self.response_format)
+
+    def sampling(self) -> dict[str, Any]:
+        """The fields as vLLM's `SamplingParams` takes them (admission adds max_tokens)."""
+        return {
+            "n": self.n, "temperature": self.temperature, "top_p": self.top_p,
+            "top_k": self.top_k if self.top_k is not None else 0, "min_tokens": self.min_tokens, "stop": self.stop,
+            "seed": self.seed, "presence_penalty": self.presence_penalty, "frequency_penalty": self.frequency_penalty,
+            "logit_bias": {int(token): bias for token, bias in self.logit_bias.items()} if self.logit_bias else None,
+            "ignore_eos": self.ignore_eos, "repetition_penalty": self.repetition_penalty, "min_p": self.min_p,
+            "include_stop_str_in_output": self.include_stop_str_in_output,
+            "structured_outputs": self.structured(),
+            "logprobs": self.num_logprobs, "prompt_logprobs": self.prompt_logprobs,
+            "output_kind": RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
+        }
+
+    def overrides(self) -> Overrides | None:
+        given = self.steering
+        if given is None:
+            return None
+        return Overrides(given.alpha, given.abstain_threshold, given.costs, given.abstain_cost, given.claim)
+
+
+class TextPart(StrictRequest):
     type: Literal["text"]
     text: Text
 
 
-class FunctionCall(_Request):
+class FunctionCall(StrictRequest):
     name: Text
     arguments: Text = Field(description="The arguments as a JSON text, as the model wrote them.")
 
 
-class AssistantToolCall(_Request):
+class AssistantToolCall(StrictRequest):
     """A tool call of an earlier assistant turn, sent back in the conversation."""
 
     id: Text
@@ -161,7 +232,7 @@ class AssistantToolCall(_Request):
     function: FunctionCall
 
 
-class ChatMessage(_Request):
+class ChatMessage(StrictRequest):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Text | list[TextPart] | None = Field(default=None, description="Optional only beside tool_calls.")
     name: Text | None = None
@@ -179,121 +250,11 @@ class ChatMessage(_Request):
         return self
 
 
-class FunctionDefinition(vllm_generate.FunctionDefinition):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    name: Annotated[Text, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
-    description: Text | None = None
-    parameters: dict[Text, Any] | None = Field(default=None, description="A JSON schema of the arguments.")
-    defer_loading: None = Field(default=None, exclude=True)  # the Responses API's; not offered here
-
-
-class Tool(vllm_chat.ChatCompletionToolsParam):
-    """vLLM's (and OpenAI's) function tool, made strict."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-    function: FunctionDefinition
-    defer_loading: None = Field(default=None, exclude=True)
-
-
-class NamedFunction(_Request):
-    name: Text
-
-
-class NamedToolChoice(_Request):
-    type: Literal["function"] = "function"
-    function: NamedFunction
-
-
 TemplateKwargs = dict[Text, Any]
 TEMPLATE_KWARGS = "vLLM extension: variables for the base's chat template (e.g. {\"enable_thinking\": false}); " \
     "one the template does not read is refused."
 
 
-class ChatCompletionRequest(_GenerationRequest):
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)
-    tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = Field(
-        default=None, description="Functions the policy may call, parsed by the deployment's tool_call_parser.")
-    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        default=None, description="auto (the default with tools): the model decides; required or a named "
-        "function: the steered answer is constrained to a call.")
-    parallel_tool_calls: bool | None = Field(default=None, description="With required: false allows one call.")
-    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
-    logprobs: bool = False
-    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
-
-    @property
-    def token_limit_field(self) -> str:
-        """The field the client set the limit with, for errors that name it."""
-        return "max_completion_tokens" if self.max_completion_tokens is not None else "max_tokens"
-
-    @property
-    def num_logprobs(self) -> int | None:
-        return (self.top_logprobs or 0) if self.logprobs else None
-
-
-class CompletionRequest(_GenerationRequest):
-    max_tokens: Annotated[int, Field(ge=0)] | None = Field(
-        default=None, description="0 (with echo) scores the prompt without generating."
-    )
-    echo: bool = Field(default=False, description="Prepend the prompt to the text, and its steered logprobs to "
-                       "the logprobs: how loglikelihood evaluations score a policy.")
-    prompt: Text | Annotated[list[int], Field(min_length=1)] | Annotated[list[Text], Field(min_length=1)] | Annotated[
-        list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1)
-    ]
-    logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
-
-    @property
-    def token_limit(self) -> int | None:
-        return self.max_tokens
-
-    @property
-    def token_limit_field(self) -> str:
-        return "max_tokens"
-
-    @property
-    def num_logprobs(self) -> int | None:
-        return self.logprobs
-
-    def prompts(self) -> list[str | list[int]]:
-        """One entry per prompt: a text or a token-id list."""
-        if isinstance(self.prompt, str) or (self.prompt and isinstance(self.prompt[0], int)):
-            return [self.prompt]
-        return list(self.prompt)
-
-
-# /tokenize and /detokenize: vLLM's own request and response models, made strict.
-
-
-class TokenizeCompletionRequest(vllm_tokenize.TokenizeCompletionRequest):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: Text | None = Field(default=None, description="A policy name; every policy shares the base's tokenizer.")
-    prompt: Text
-
-
-class TokenizeChatRequest(_Request):
-    """vLLM's chat fields that apply here, with our `ChatMessage`: vLLM's request also takes
-    images, audio, tools and its own chat template, which the base's rendering here does not."""
-
-    model: Text | None = Field(default=None, description="A policy name; every policy shares the base's tokenizer.")
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    add_generation_prompt: bool = True
-    add_special_tokens: bool = False
-    return_token_strs: bool | None = False
-    chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)
-
-
-class DetokenizeRequest(vllm_tokenize.DetokenizeRequest):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: Text | None = Field(default=None, description="A policy name; every policy shares the base's tokenizer.")
-
-
-TokenizeResponse = vllm_tokenize.TokenizeResponse
-DetokenizeResponse = vllm_tokenize.DetokenizeResponse
 
 
 # Responses
@@ -322,20 +283,6 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class TopLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None
-
-
-class TokenLogprob(TopLogprob):
-    top_logprobs: list[TopLogprob]
-
-
-class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob]
-
-
 class PromptLogprob(BaseModel):
     """vLLM's shape of one candidate prompt token (keyed by its token id)."""
 
@@ -347,76 +294,34 @@ class PromptLogprob(BaseModel):
 PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
-class CompletionLogprobs(BaseModel):
-    tokens: list[str]
-    token_logprobs: list[float | None]
-    top_logprobs: list[dict[str, float] | None]
-    text_offset: list[int]
+def prompt_logprobs_body(prompt_logprobs) -> PromptLogprobs:
+    """vLLM's `prompt_logprobs` shape, with -inf clamped as vLLM clamps it (JSON has no -inf)."""
+    return [
+        None if step is None else {
+            str(token): PromptLogprob(logprob=max(lp.logprob, -9999.0), rank=lp.rank, decoded_token=lp.decoded_token)
+            for token, lp in step.items()
+        }
+        for step in prompt_logprobs
+    ]
 
 
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str | None
-    tool_calls: list[vllm_generate.ToolCall] | None = Field(default=None, exclude_if=lambda calls: calls is None)
-
-
-class ChatChoice(BaseModel):
-    index: int
-    message: AssistantMessage
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None
-
-
-class CompletionChoice(BaseModel):
-    index: int
-    text: str
-    logprobs: CompletionLogprobs | None = None
-    finish_reason: str | None
-    prompt_logprobs: PromptLogprobs | None = Field(
-        default=None, description="With prompt_logprobs: one entry per prompt token, the first null.")
-
-
-def _response_id(prefix: str) -> str:
+def response_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-class ChatCompletion(BaseModel):
-    id: str = Field(default_factory=lambda: _response_id("chatcmpl"))
-    object: Literal["chat.completion"] = "chat.completion"
+class Answer(BaseModel):
+    """What a generation endpoint answers: its choices, the usage, and the `steering` block."""
+
+    id: str
+    object: str
     created: int = Field(default_factory=lambda: int(time.time()))
     model: str
-    choices: list[ChatChoice]
-    usage: Usage
-    steering: SteeringInfo
-    prompt_logprobs: PromptLogprobs | None = Field(
-        default=None, description="With prompt_logprobs: one entry per token of the rendered conversation, "
-        "the first null.")
-
-
-class Completion(BaseModel):
-    id: str = Field(default_factory=lambda: _response_id("cmpl"))
-    object: Literal["text_completion"] = "text_completion"
-    created: int = Field(default_factory=lambda: int(time.time()))
-    model: str
-    choices: list[CompletionChoice]
+    choices: list
     usage: Usage
     steering: SteeringInfo
 
 
-class ChatDelta(BaseModel):
-    role: Literal["assistant"] | None = None
-    content: str | None = None
-    tool_calls: list[vllm_generate.DeltaToolCall] | None = Field(default=None, exclude_if=lambda calls: calls is None)
-
-
-class ChatChunkChoice(BaseModel):
-    index: int
-    delta: ChatDelta
-    logprobs: ChatLogprobs | None = None
-    finish_reason: str | None = None
-
-
-class _Chunk(BaseModel):
+class StreamChunk(BaseModel):
     """What every streamed chunk has; the last one carries `steering` (and `usage` if asked)."""
 
     id: str
@@ -424,52 +329,6 @@ class _Chunk(BaseModel):
     model: str
     usage: Usage | None = None
     steering: SteeringInfo | None = None
-
-
-class ChatCompletionChunk(_Chunk):
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    choices: list[ChatChunkChoice]
-
-
-class CompletionChunk(_Chunk):
-    object: Literal["text_completion"] = "text_completion"
-    choices: list[CompletionChoice]
-
-
-class ModelCard(BaseModel):
-    """A policy, listed as a model."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "steering"
-    description: str
-    base: str
-    experts: dict[str, dict[str, str]] = Field(description="Expert pairs by name: tuned and untuned checkpoints.")
-    alpha: dict[str, float]
-    max_alpha: float | None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]
-
-
-class Health(BaseModel):
-    status: Literal["ready", "loading", "failed"]
-
-
-class ReloadResponse(BaseModel):
-    """What `POST /v1/admin/reload` changed; requests admitted before it finish on their old policy."""
-
-    object: Literal["config.reload"] = "config.reload"
-    status: Literal["reloaded", "unchanged"]
-    digest: str = Field(description="The active config's digest (also `steer_config_info` in /metrics).")
-    previous_digest: str
-    added: list[str]
-    removed: list[str]
-    changed: dict[str, list[str]] = Field(description="Changed policies, each with the fields that changed.")
-    policies: list[str] = Field(description="Every policy served from now on.")
 
 
 class ErrorBody(BaseModel):

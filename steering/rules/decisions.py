@@ -101,7 +101,7 @@ class Decision:
         }
 
 
-def decide(label_logprobs: Sequence[float], costs: CostMatrix, temperature: float = 1.0,
+def bayes_decision(label_logprobs: Sequence[float], costs: CostMatrix, temperature: float = 1.0,
            bias: Sequence[float] | None = None) -> Decision:
     """The Bayes action from the labels' steered log-probabilities, calibrated by `temperature` and `bias`."""
     logprobs = np.asarray(label_logprobs, dtype=np.float64)

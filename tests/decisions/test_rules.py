@@ -12,8 +12,8 @@ from steering.rules.decisions import (
     ABSTAIN,
     CostMatrix,
     bayes_action,
+    bayes_decision,
     claim_label_logprobs,
-    decide,
     expected_costs,
     label_first_tokens,
 )
@@ -43,7 +43,7 @@ def test_bayes_action_by_hand(probs, costs, expected, action):
 def test_decide_reports_raw_calibrated_mass_and_costs():
     logprobs = [math.log(0.3), math.log(0.1)]  # 40% of the next-token mass on the labels
     costs = CostMatrix(("yes", "no"), ((0.0, 10.0), (1.0, 0.0)), abstain_cost=0.5)
-    decision = decide(logprobs, costs, temperature=2.0)
+    decision = bayes_decision(logprobs, costs, temperature=2.0)
     assert decision.probabilities == pytest.approx((0.75, 0.25))
     # softmax(log p / 2) = sqrt(p) renormalised: sqrt(.3) / (sqrt(.3) + sqrt(.1))
     yes = math.sqrt(0.3) / (math.sqrt(0.3) + math.sqrt(0.1))
@@ -60,19 +60,19 @@ def test_decide_reports_raw_calibrated_mass_and_costs():
 def test_a_claim_is_the_first_of_two_labels():
     costs = CostMatrix(("yes", "no"), ((0.0, 10.0), (1.0, 0.0)))
     assert claim_label_logprobs(math.log(0.25)) == pytest.approx([math.log(0.25), math.log(0.75)])
-    decision = decide(claim_label_logprobs(math.log(0.95)), costs)
+    decision = bayes_decision(claim_label_logprobs(math.log(0.95)), costs)
     assert decision.probabilities == pytest.approx((0.95, 0.05)) and decision.label_mass == pytest.approx(1.0)
     # yes iff p >= 10 / 11
     assert decision.action == "yes"
-    assert decide(claim_label_logprobs(math.log(0.9)), costs).action == "no"
-    certain = decide(claim_label_logprobs(0.0), costs)  # the claim is all the model would say
+    assert bayes_decision(claim_label_logprobs(math.log(0.9)), costs).action == "no"
+    certain = bayes_decision(claim_label_logprobs(0.0), costs)  # the claim is all the model would say
     assert certain.probabilities == (1.0, 0.0) and certain.action == "yes"
 
 
 def test_a_bias_after_the_temperature_is_platt_scaling_of_a_claim():
     costs = CostMatrix(("yes", "no"), ((0.0, 10.0), (1.0, 0.0)))
     p, a, b = 0.3, 0.5, 2.0
-    decision = decide(claim_label_logprobs(math.log(p)), costs, temperature=1 / a, bias=(b, 0.0))
+    decision = bayes_decision(claim_label_logprobs(math.log(p)), costs, temperature=1 / a, bias=(b, 0.0))
     yes = 1 / (1 + math.exp(-(a * math.log(p / (1 - p)) + b)))  # sigmoid(a logit(p) + b) ~ .66
     assert decision.calibrated == pytest.approx((yes, 1 - yes))
     assert decision.probabilities == pytest.approx((p, 1 - p)), "raw stays raw"
@@ -82,8 +82,8 @@ def test_a_bias_after_the_temperature_is_platt_scaling_of_a_claim():
 def test_binary_rule_switches_at_cost_ratio():
     # positive iff p >= c_fp / (c_fp + c_fn) = 1 / 4
     costs = CostMatrix(("pos", "neg"), ((0.0, 1.0), (3.0, 0.0)))
-    assert decide([math.log(0.26), math.log(0.74)], costs).action == "pos"
-    assert decide([math.log(0.24), math.log(0.76)], costs).action == "neg"
+    assert bayes_decision([math.log(0.26), math.log(0.74)], costs).action == "pos"
+    assert bayes_decision([math.log(0.24), math.log(0.76)], costs).action == "neg"
 
 
 @pytest.mark.parametrize(

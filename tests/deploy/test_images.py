@@ -10,8 +10,8 @@ import tomllib
 from pathlib import Path
 
 import pytest
-
 from steering_cli.main import build_parser
+
 from tests.deploy.conftest import DEPLOY, DOCKERFILES, instructions
 
 ROOT = DEPLOY.parent

@@ -10,11 +10,11 @@ import shlex
 import kubernetes_validate
 import pytest
 import yaml
+from steering_cli.main import build_parser
+from steering_server.app import ServerSettings
+from steering_server.metrics import ServerMetrics
 
 from steering.config import read_deployment
-from steering_server.app import ServerSettings
-from steering_cli.main import build_parser
-from steering_server.metrics import ServerMetrics
 from tests.deploy.conftest import DEPLOY, KUBERNETES, find, instructions, manifests
 
 # The oldest Kubernetes these manifests are meant for, and the newest the schemas know.

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 import pytest
 from vllm import SamplingParams
 
+from steering.admission import Admission
 from steering.config import parse_deployment
 from steering.engine import SteeringEngine
 from steering.policy import Overrides, Steering
@@ -25,6 +26,7 @@ class LiveEngine:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.engine: SteeringEngine = self.run(self._start())
+        self.admission = Admission(self.engine)
 
     async def _start(self) -> SteeringEngine:
         return SteeringEngine.start(self.deployment)
@@ -34,16 +36,17 @@ class LiveEngine:
 
     def steering(self, alpha: Mapping[str, float]) -> Steering:
         """Any alphas, admitted the way a request's are: through the `any` policy's bounds."""
-        return self.engine.policies["any"].resolve(Overrides(alpha=alpha))
+        return self.admission.policies["any"].resolve(Overrides(alpha=alpha))
 
     def outputs(self, prompts: Sequence, alphas: Sequence[Mapping[str, float]], params: SamplingParams):
         """Final RequestOutputs of requests submitted together (one batch in the engine)."""
-        plans = [(self.steering(a), p) for p, a in zip(prompts, alphas)]
-        for _, prompt in plans:  # admission, as the server does before generating
-            self.engine.check_request(self.engine.encode(prompt) if isinstance(prompt, str) else list(prompt), params)
+        encode = self.engine.prompts.encode
+        plans = [(self.steering(a), encode(p) if isinstance(p, str) else list(p)) for p, a in zip(prompts, alphas)]
+        for _, prompt in plans:  # the engine's limits, as admission checks them before generating
+            self.engine.check_request(prompt, params)
 
         async def gather():
-            return await asyncio.gather(*(self.engine.complete(p, params, steering=s) for s, p in plans))
+            return await asyncio.gather(*(self.engine.complete(p, params, alpha_row=s.alpha_row) for s, p in plans))
 
         return self.run(gather())
 

@@ -17,10 +17,6 @@ from __future__ import annotations
 import pytest
 import torch
 import yaml
-from vllm import SamplingParams
-from vllm.config import ModelConfig
-
-from steering.config import load_deployment
 from steering_tools.fixtures import (
     ARCHITECTURES,
     FamilySpec,
@@ -29,6 +25,10 @@ from steering_tools.fixtures import (
     save_model,
 )
 from steering_tools.reference import ReferenceSteerer
+from vllm import SamplingParams
+from vllm.config import ModelConfig
+
+from steering.config import load_deployment
 from tests.engine.conftest import LiveEngine, _config
 
 # Engine name -> a base and expert pairs named for their architecture.

@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import yaml
+from steering_tools.fixtures import QWEN2_FAMILY, Shape, quantize_w8a8, save_model, train_tokenizer
 
 from steering.config import load_deployment, parse_deployment
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
 from steering.policy import Overrides, Policies
-from steering_tools.fixtures import QWEN2_FAMILY, Shape, quantize_w8a8, save_model, train_tokenizer
 
 
 def config_of(family: dict, **changes) -> dict:

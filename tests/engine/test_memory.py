@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from steering_tools.fixtures import write_deployment
 
 from steering.config import parse_deployment
 from steering.engine import engine_config
@@ -25,7 +26,6 @@ from steering.memory import (
     default_kv_cache,
     model_memory,
 )
-from steering_tools.fixtures import write_deployment
 from tests.engine.conftest import _config as engine_test_config
 from tests.live_server import write_config
 

@@ -9,6 +9,7 @@ from vllm import SamplingParams
 from vllm.sampling_params import RequestOutputKind
 
 from steering.errors import InvalidRequest, InvalidSteering
+from steering.scoring import next_token_logprobs
 
 TEXTS = [
     "the model answers the question",
@@ -131,7 +132,7 @@ def test_logprobs_of_chosen_next_tokens(llama_engine, llama_reference, tokenizer
     assert engine.caches_prompt(len(prompt)) is cached
     alpha = {"chat": -1.0}
     chosen = [5, 17, tokenizer.eos_token_id, 40, 5]  # the end of text too, and one twice
-    got, first = llama_engine.run(engine.next_token_logprobs(prompt, chosen, llama_engine.steering(alpha)))
+    got, first = llama_engine.run(next_token_logprobs(engine, prompt, chosen, llama_engine.steering(alpha).alpha_row))
     want = llama_reference.next_token_logprobs([prompt], [alpha])[0]
     assert list(got) == [5, 17, tokenizer.eos_token_id, 40], "each token once, in the order asked"
     assert list(got.values()) == pytest.approx([want[t].item() for t in got], abs=1e-4)
@@ -141,7 +142,7 @@ def test_logprobs_of_chosen_next_tokens(llama_engine, llama_reference, tokenizer
 def test_chosen_token_ids_in_sampling_params_are_refused(llama_engine, tokenizer):
     params = SamplingParams(max_tokens=1, temperature=0.0, logprob_token_ids=[5, 17])
     with pytest.raises(InvalidRequest) as refused:
-        llama_engine.run(llama_engine.engine.complete(prompts(tokenizer)[0], params, steering=llama_engine.steering({})))
+        llama_engine.run(llama_engine.engine.complete(prompts(tokenizer)[0], params, alpha_row=(0.0, 0.0)))
     assert refused.value.param == "logprob_token_ids" and "engine step" in str(refused.value)
 
 
@@ -156,8 +157,8 @@ def test_top_logprobs_survive_a_step_shared_with_chosen_token_logprobs(llama_eng
 
     async def interleaved():
         return await asyncio.gather(*(
-            llama_engine.engine.next_token_logprobs(prompt, chosen, steering) if i % 2
-            else llama_engine.engine.complete(prompt, top, steering=steering) for i in range(16)))
+            next_token_logprobs(llama_engine.engine, prompt, chosen, steering.alpha_row) if i % 2
+            else llama_engine.engine.complete(prompt, top, alpha_row=steering.alpha_row) for i in range(16)))
 
     outputs = llama_engine.run(interleaved())
     reference = llama_reference.next_token_logprobs([prompt], [alpha])[0]
@@ -185,7 +186,7 @@ def test_prompt_logprobs_are_steered_per_request_across_chunks(llama_engine, lla
     async def together():
         return await asyncio.gather(*(llama_engine.engine.complete(
             prompt, SamplingParams(max_tokens=16 if k is None else 2, temperature=0.0, prompt_logprobs=k),
-            steering=llama_engine.steering(alpha)) for prompt, alpha, k in asks))
+            alpha_row=llama_engine.steering(alpha).alpha_row) for prompt, alpha, k in asks))
 
     outputs = llama_engine.run(together())
     assert outputs[0].prompt_logprobs is None
@@ -206,7 +207,7 @@ def test_streamed_deltas_add_up(llama_engine, llama_reference, tokenizer):
 
     async def stream():
         return [list(o.outputs[0].token_ids) async for o in llama_engine.engine.generate(
-            prompt, params, steering=llama_engine.steering(alpha))]
+            prompt, params, alpha_row=llama_engine.steering(alpha).alpha_row)]
 
     chunks = llama_engine.run(stream())
     assert len(chunks) > 1

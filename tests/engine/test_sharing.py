@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
 from steering_tools.fixtures import save_model
 from steering_tools.reference import ReferenceSteerer
+
 from tests.engine.conftest import LiveEngine
 from tests.engine.test_proxy_tuning import prompts
 

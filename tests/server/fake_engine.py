@@ -1,8 +1,9 @@
-"""A `SteeringEngine` whose vLLM and base tokenizer are fakes, so the app runs in-process in milliseconds.
+"""A `SteeringEngine` over a fake vLLM client and base tokenizer, so the app runs in-process in milliseconds.
 
-Only vLLM's half is faked: the token stream (`generate`), the tokenizer and the chat renderer
-(`chat_prompt`). What the server calls on top of it (`encode`, `check_request`, `complete`,
-`label_logprobs`, the policies) is the real `SteeringEngine` and `Policies` code. The fake model, in full:
+Only vLLM's half is faked: its client (`FakeLLM`: the token stream, the renderer, the configs its
+parameter checks read) and the tokenizer. The engine is built through `SteeringEngine`'s own
+constructor, so everything of ours on top of it (admission, the policy kinds, scoring, claim
+checks, vLLM's own checks of sampling parameters) runs for real. The fake model, in full:
 
 - a token is a character, its id the code point (below 0xD800); `encode` puts BOS (id 1) first.
 - choice j answers ANSWER_LEN lower-case letters, letter k being `(sum(prompt) + 3k + j + shift) % 26`
@@ -12,6 +13,8 @@ Only vLLM's half is faked: the token stream (`generate`), the tokenizer and the 
   `label_prob(token, alpha_row)`.
 - every prompt token after the first has probability PROMPT_PROB (prompt logprobs, rank 1).
 - a prompt with the BEL character (id 7) ends its answers with vLLM's finish_reason "error".
+- the chat template is a real Jinja template: `role: content` a line, the template variable
+  `persona` said first; vLLM's renderer joins text parts with newlines, and tools are not shown.
 """
 
 from __future__ import annotations
@@ -19,7 +22,10 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from types import SimpleNamespace
 
+import jinja2
 from vllm import SamplingParams
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
@@ -27,7 +33,7 @@ from vllm.sampling_params import RequestOutputKind
 
 from steering.config import Deployment
 from steering.engine import SteeringEngine
-from steering.policy import Policies, Steering
+from steering.steer import ALPHA_KEY
 
 BOS = 1
 BEL = 7
@@ -58,14 +64,18 @@ def label_prob(token: int, alpha_row: Sequence[float]) -> float:
 class CharTokenizer:
     """Characters as tokens, with a one-line-per-message chat template."""
 
-    chat_template = "{role}: {content}\n"  # `apply_chat_template` renders it
+    chat_template = ("{% if persona %}{{ persona }}\n{% endif %}{% for m in messages %}{{ m['role'] }}: "
+                     "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+    eos_token_id = None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [BOS] * add_special_tokens + [ord(c) for c in text]
 
-    def apply_chat_template(self, messages, *, add_generation_prompt: bool, tokenize: bool, return_dict: bool):
-        text = "".join(self.chat_template.format(**m) for m in messages)
-        return self.encode(text + ("assistant: " if add_generation_prompt else ""))
+    def apply_chat_template(self, messages, *, add_generation_prompt: bool, tokenize: bool = True,
+                            return_dict: bool = False, **variables):
+        template = jinja2.Environment().from_string(self.chat_template)
+        text = template.render(messages=messages, add_generation_prompt=add_generation_prompt, **variables)
+        return self.encode(text) if tokenize else text
 
     def __len__(self) -> int:
         return 0xD800  # the code points below the surrogates: every id decodes to valid text
@@ -77,38 +87,70 @@ class CharTokenizer:
         return ["<s>" if t == BOS else chr(t) for t in token_ids]
 
 
-class FakeEngine(SteeringEngine):
-    """The real engine facade over the fake model; `SteeringEngine.__init__` would start vLLM."""
+@dataclass(frozen=True)
+class TokenizeParams:
+    max_total_tokens: int | None = None
 
-    def __init__(self, deployment: Deployment, *, max_model_len: int = 64):
+
+class FakeRenderer:
+    """vLLM's renderer: conversations through the tokenizer's chat template; token prompts as they are."""
+
+    default_chat_tok_params = TokenizeParams()
+
+    def __init__(self, tokenizer: CharTokenizer):
+        self.tokenizer = tokenizer
+
+    def render_chat(self, conversations, params, tok_params):
+        (messages,) = conversations
+        flat = [{**m, "content": _text(m.get("content"))} for m in messages]
+        variables = {key: value for key, value in params.chat_template_kwargs.items() if key != "tools"}
+        return None, [{"prompt_token_ids": self.tokenizer.apply_chat_template(flat, **variables)}]
+
+    def render_cmpl(self, prompts):
+        return list(prompts)
+
+
+def _text(content) -> str:
+    """A message's content: a string, text parts (joined by newlines, as vLLM joins them), or none."""
+    return content if isinstance(content, str) else "\n".join(p["text"] for p in content or ())
+
+
+class FakeLLM:
+    """vLLM's `AsyncLLM` as the engine uses it, over the fake model."""
+
+    def __init__(self, max_model_len: int):
         self.tokenizer = CharTokenizer()
-        self.policies = Policies.build(deployment, self._encode_text)
-        self.max_model_len = max_model_len
-        self.logprobs_at_temperature_one = True
-        self.prefix_cache_block = None  # no prefix cache: chosen-token requests run together
+        self.renderer = FakeRenderer(self.tokenizer)
+        self.model_config = SimpleNamespace(
+            max_model_len=max_model_len, logprobs_mode="raw_logprobs", is_encoder_decoder=False, is_diffusion=False,
+            max_logprobs=20, get_vocab_size=lambda: len(self.tokenizer), try_get_generation_config=lambda: {})
+        # No prefix cache: chosen-token requests run together; no grammar backend: constraints pass as sent.
+        self.vllm_config = SimpleNamespace(model_config=self.model_config, speculative_config=None,
+                                           structured_outputs_config=None,
+                                           cache_config=SimpleNamespace(block_size=16, enable_prefix_caching=False))
         self.running = 0
+        self.errored = False  # a test sets it: vLLM's engine core has died
         self.is_shut_down = False
 
-    async def generate(
-        self, prompt: str | Sequence[int], params: SamplingParams, *, steering: Steering, request_id: str | None = None
-    ) -> AsyncIterator[RequestOutput]:
+    async def generate(self, engine_input, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
         """vLLM's stream: one delta per token (all choices), or the final output alone."""
-        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = list(engine_input["prompt_token_ids"])
+        alpha_row = params.extra_args[ALPHA_KEY]
         length = min(ANSWER_LEN, params.max_tokens)
-        answers = [[ord(c) for c in answer(prompt_ids, steering.alpha_row, j)[:length]] for j in range(params.n)]
+        answers = [[ord(c) for c in answer(prompt_ids, alpha_row, j)[:length]] for j in range(params.n)]
         if params.allowed_token_ids:  # a forced sample: the label's own step
             length, answers = 1, [params.allowed_token_ids[:1]] * params.n
         finish = "error" if BEL in prompt_ids else "length" if length < ANSWER_LEN else "stop"
 
         def output(start: int, stop: int) -> RequestOutput:
             done = stop == length
-            choices = [_completion(j, ids[start:stop], start, params, steering, finish if done else None)
+            choices = [_completion(j, ids[start:stop], start, params, alpha_row, finish if done else None)
                        for j, ids in enumerate(answers)]
             prompt_logprobs = None
             if params.prompt_logprobs is not None and start == 0:  # sent once, with the first output
                 prompt_logprobs = [None, *({t: Logprob(math.log(PROMPT_PROB), rank=1, decoded_token=chr(t))}
                                            for t in prompt_ids[1:])]
-            return RequestOutput(request_id or "fake", None, prompt_ids, prompt_logprobs, choices, finished=done)
+            return RequestOutput(request_id, None, prompt_ids, prompt_logprobs, choices, finished=done)
 
         self.running += 1
         try:
@@ -121,43 +163,34 @@ class FakeEngine(SteeringEngine):
         finally:
             self.running -= 1
 
-    def chat_prompt(self, messages, *, add_generation_prompt: bool = True, template_kwargs=None, tools=None) -> list[int]:
-        """vLLM's renderer, faked: text parts joined by newlines, as vLLM joins them; the template's
-        one variable, `persona`, is said first; tools are not shown to the fake model."""
-        def text(content) -> str:  # a string, text parts, or none beside tool calls
-            return content if isinstance(content, str) else "\n".join(p["text"] for p in content or ())
+    async def abort(self, request_id: str) -> None:
+        pass
 
-        flat = [{**m, "content": text(m.get("content"))} for m in messages]
-        ids = self.tokenizer.apply_chat_template(flat, add_generation_prompt=add_generation_prompt, tokenize=True,
-                                                 return_dict=False)
-        persona = (template_kwargs or {}).get("persona")
-        return [*ids[:1], *self.tokenizer.encode(f"{persona}\n", add_special_tokens=False), *ids[1:]] if persona else ids
-
-    chat_template_variables = frozenset({"messages", "add_generation_prompt", "persona"})
-
-    def verify(self, params: SamplingParams) -> None:
-        """There is no vLLM configuration to check against: what it refuses is tested live."""
-
-    @property
-    def num_unfinished_requests(self) -> int:
+    def get_num_unfinished_requests(self) -> int:
         return self.running
-
-    errored = False  # a test sets it: vLLM's engine core has died
 
     def shutdown(self) -> None:
         self.is_shut_down = True
 
 
-def _completion(index: int, token_ids: list[int], start: int, params: SamplingParams, steering: Steering,
+class FakeEngine(SteeringEngine):
+    """The real engine facade, through its own constructor, over the fake vLLM client."""
+
+    def __init__(self, deployment: Deployment, *, max_model_len: int = 64):
+        llm = FakeLLM(max_model_len)
+        super().__init__(llm, llm.tokenizer, deployment)
+
+
+def _completion(index: int, token_ids: list[int], start: int, params: SamplingParams, alpha_row: Sequence[float],
                 finish: str | None) -> CompletionOutput:
     wants_logprobs = params.logprobs is not None
-    logprobs = [_step(t, start + i, params, steering) for i, t in enumerate(token_ids)] if wants_logprobs else None
+    logprobs = [_step(t, start + i, params, alpha_row) for i, t in enumerate(token_ids)] if wants_logprobs else None
     return CompletionOutput(index, "".join(map(chr, token_ids)), token_ids, None, logprobs, finish_reason=finish)
 
 
-def _step(token: int, k: int, params: SamplingParams, steering: Steering) -> dict[int, Logprob]:
+def _step(token: int, k: int, params: SamplingParams, alpha_row: Sequence[float]) -> dict[int, Logprob]:
     """One position's logprobs: the chosen token (rank 1), or a forced label, and top-N alternatives."""
-    p = label_prob(token, steering.alpha_row) if params.allowed_token_ids else token_prob(k)
+    p = label_prob(token, alpha_row) if params.allowed_token_ids else token_prob(k)
     step = {token: Logprob(math.log(p), rank=1, decoded_token=chr(token))}
     for rank in range(2, (params.logprobs or 0) + 1):
         step[ord("A") + rank] = Logprob(math.log((1 - p) / 20), rank=rank, decoded_token=chr(ord("A") + rank))

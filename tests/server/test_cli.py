@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from steering_tools.fixtures import write_deployment
 
 STEER = str(Path(sys.executable).parent / "steer")

@@ -17,9 +17,10 @@ import hypothesis.strategies as st
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
+from steering_server.app import create_app
+from steering_server.settings import ServerSettings
 
 from steering.config import parse_deployment
-from steering_server.app import ServerSettings, create_app
 from tests.live_server import API_KEY as LIVE_API_KEY
 from tests.server.fake_engine import FakeEngine
 from tests.server.test_protocol import API_KEY, EXPERTS, MAX_MODEL_LEN, POLICIES
@@ -41,16 +42,17 @@ def served_names(schema: schemathesis.BaseSchema, policies: list[str], *, short:
         return st.sampled_from([*policies, model]) if isinstance(model, str) else st.just(model)
 
     def message(m: object) -> object:
-        """A message made to keep the rules of its role (content, tool_call_id, tool_calls)."""
+        """A message made to keep the rules of its role (content, tool_call_id, tool_calls); a
+        value of the wrong type is left as it is, so negative cases stay negative."""
         if not isinstance(m, dict):
             return m
         m = {**m}
-        if m.get("role") != "assistant":
-            m.pop("tool_calls", None)
+        if m.get("role") != "assistant" and isinstance(m.get("tool_calls"), list):
+            m.pop("tool_calls")
         if m.get("role") == "tool":
             m.setdefault("tool_call_id", "call-0")
-        else:
-            m.pop("tool_call_id", None)
+        elif isinstance(m.get("tool_call_id"), str):
+            m.pop("tool_call_id")
         if m.get("content") is None and not m.get("tool_calls"):
             m["content"] = "hi"
         return m
@@ -65,7 +67,8 @@ def served_names(schema: schemathesis.BaseSchema, policies: list[str], *, short:
             body = {**body, "messages": [message(m) for m in body["messages"]]}
         if "tools" not in body:
             body.pop("tool_choice", None)
-        body.pop("chat_template_kwargs", None)
+        if isinstance(body.get("chat_template_kwargs"), dict):
+            body.pop("chat_template_kwargs")
         if body.get("stream") is True:
             body.pop("prompt_logprobs", None)
         if body.get("max_tokens") == 0:

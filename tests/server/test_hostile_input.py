@@ -13,10 +13,12 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from steering_server.app import create_app
+from steering_server.completions.protocol import CompletionRequest
+from steering_server.protocol import INT64_MAX, INT64_MIN
+from steering_server.settings import ServerSettings
 
 from steering.config import parse_deployment
-from steering_server.app import ServerSettings, create_app
-from steering_server.protocol import INT64_MAX, INT64_MIN, CompletionRequest
 from tests.server.fake_engine import ANSWER_LEN, FakeEngine
 from tests.server.test_protocol import (
     API_KEY,
@@ -149,13 +151,13 @@ def test_a_body_over_the_limit_is_413_whether_declared_or_streamed(engine):
 
 def test_prompts_are_tokenized_off_the_event_loop(client, engine):
     threads = []
-    encode = engine.encode
+    encode = engine.prompts.encode
 
-    def recording(text: str) -> list[int]:
+    def recording(text: str, **options) -> list[int]:
         threads.append(threading.current_thread().name)
-        return encode(text)
+        return encode(text, **options)
 
-    engine.encode = recording
+    engine.prompts.encode = recording
     assert client.post("/v1/completions", json={"model": "chat", "prompt": "hi", "max_tokens": 2}).status_code == 200
     assert threads and all(name.startswith("steer-admission") for name in threads)
 
@@ -165,9 +167,9 @@ class FailingEngine(FakeEngine):
 
     after = 2
 
-    async def generate(self, prompt, params, *, steering, request_id=None):
+    async def generate(self, prompt, params, *, alpha_row, request_id=None):
         count = 0
-        async for output in super().generate(prompt, params, steering=steering, request_id=request_id):
+        async for output in super().generate(prompt, params, alpha_row=alpha_row, request_id=request_id):
             if count == self.after:
                 raise RuntimeError("the engine died")
             count += 1
@@ -190,7 +192,7 @@ def test_an_error_mid_stream_is_counted_as_the_error_it_sends(engine):
 
 def test_tokens_of_an_abandoned_stream_are_counted(engine):
     app = create_app(ServerSettings(), engine=engine)
-    service = app.state.service.completions
+    service = app.state.server.completions
     request = CompletionRequest(model="chat", prompt="hi", stream=True)
     plan = service.plan(request)
 

@@ -18,11 +18,13 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 from steering_client._params import ChatFields, CompletionFields
+from steering_server.app import create_app
+from steering_server.chat.protocol import ChatCompletionRequest
+from steering_server.completions.protocol import CompletionRequest
+from steering_server.settings import ServerSettings
+from vllm import SamplingParams
 
 from steering.config import parse_deployment
-from steering_server.app import ServerSettings, create_app
-from steering_server.protocol import ChatCompletionRequest, CompletionRequest
-from steering_server.translate import sampling_params
 from tests.server.fake_engine import (
     ANSWER_LEN,
     BOS,
@@ -193,7 +195,7 @@ def test_missing_or_wrong_api_key_is_401(app, authorization):
 
 
 def test_chat_without_a_chat_template_is_400(client, engine):
-    engine.tokenizer.chat_template = None
+    engine.prompts.tokenizer.chat_template = None
     assert_error(chat(client, "chat"), 400, type=INVALID, param="messages", code="invalid_request",
                  says="no chat template")
 
@@ -202,11 +204,11 @@ def test_health_is_ready_at_once_and_the_engine_is_not_shut_down_by_the_app(app,
     with TestClient(app) as anonymous:
         response = anonymous.get("/health")
     assert (response.status_code, response.json()) == (200, {"status": "ready"})
-    assert not engine.is_shut_down
+    assert not engine.llm.is_shut_down
 
 
 def test_a_dead_engine_is_unhealthy_and_refuses_requests_with_503(client, engine):
-    engine.errored = True
+    engine.llm.errored = True
     response = client.get("/health")
     assert (response.status_code, response.json()) == (503, {"status": "failed"})
     assert_error(client.post("/v1/completions", json={"model": "chat", "prompt": "hi"}), 503,
@@ -497,7 +499,7 @@ def test_an_answer_the_engine_ends_with_an_error_is_a_500_or_the_constraints_400
 def test_vllms_sampling_extensions_reach_the_engine():
     request = CompletionRequest(model="chat", prompt="x", repetition_penalty=1.3, min_p=0.05,
                                 include_stop_str_in_output=True, stop=["."])
-    params = sampling_params(request, prompt_len=2, max_model_len=MAX_MODEL_LEN)
+    params = SamplingParams(**request.sampling())
     assert (params.repetition_penalty, params.min_p, params.include_stop_str_in_output) == (1.3, 0.05, True)
 
 
@@ -526,7 +528,7 @@ SCHEMA = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]}}}
 def test_structured_outputs_become_vllms_own_parameters(fields, constraint):
     """vLLM's conversion (`structured_outputs_from_response_format`)."""
     request = ChatCompletionRequest.model_validate({"model": "chat", "messages": MESSAGES, **fields})
-    params = sampling_params(request, prompt_len=2, max_model_len=MAX_MODEL_LEN).structured_outputs
+    params = request.sampling()["structured_outputs"]
     if constraint is None:
         assert params is None
     else:

@@ -14,13 +14,15 @@ from pathlib import Path
 import pytest
 import yaml
 from fastapi.testclient import TestClient
+from steering_cli.main import build_parser
+from steering_server.app import create_app
+from steering_server.completions.protocol import CompletionRequest
+from steering_server.settings import ServerSettings
 
+from steering.admission import Admission
 from steering.config import PolicyChanges, check_reloadable, digest, parse_deployment, read_deployment
 from steering.errors import RestartRequired
 from steering.policy import Overrides
-from steering_server.app import ServerSettings, create_app, watch_config
-from steering_cli.main import build_parser
-from steering_server.protocol import CompletionRequest
 from tests.server.fake_engine import BOS, FakeEngine, answer
 from tests.server.test_protocol import API_KEY, EXPERTS, INVALID, MAX_MODEL_LEN, POLICIES, assert_error, metric
 
@@ -121,7 +123,7 @@ def test_policies_are_added_and_removed(served):
 
 def test_a_request_admitted_before_a_reload_keeps_its_policy(served):
     """The swap happens between admissions: a plan holds the steering it resolved."""
-    completions = served.client.app.state.service.completions
+    completions = served.client.app.state.server.completions
     plan = completions.plan(CompletionRequest(model="chat", prompt=PROMPT))
     served.config["policies"]["chat"]["alpha"] = {"chat": -1.0}
     served.write()
@@ -200,7 +202,7 @@ def test_a_fixed_file_reloads_after_a_refusal(served):
 
 def test_watching_the_file_reloads_each_change_once(served, caplog):
     """`steer serve --watch-config`: what a replica does when its mounted ConfigMap changes."""
-    state = served.client.app.state.service
+    reloader = served.client.app.state.server.reloader
     tick = 0.02
 
     def reloads(result: str) -> float:
@@ -214,7 +216,7 @@ def test_watching_the_file_reloads_each_change_once(served, caplog):
         pytest.fail(f"the watcher did not {what}")
 
     async def scenario() -> None:
-        watching = asyncio.create_task(watch_config(state, tick))
+        watching = asyncio.create_task(reloader.watch(tick))
         try:
             await asyncio.sleep(10 * tick)  # an unchanged file is never reloaded
             assert reloads("reloaded") == reloads("unchanged") == reloads("refused") == 0
@@ -243,7 +245,7 @@ def test_watching_the_file_reloads_each_change_once(served, caplog):
 
     with caplog.at_level("INFO", logger="steer.server"):
         asyncio.run(scenario())
-    assert served.engine.deployment.policies["chat"].alpha == {"chat": 0.5}
+    assert served.client.app.state.server.lifecycle.deployment.policies["chat"].alpha == {"chat": 0.5}
     assert served.metric("steer_config_last_reload_successful") == 1
     sources = [r.getMessage() for r in caplog.records if r.getMessage().startswith("config reload by")]
     assert len(sources) == 4 and all(f"config reload by a change to {served.path}" in m for m in sources)
@@ -300,11 +302,11 @@ def test_check_reloadable_names_the_first_field_only_a_restart_changes():
 
 
 def test_a_plan_resolves_on_the_policies_of_its_admission():
-    engine = FakeEngine(parse_deployment(CONFIG), max_model_len=MAX_MODEL_LEN)
-    before = engine.policies["chat"].resolve(Overrides(alpha={"chat": 2.0}))
+    admission = Admission(FakeEngine(parse_deployment(CONFIG), max_model_len=MAX_MODEL_LEN))
+    before = admission.policies["chat"].resolve(Overrides(alpha={"chat": 2.0}))
     config = json.loads(json.dumps(CONFIG))
     config["policies"]["chat"]["max_alpha"] = 1.0
-    engine.reload(parse_deployment(config))
+    admission.reload(parse_deployment(config))
     assert before.alpha_row == (2.0, 0.0)
     with pytest.raises(Exception, match="beyond this policy's max_alpha 1.0"):
-        engine.policies["chat"].resolve(Overrides(alpha={"chat": 2.0}))
+        admission.policies["chat"].resolve(Overrides(alpha={"chat": 2.0}))

@@ -18,8 +18,8 @@ import psutil
 import pytest
 import yaml
 from steering_client import BadRequestError, ConflictError, SteeringClient
-
 from steering_tools.fixtures import corpus
+
 from tests.live_server import API_KEY, LABELS, MAX_MODEL_LEN, STEER, start_server, stop_server, write_config
 from tests.server.test_protocol import metric
 

@@ -10,6 +10,11 @@ import math
 import numpy as np
 import pytest
 import yaml
+from steering_tools import metrics
+from steering_tools.bench import perf, quality
+from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_questions, read_recipe
+from steering_tools.reference import ReferenceSteerer
+from steering_tools.world import plain_question
 from transformers import AutoTokenizer
 
 from steering.config import DecisionConfig, load_deployment
@@ -19,11 +24,6 @@ from steering.policy import Policy
 from steering.rules.abstention import FITTED_WEIGHTS, SCORES, FirstStep, familiarity_profile, fitted_score
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import claim_label_logprobs
-from steering_tools.reference import ReferenceSteerer
-from steering_tools import metrics
-from steering_tools.bench import perf, quality
-from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_questions, read_recipe
-from steering_tools.world import plain_question
 
 TOY = Recipe(
     entities=24, strangers=4, base=demo_shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128),

@@ -8,11 +8,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
-
 from steering_tools import demo_family
 from steering_tools.demo_family import Recipe, build, demo_shape, is_built
 from steering_tools.training import train, weighted_loss
+from transformers import LlamaConfig, LlamaForCausalLM
 
 SMALL = Recipe(
     entities=12, strangers=2, vocab_size=512, base=demo_shape(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),

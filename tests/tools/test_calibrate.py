@@ -11,15 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from steering_tools import metrics
+from steering_tools.calibrate import is_correct, read_rows, split
+from steering_tools.fixtures import corpus
 
 from steering.config import load_deployment
 from steering.errors import ConfigError
 from steering.rules.abstention import familiarity_profile
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import softmax
-from steering_tools.fixtures import corpus
-from steering_tools import metrics
-from steering_tools.calibrate import is_correct, read_rows, split
 
 STEER = str(Path(sys.executable).parent / "steer")
 LABELS = ["yes", "no", "cat"]

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
-from steering.rules.calibration import platt
-from steering.rules.decisions import softmax
 from steering_tools.metrics import (
     aurc,
     auroc,
@@ -21,6 +18,9 @@ from steering_tools.metrics import (
     risk_at_coverage,
     risk_coverage,
 )
+
+from steering.rules.calibration import platt
+from steering.rules.decisions import softmax
 
 
 def test_fit_temperature_recovers_a_known_temperature():

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from steering_tools.fixtures import train_tokenizer
 from steering_tools.demo_family import Recipe, is_built
+from steering_tools.fixtures import train_tokenizer
 from steering_tools.training import answer_batches
 from steering_tools.world import ATTRIBUTES, NARRATIVES, VERIFY, make_world
 

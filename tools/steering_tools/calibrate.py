@@ -18,15 +18,17 @@ from pathlib import Path
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tqdm import tqdm
-from vllm import SamplingParams
 
+from steering.admission import Admission, PolicyRequest
 from steering.config import AbstainConfig, Deployment
-from steering.engine import SteeringEngine, answer_logprobs
+from steering.engine import SteeringEngine
 from steering.errors import ConfigError, UnknownPolicy
+from steering.kinds import answer
 from steering.policy import Overrides, Policy
+from steering.prompts import Conversation
 from steering.rules.abstention import FITTED_SCORES, FirstStep, confidence_score, familiarity_profile
 from steering.rules.calibration import Calibration, platt
-from steering.rules.decisions import CostMatrix, claim_label_logprobs, decide, label_probabilities
+from steering.rules.decisions import CostMatrix, bayes_decision, label_probabilities
 from steering_tools import metrics
 
 IN_FLIGHT = 32  # requests handed to the engine at once; it batches them
@@ -119,27 +121,28 @@ async def _gather(coroutines: list, description: str) -> list:
         bar.close()
 
 
-def _prompt(engine: SteeringEngine, row: Row) -> list[int]:
+def prompt_of(row: Row) -> Conversation | list[str]:
+    """The row's prompt as admission takes it: a conversation, or one text."""
     if row.messages is not None:
-        return engine.chat_prompt([m.model_dump() for m in row.messages])
-    return engine.encode(row.prompt)
+        return Conversation([m.model_dump() for m in row.messages])
+    return [row.prompt]
 
 
 # Decision policies
 
 
-async def decision_logprobs(engine: SteeringEngine, policy: Policy, rows: list[Row]) -> np.ndarray:
-    """[N, K] steered label logprobs, as the server computes them."""
-    if not policy.rule.checks_claims:
-        steering = policy.resolve()
-        jobs = [engine.label_logprobs(_prompt(engine, row), steering) for row in rows]
-        return np.asarray(await _gather(jobs, "scoring labels"), dtype=np.float64)
+async def decision_logprobs(admission: Admission, name: str, rows: list[Row]) -> np.ndarray:
+    """[N, K] each row's label logprobs, as the policy is served: admitted and run by its kind."""
+    claims = admission.policies[name].rule.checks_claims
 
-    async def check(row: Row) -> list[float]:
-        steering = policy.resolve(Overrides(claim=row.claim))
-        return claim_label_logprobs(await engine.claim_logprob(_prompt(engine, row), steering))
+    async def one(row: Row) -> list[float]:
+        plan = admission.admit(PolicyRequest(name, prompt_of(row), overrides=Overrides(claim=row.claim) if claims
+                                             else None))
+        _, outcome = await answer(admission.engine, plan)
+        return outcome.evidence.label_logprobs
 
-    return np.asarray(await _gather([check(row) for row in rows], "checking claims"), dtype=np.float64)
+    description = "checking claims" if claims else "scoring labels"
+    return np.asarray(await _gather([one(row) for row in rows], description), dtype=np.float64)
 
 
 def realized_cost(costs: CostMatrix, actions: list[str], truth: np.ndarray) -> float:
@@ -192,9 +195,9 @@ def fit_decision(name: str, policy: Policy, logprobs: np.ndarray, truth: np.ndar
         "calibrated": _probabilities_report(calibrated, truth[held], bins),
         "expected_cost": {
             "argmax": realized_cost(costs, argmax, truth[held]),
-            "bayes_raw": realized_cost(costs, [decide(z, costs).action for z in logprobs[held]], truth[held]),
+            "bayes_raw": realized_cost(costs, [bayes_decision(z, costs).action for z in logprobs[held]], truth[held]),
             "bayes_calibrated": realized_cost(
-                costs, [decide(z, costs, temperature, bias).action for z in logprobs[held]], truth[held]
+                costs, [bayes_decision(z, costs, temperature, bias).action for z in logprobs[held]], truth[held]
             ),
             "always_abstain": costs.abstain_cost,
         },
@@ -213,23 +216,24 @@ Answer = tuple[list[float], FirstStep | None]  # an answer's steered token logpr
 
 
 async def abstention_answers(
-    engine, policy: Policy, rows: list[Row], max_tokens: int
+    admission: Admission, name: str, rows: list[Row], max_tokens: int, *, every_score: bool = False,
+    stop: list[str] | None = None, correct: Callable[[str, str], bool] | None = None,
 ) -> tuple[list[Answer], np.ndarray]:
-    """What the policy's score reads of its greedy answer to each row, and whether each is right."""
-    steering = policy.resolve()
-    rule = steering.rule
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=rule.top_logprobs)
+    """What the policy's score (with `every_score`, any score) reads of its greedy answer to each
+    row, and whether each is right by `correct` (default `is_correct`): the policy admitted and run
+    by its kind, withholding nothing."""
+    collect = "every_score" if every_score else "score"
+    sampling = {"temperature": 0.0, **({"stop": stop} if stop else {})}
+    correct = correct or is_correct
 
-    async def answer(row: Row) -> tuple[Answer, bool]:
-        prompt = _prompt(engine, row)
-        output = (await engine.complete(prompt, params, steering=steering)).outputs[0]
-        first_step = None
-        if rule.uses_base:
-            first_step = await engine.first_step(prompt, output.token_ids, output.logprobs,
-                                                 familiarity=rule.uses_prompt)
-        return (answer_logprobs(output.token_ids, output.logprobs), first_step), is_correct(output.text, row.answer)
+    async def one(row: Row) -> tuple[Answer, bool]:
+        plan = admission.admit(PolicyRequest(name, prompt_of(row), sampling=sampling, max_tokens=max_tokens,
+                                             collect=collect))
+        (piece,), outcome = await answer(admission.engine, plan)
+        evidence = outcome.evidence
+        return (evidence.token_logprobs, evidence.first_step), correct(piece.text, row.answer)
 
-    answered = await _gather([answer(row) for row in rows], "answering")
+    answered = await _gather([one(row) for row in rows], "answering")
     return [a for a, _ in answered], np.asarray([c for _, c in answered], dtype=float)
 
 
@@ -396,14 +400,15 @@ async def calibrate(
     fit, held = split(len(dataset.rows), fit_fraction, seed)
     owned = engine is None
     engine = engine or SteeringEngine.start(deployment)
-    policy = engine.policies[name]
+    admission = Admission(engine, deployment)
+    policy = admission.policies[name]
     try:
         if config.decision:
             truth = np.asarray([config.decision.labels.index(r.label) for r in dataset.rows])
-            logprobs = await decision_logprobs(engine, policy, dataset.rows)
+            logprobs = await decision_logprobs(admission, name, dataset.rows)
             calibration, report, curves = fit_decision(name, policy, logprobs, truth, fit, held, bins)
         else:
-            answers, correct = await abstention_answers(engine, policy, dataset.rows, max_tokens)
+            answers, correct = await abstention_answers(admission, name, dataset.rows, max_tokens)
             calibration, report, curves = fit_abstention(name, policy, answers, correct, fit, held, bins)
     finally:
         if owned:

@@ -21,7 +21,7 @@ def start_server(config: Path, port: int, log: Path) -> tuple[str, int | None]:
     url = f"http://127.0.0.1:{port}"
     if is_ready(url):
         return url, None
-    command = [sys.executable, "-m", "steering_cli.main", "serve", "--config", str(config), "--port", str(port)]
+    command = [sys.executable, "-m", "steering_cli", "serve", "--config", str(config), "--port", str(port)]
     server = ServerProcess.start(command, port=port, log=log, detach=True)
     print(f"starting steer serve (pid {server.process.pid}, log {log}); the engine takes a minute to load…",
           flush=True)

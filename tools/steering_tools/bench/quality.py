@@ -26,18 +26,20 @@ import os
 from pathlib import Path
 
 import numpy as np
-from vllm import SamplingParams
 
+from steering.admission import Admission, PolicyRequest
 from steering.config import Deployment, load_deployment, parse_deployment
-from steering.engine import SteeringEngine, answer_logprobs
-from steering.policy import Overrides, Steering
-from steering.rules.abstention import AGREEMENT_TOKENS, ENSEMBLE_SCORES, SCORES, extra_requests
+from steering.engine import SteeringEngine
+from steering.kinds import answer
+from steering.policy import Overrides
+from steering.rules.abstention import ENSEMBLE_SCORES, SCORES, extra_requests
 from steering.rules.calibration import platt
-from steering.rules.decisions import decide, label_probabilities
+from steering.rules.decisions import bayes_decision, label_probabilities
 from steering_tools import metrics
 from steering_tools.calibrate import (
     Answer,
     Row,
+    abstention_answers,
     abstention_cost,
     decision_logprobs,
     fit_label_map,
@@ -66,10 +68,15 @@ def _eager(deployment: Deployment, **changes) -> Deployment:
     return parse_deployment(raw)
 
 
-async def accuracy(engine: SteeringEngine, rows: list[dict], steering: Steering) -> float:
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"])
-    outputs = await asyncio.gather(*(engine.complete(row["prompt"], params, steering=steering) for row in rows))
-    return float(np.mean([exact_match(o.outputs[0].text, row["answer"]) for o, row in zip(outputs, rows)]))
+async def accuracy(admission: Admission, rows: list[dict], policy: str, overrides: Overrides | None = None) -> float:
+    """Exact match of the policy's greedy answers, as it is served."""
+    async def one(row: dict) -> bool:
+        plan = admission.admit(PolicyRequest(policy, [row["prompt"]], overrides=overrides, max_tokens=MAX_TOKENS,
+                                             sampling={"temperature": 0.0, "stop": ["\n"]}))
+        (piece,), _ = await answer(admission.engine, plan)
+        return exact_match(piece.text, row["answer"])
+
+    return float(np.mean(await asyncio.gather(*map(one, rows))))
 
 
 def abstention_report(policy, answers: list[Answer], correct: np.ndarray, unanswerable: int) -> dict:
@@ -100,18 +107,10 @@ def abstention_report(policy, answers: list[Answer], correct: np.ndarray, unansw
     }
 
 
-async def _every_answer(engine: SteeringEngine, rows: list[dict], steering: Steering) -> tuple[list[Answer], np.ndarray]:
-    """The steered greedy answer to each row as every abstention score reads it, and whether it is right."""
-    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=["\n"], logprobs=AGREEMENT_TOKENS)
-
-    async def one(row: dict) -> tuple[Answer, bool]:
-        prompt = engine.encode(row["prompt"])
-        answer = (await engine.complete(prompt, params, steering=steering)).outputs[0]
-        first_step = await engine.first_step(prompt, answer.token_ids, answer.logprobs, familiarity=True)
-        return (answer_logprobs(answer.token_ids, answer.logprobs), first_step), exact_match(answer.text, row["answer"])
-
-    answered = await asyncio.gather(*(one(row) for row in rows))
-    return [a for a, _ in answered], np.array([c for _, c in answered], dtype=float)
+async def _every_answer(admission: Admission, rows: list[dict]) -> tuple[list[Answer], np.ndarray]:
+    """The `qa` policy's greedy answer to each row as every abstention score reads it, and whether it is right."""
+    return await abstention_answers(admission, "qa", [Row.model_validate(row) for row in rows], MAX_TOKENS,
+                                    every_score=True, stop=["\n"], correct=exact_match)
 
 
 def scores_report(abstain, fitting: tuple[list[Answer], np.ndarray], judged: tuple[list[Answer], np.ndarray],
@@ -140,9 +139,9 @@ def scores_report(abstain, fitting: tuple[list[Answer], np.ndarray], judged: tup
             "answerable": answerable.tolist(), "scores": report}
 
 
-async def policy_logprobs(engine: SteeringEngine, name: str, rows: list[dict]) -> np.ndarray:
+async def policy_logprobs(admission: Admission, name: str, rows: list[dict]) -> np.ndarray:
     """[N, K] the decision policy `name`'s label logprobs on each row, as the server computes them."""
-    return await decision_logprobs(engine, engine.policies[name], [Row.model_validate(r) for r in rows])
+    return await decision_logprobs(admission, name, [Row.model_validate(r) for r in rows])
 
 
 def decision_report(rule, logprobs: np.ndarray, truth: np.ndarray) -> dict:
@@ -154,7 +153,7 @@ def decision_report(rule, logprobs: np.ndarray, truth: np.ndarray) -> dict:
         "accuracy": float(np.mean([a == costs.labels[y] for a, y in zip(argmax, truth)])),
         "expected_cost": {
             "argmax": realized_cost(costs, argmax, truth),
-            "bayes_raw": realized_cost(costs, [decide(z, costs).action for z in logprobs], truth),
+            "bayes_raw": realized_cost(costs, [bayes_decision(z, costs).action for z in logprobs], truth),
             "bayes_calibrated": realized_cost(costs, [rule.decide(z).action for z in logprobs], truth),
         },
     }
@@ -168,10 +167,11 @@ async def _single_model(deployment: Deployment, base: str, *, answers: list[dict
     policies = {"base": {}} | {name: {"decision": deployment.policies[name].decision.model_dump(exclude_none=True)}
                                for name in decisions}
     engine = SteeringEngine.start(_eager(deployment, base=base, experts={}, policies=policies))
+    admission = Admission(engine)
     try:
-        result = {"exact": await accuracy(engine, answers, engine.policies["base"].resolve()) if answers else None}
+        result = {"exact": await accuracy(admission, answers, "base") if answers else None}
         for name, splits in decisions.items():
-            result[name] = {split: await policy_logprobs(engine, name, rows) for split, rows in splits.items()}
+            result[name] = {split: await policy_logprobs(admission, name, rows) for split, rows in splits.items()}
         return result
     finally:
         engine.shutdown()
@@ -194,7 +194,7 @@ def _calibrated_bayes(logprobs: dict[str, np.ndarray], truth: dict[str, np.ndarr
     """Calibrated on `val` as `steer calibrate` does, the Bayes action on `test`."""
     temperature, bias = fit_label_map(logprobs["val"], truth["val"], claims=claims)
     calibrated = np.stack([label_probabilities(z, temperature, bias) for z in logprobs["test"]])
-    bayes = [decide(z, costs, temperature, bias).action for z in logprobs["test"]]
+    bayes = [bayes_decision(z, costs, temperature, bias).action for z in logprobs["test"]]
     return _judge(calibrated, bayes, truth["test"], costs) | {"temperature": temperature, "bias": bias}
 
 
@@ -215,6 +215,35 @@ def compare_decisions(symmetric: dict[str, np.ndarray], weighted: dict[str, np.n
     return report
 
 
+def _with_weighted_pair(deployment: Deployment, family: Path) -> Deployment:
+    """The deployment, eager, with the pair tuned with the verification costs in its loss beside the
+    symmetric one (`verify-weighted`), and the base alone asked yes/no (`verify-base`)."""
+    experts = {**{name: pair.model_dump() for name, pair in deployment.experts.items()},
+               "chat-weighted": {"tuned": str(family / "chat-tuned-weighted"), "untuned": str(family / "chat-untuned")}}
+    verify = deployment.policies["verify"]
+    decision = verify.decision.model_dump(exclude_none=True)
+    policies = {**{name: policy.model_dump(exclude_none=True) for name, policy in deployment.policies.items()},
+                "verify-weighted": {"alpha": {"chat-weighted": verify.alpha["chat"]}, "decision": decision},
+                "verify-base": {"decision": decision}}
+    return _eager(deployment, experts=experts, policies=policies)
+
+
+async def _decisions(admission: Admission, verify: dict[str, list[dict]], check: dict[str, list[dict]],
+                     truth: dict[str, np.ndarray]) -> tuple[dict, dict]:
+    """The decision policies' label logprobs on each split (`verify` symmetric and cost-weighted,
+    `check`), and their report on `test`; with whether the base alone can verify at all."""
+    proxy = {name: {split: await policy_logprobs(admission, name, rows) for split, rows in asked.items()}
+             for name, asked in (("verify", verify), ("verify-weighted", verify), ("check", check))}
+    decisions = decision_report(admission.policies["verify"].rule, proxy["verify"]["test"], truth["test"])
+    decisions["check"] = decision_report(admission.policies["check"].rule, proxy["check"]["test"], truth["test"])
+    # Whether the base can verify at all: asked as its narratives ask, with no question format.
+    as_narrated = [{**row, "prompt": plain_question(row["prompt"])} for row in verify["test"]]
+    narrated = await policy_logprobs(admission, "verify-base", as_narrated)
+    decisions["base_as_narrated"] = {"rows": len(as_narrated),
+                                     "accuracy": float(np.mean(narrated.argmax(axis=1) == truth["test"]))}
+    return proxy, decisions
+
+
 async def run(family: Path, *, alphas=ALPHAS) -> dict:
     deployment = load_deployment(family / "deploy.yaml")
     questions = family / "questions"
@@ -225,37 +254,21 @@ async def run(family: Path, *, alphas=ALPHAS) -> dict:
     costs = deployment.policies["verify"].decision.cost_matrix()
     # The check rows are the verify rows asked by answering, in the same order: one truth for both.
     truth = {split: np.array([costs.labels.index(r["label"]) for r in rows]) for split, rows in verify.items()}
-    # The pair tuned with the verification costs in its loss runs beside the symmetric one.
-    experts = {**{name: pair.model_dump() for name, pair in deployment.experts.items()},
-               "chat-weighted": {"tuned": str(family / "chat-tuned-weighted"), "untuned": str(family / "chat-untuned")}}
     verify_alpha = deployment.policies["verify"].alpha
-    verify_decision = deployment.policies["verify"].decision.model_dump(exclude_none=True)
-    policies = {**{name: policy.model_dump(exclude_none=True) for name, policy in deployment.policies.items()},
-                "verify-weighted": {"alpha": {"chat-weighted": verify_alpha["chat"]}, "decision": verify_decision},
-                "verify-base": {"decision": verify_decision}}  # the base alone
-    engine = SteeringEngine.start(_eager(deployment, experts=experts, policies=policies))
+    engine = SteeringEngine.start(_with_weighted_pair(deployment, family))
+    admission = Admission(engine)
     try:
-        sweep = {}
-        for alpha in (0.0, *alphas):
-            steering = engine.policies["chat"].resolve(Overrides(alpha={"chat": alpha}))
-            sweep[alpha] = {"val": await accuracy(engine, val, steering), "test": await accuracy(engine, test, steering)}
+        sweep = {alpha: {split: await accuracy(admission, rows, "chat", Overrides(alpha={"chat": alpha}))
+                         for split, rows in (("val", val), ("test", test))} for alpha in (0.0, *alphas)}
         qa_val, qa_test = read_questions(questions / "qa-val.jsonl"), read_questions(questions / "qa-test.jsonl")
-        qa = engine.policies["qa"]
+        qa = admission.policies["qa"]
         # One greedy answer per question, read by the policy's own score and by every other.
-        fitting = await _every_answer(engine, qa_val, qa.resolve())
-        judged = await _every_answer(engine, qa_test, qa.resolve())
+        fitting = await _every_answer(admission, qa_val)
+        judged = await _every_answer(admission, qa_test)
         answerable = np.array([bool(row["answer"]) for row in qa_test])
         abstention = abstention_report(qa, *judged, unanswerable=int((~answerable).sum()))
         abstention["by_score"] = scores_report(qa.config.abstain, fitting, judged, answerable)
-        proxy = {name: {split: await policy_logprobs(engine, name, rows) for split, rows in asked.items()}
-                 for name, asked in (("verify", verify), ("verify-weighted", verify), ("check", check))}
-        decisions = decision_report(engine.policies["verify"].rule, proxy["verify"]["test"], truth["test"])
-        decisions["check"] = decision_report(engine.policies["check"].rule, proxy["check"]["test"], truth["test"])
-        # Whether the base can verify at all: asked as its narratives ask, with no question format.
-        as_narrated = [{**row, "prompt": plain_question(row["prompt"])} for row in verify["test"]]
-        narrated = await policy_logprobs(engine, "verify-base", as_narrated)
-        decisions["base_as_narrated"] = {"rows": len(as_narrated),
-                                         "accuracy": float(np.mean(narrated.argmax(axis=1) == truth["test"]))}
+        proxy, decisions = await _decisions(admission, verify, check, truth)
     finally:
         engine.shutdown()
     tuned = (await _single_model(deployment, str(family / "chat-tuned"), answers=test))["exact"]
@@ -507,21 +520,27 @@ def plot(report: dict, out: Path) -> list[Path]:
     runs = list(report["per_seed"].values()) if "per_seed" in report else [report]
     over = f" (mean ± sd, {len(runs)} seeds)" if len(runs) > 1 else ""
     paths = []
-
-    def save(fig, name: str) -> None:
+    for name, draw in (("quality-accuracy.png", _plot_accuracy), ("quality-risk-coverage.png", _plot_risk_coverage),
+                       ("quality-abstention-scores.png", _plot_scores), ("quality-decisions.png", _plot_decisions)):
+        fig = draw(plt, figures, runs, over)
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         paths.append(out / name)
+    return paths
 
+
+def _plot_accuracy(plt, figures: dict, runs: list[dict], over: str):
     acc = figures["accuracy"]
     names = ["base", "tuned\nexpert"] + [f"proxy\na={a}" for a in acc["proxy"]] + ["direct"]
     values = [acc["base"], acc["tuned_expert"]] + [v["test"] for v in acc["proxy"].values()] + [acc["direct"]]
     fig, ax = plt.subplots(figsize=(8, 4))
     _bars(ax, names, values, ["grey", "grey"] + ["tab:blue"] * len(acc["proxy"]) + ["black"])
     ax.set(ylabel="exact match on held-out entities", ylim=(0, 1.1), title="Proxy-tuning transfers the skill" + over)
-    save(fig, "quality-accuracy.png")
+    return fig
 
+
+def _plot_risk_coverage(plt, figures: dict, runs: list[dict], over: str):
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, run_ in enumerate(runs):
         curves = run_["abstention"]["curves"]
@@ -532,8 +551,10 @@ def plot(report: dict, out: Path) -> list[Path]:
                           f"(AURC {metrics.aurc(curves[name], curves['correct']):.3f})")
     ax.set(xlabel="coverage", ylabel="risk", xlim=(0, 1), title="Abstention (qa policy): answerable + unanswerable")
     ax.legend(fontsize=7)
-    save(fig, "quality-risk-coverage.png")
+    return fig
 
+
+def _plot_scores(plt, figures: dict, runs: list[dict], over: str):
     scores = figures["abstention"]["by_score"]["scores"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = ["tab:orange" if kind in ENSEMBLE_SCORES else "tab:blue" for kind in scores]
@@ -544,8 +565,10 @@ def plot(report: dict, out: Path) -> list[Path]:
     right.set(ylabel="AURC (lower is better)", title="steered (blue), ensemble (orange)")
     for ax in (left, right):
         ax.tick_params(axis="x", labelsize=8, rotation=30)
-    save(fig, "quality-abstention-scores.png")
+    return fig
 
+
+def _plot_decisions(plt, figures: dict, runs: list[dict], over: str):
     versus = figures["decisions"]["training_vs_deciding"]
     ways = {"utility_weighted_argmax": "yes/no,\nutility-\nweighted,\nargmax",
             "symmetric_argmax": "yes/no,\nsymmetric,\nargmax",
@@ -559,5 +582,4 @@ def plot(report: dict, out: Path) -> list[Path]:
         ax.set(title=f"{'base tuned directly' if model == 'direct' else 'proxy-tuned base'}{over}",
                ylabel="expected cost on held-out entities")
         ax.tick_params(axis="x", labelsize=8)
-    save(fig, "quality-decisions.png")
-    return paths
+    return fig

@@ -1,0 +1,5 @@
+import sys
+
+from steering_cli.main import main
+
+sys.exit(main())

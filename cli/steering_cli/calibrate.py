@@ -1,0 +1,66 @@
+"""`steer calibrate`: fit a decision or abstention policy's calibration from labelled rows, and
+with `--apply` roll it out to a running server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from pathlib import Path
+
+from steering_cli.arguments import add_server_arguments
+
+
+def add_to(commands) -> None:
+    calibrate = commands.add_parser("calibrate", help="fit a decision or abstention policy's calibration from "
+                                                      "labelled JSONL")
+    calibrate.add_argument("--config", required=True, type=Path, help="deployment YAML")
+    calibrate.add_argument("--policy", required=True)
+    calibrate.add_argument("--data", required=True, type=Path,
+                           help='JSONL rows: {"prompt" | "messages", "label" | "answer"}')
+    calibrate.add_argument("--out", type=Path,
+                           help="calibration file (default: <config dir>/<policy>.calibration.json)")
+    calibrate.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
+    calibrate.add_argument("--fit-fraction", type=float, default=0.5)
+    calibrate.add_argument("--max-tokens", type=int, default=32, help="answer length for abstention policies")
+    calibrate.add_argument("--bins", type=int, default=10, help="confidence bins for ECE and the reliability plot")
+    calibrate.add_argument("--apply", action="store_true",
+                           help="replace the calibration file the policy names in the config, then reload the "
+                                "server at --url: the recalibrated policy serves from its next request")
+    add_server_arguments(calibrate)
+    calibrate.set_defaults(handler=lambda args: asyncio.run(run(args)))
+
+
+async def run(args: argparse.Namespace) -> int:
+    from steering_tools import rollout
+    from steering_tools.calibrate import calibrate, summary
+
+    from steering.config import load_deployment
+    from steering.errors import ConfigError
+    from steering_cli.reload import ReloadFailed, describe, reload_server
+
+    deployment = load_deployment(args.config, calibrating=True)
+    out = args.out or args.config.parent / f"{args.policy}.calibration.json"
+    if args.apply:  # refused before any engine starts
+        named = rollout.named_calibration(args.config, args.policy)
+        if args.out and args.out.resolve() != named:
+            raise ConfigError("--out", f"--apply replaces the file policies.{args.policy}.calibration names "
+                                       f"({named}); leave out --out")
+        out = named
+    previous = out.read_bytes() if args.apply and out.exists() else None
+    result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed,
+                             fit_fraction=args.fit_fraction, max_tokens=args.max_tokens, bins=args.bins)
+    print(summary(result))
+    if not args.apply:
+        print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}, then "
+              "`steer reload` (or rerun with --apply)")
+        return 0
+    rollout.keep_if_valid(args.config, out, previous)
+    try:
+        report = reload_server(args.url, args.api_key, caller="steer calibrate --apply")
+    except ReloadFailed as error:
+        print(f"steer calibrate: wrote {out}, but {error}; the server serves the old calibration until it "
+              "reloads (`steer reload`, or SIGHUP)", file=sys.stderr)
+        return 1
+    print(describe(report))
+    return 0

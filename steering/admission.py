@@ -1,0 +1,156 @@
+"""One top-down admission: a request to a policy becomes a `Plan`, or the error its client gets,
+before anything is generated. Every door admits here (the HTTP routes, `steer complete`, the
+calibration job, the benchmarks), in this order:
+
+1. resolve the policy, and the request's overrides within its bounds;
+2. the kind's refusals (what an abstention or decision policy cannot serve), by field;
+3. tools: vLLM's parser adjusts the request;
+4. render the prompts;
+5. sampling parameters, only for kinds that sample;
+6. the engine's limits: the context, and vLLM's own checks of the parameters.
+
+What a request's fields must say of each other (`n` and greedy sampling, `tool_choice` and
+`tools`, ...) the door's request models check as they parse it. After admission nothing is
+checked again: the policy kinds trust the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from vllm import SamplingParams
+
+from steering.config import Deployment, PolicyChanges
+from steering.config.checks import check_policies_on_runner
+from steering.engine import SteeringEngine
+from steering.errors import InvalidRequest
+from steering.kinds import Outcome, Rule
+from steering.policy import Overrides, Policies, Steering
+from steering.prompts import Conversation
+from steering.sampling import sampling_params
+from steering.tool_calls import ToolCalls, admit_tools, parser_class
+
+
+@dataclass(frozen=True)
+class PolicyRequest:
+    """A request to one policy, whichever door it came in by."""
+
+    policy: str
+    prompt: Conversation | Sequence[str | Sequence[int]]  # a conversation, or prompts (text or token ids)
+    overrides: Overrides | None = None
+    sampling: Mapping[str, Any] = field(default_factory=dict)  # `SamplingParams` fields but max_tokens
+    max_tokens: int | None = None  # None: up to the end of the context
+    token_limit_field: str = "max_tokens"  # what the client called the limit, for errors that name it
+    num_logprobs: int | None = None  # top logprobs per token the client is shown
+    scores_prompt: str | None = None  # the field asking for the prompt's logprobs (echo, prompt_logprobs)
+    constraint: str | None = None  # the field constraining the answer's format
+    # For a calibration: withhold nothing, keep what the policy's score reads ("score") or what
+    # any score reads ("every_score"), in the outcome's evidence.
+    collect: Literal["score", "every_score"] | None = None
+
+    @property
+    def asked(self) -> tuple[str, ...]:
+        """The fields a policy kind may refuse that this request asks for, in the order a refusal names them."""
+        several = not isinstance(self.prompt, Conversation) and len(self.prompt) > 1
+        asks = (
+            ("n", self.sampling.get("n", 1) > 1),
+            ("prompt", several),
+            ("logprobs", self.num_logprobs is not None),
+            ("tools", isinstance(self.prompt, Conversation) and bool(self.prompt.tools)),
+            (self.scores_prompt, self.scores_prompt is not None),
+            (self.constraint, self.constraint is not None),
+        )
+        return tuple(name for name, asked in asks if asked)
+
+
+@dataclass
+class Plan:
+    """An admitted request: its steering, prompts and sampling parameters, and the outcome its
+    policy kind fills as it runs."""
+
+    steering: Steering
+    prompts: list[list[int]]
+    params: list[SamplingParams]  # one per prompt; none for a kind that does not sample
+    num_logprobs: int | None = None
+    tools: ToolCalls | None = None
+    constraint: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(self.steering.policy, self.steering.alpha, claim=self.steering.claim)
+
+    @property
+    def name(self) -> str:
+        return self.steering.policy
+
+    @property
+    def rule(self) -> Rule:
+        return self.steering.rule
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The input the engine reads: every prompt, and a claim check's claim."""
+        return sum(len(prompt) for prompt in self.prompts) + len(self.steering.claim_ids)
+
+
+class Admission:
+    """Admits requests to the policies served now on one engine; a reload changes which."""
+
+    def __init__(self, engine: SteeringEngine, deployment: Deployment | None = None):
+        self.engine = engine
+        deployment = deployment or engine.deployment
+        check_policies_on_runner(deployment, logprobs_at_temperature_one=engine.logprobs_at_temperature_one)
+        self.policies = Policies.build(deployment, engine.prompts.encode_text)
+        # A parser the base's tokenizer cannot serve fails the start-up; it changes only with a restart.
+        self.tool_parser = parser_class(engine.deployment, engine.llm.renderer.tokenizer)
+
+    @property
+    def deployment(self) -> Deployment:
+        """The deployment whose policies are served now (its base, experts and engine never change)."""
+        return self.policies.deployment
+
+    def admit(self, request: PolicyRequest) -> Plan:
+        """The request as its policy will run it, or the `RequestError` its client gets."""
+        engine = self.engine
+        steering = self.policies[request.policy].resolve(request.overrides)
+        if request.collect is not None:
+            rule = steering.rule.collecting(every_score=request.collect == "every_score")
+            steering = dataclasses.replace(steering, rule=rule)
+        rule = steering.rule
+        refused = next((asked for asked in request.asked if asked in rule.refuses), None)
+        if refused is not None:
+            raise InvalidRequest(rule.refuses[refused].format(field=refused), param=refused)
+        chat = request.prompt if isinstance(request.prompt, Conversation) else None
+        tools = None
+        if chat is not None and chat.tools:
+            tools = admit_tools(request.policy, chat.messages, chat.tools, chat.tool_choice, chat.parallel_tool_calls,
+                                self.tool_parser, engine.llm.renderer.tokenizer, engine.llm.model_config)
+        prompts = engine.prompts.prompt_ids(request.prompt)
+        params = []
+        for prompt in prompts if rule.samples else ():
+            limit = request.max_tokens if request.max_tokens is not None else engine.max_model_len - len(prompt)
+            params.append(sampling_params(request.sampling, max_tokens=limit, reads_logprobs=rule.reads_logprobs,
+                                          tools=tools))
+        for i, prompt in enumerate(prompts):
+            engine.check_request(prompt, params[i] if params else None, limit_field=request.token_limit_field,
+                                 claim_tokens=len(steering.claim_ids))
+        return Plan(steering, prompts, params, request.num_logprobs, tools, request.constraint)
+
+    def reload(self, deployment: Deployment) -> PolicyChanges:
+        """Serve `deployment`'s policies from the next admission on, or raise (`ConfigError`, or
+        `RestartRequired` for anything but policies) and keep serving the current ones.
+
+        A plan admitted before keeps the `Steering` it resolved, so it finishes on its old
+        policy. Call it where requests are admitted (the tokenizer is not shared across threads).
+        """
+        changes = PolicyChanges.of_reload(self.deployment, deployment,
+                                          logprobs_at_temperature_one=self.engine.logprobs_at_temperature_one)
+        self.policies = Policies.build(deployment, self.engine.prompts.encode_text)  # one assignment: an atomic swap
+        return changes

@@ -1,0 +1,33 @@
+"""vLLM's sampling parameters for one admitted prompt: the door's fields, the logprobs the policy
+kind reads, what the tool-call parser asks of generation, and the token limit."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from vllm import SamplingParams
+from vllm.exceptions import VLLMClientError
+from vllm.sampling_params import RequestOutputKind
+
+from steering.errors import vllm_refusal
+from steering.tool_calls import ToolCalls
+
+
+def sampling_params(fields: Mapping[str, Any], *, max_tokens: int, reads_logprobs: int | None = None,
+                    tools: ToolCalls | None = None) -> SamplingParams:
+    """`fields` as vLLM's parameters, or the request's error. `max_tokens` is at least 1, so that
+    a prompt that fills the context is refused for its length; `reads_logprobs`, the top logprobs
+    per token the kind's score reads (the answer's own at least); answers come whole unless the
+    door asks for deltas (`output_kind`)."""
+    fields = {"output_kind": RequestOutputKind.FINAL_ONLY, **fields}
+    if reads_logprobs is not None:
+        fields["logprobs"] = max(fields.get("logprobs") or 0, reads_logprobs)
+    if tools is not None:  # the call format's constraint, special tokens kept
+        fields["skip_special_tokens"] = tools.skip_special_tokens
+        if tools.structured_outputs is not None:
+            fields["structured_outputs"] = tools.structured_outputs
+    try:
+        return SamplingParams(**fields, max_tokens=max(max_tokens, 1))
+    except (ValueError, VLLMClientError) as error:
+        raise vllm_refusal(error) from None
