@@ -17,23 +17,19 @@ checked again: the policy kinds trust the plan.
 from __future__ import annotations
 
 import dataclasses
-import time
-import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
-
-from vllm import SamplingParams
 
 from steering.config import Deployment, PolicyChanges
 from steering.config.checks import check_policies_on_runner
 from steering.engine import SteeringEngine
 from steering.errors import InvalidRequest
-from steering.kinds import Outcome, Rule
-from steering.policy import Overrides, Policies, Steering
+from steering.kinds import Plan
+from steering.policy import Overrides, Policies
 from steering.prompts import Conversation
 from steering.sampling import sampling_params
-from steering.tool_calls import ToolCalls, admit_tools, parser_class
+from steering.tool_calls import admit_tools, parser_class
 
 
 @dataclass(frozen=True)
@@ -66,38 +62,6 @@ class PolicyRequest:
             (self.constraint, self.constraint is not None),
         )
         return tuple(name for name, asked in asks if asked)
-
-
-@dataclass
-class Plan:
-    """An admitted request: its steering, prompts and sampling parameters, and the outcome its
-    policy kind fills as it runs."""
-
-    steering: Steering
-    prompts: list[list[int]]
-    params: list[SamplingParams]  # one per prompt; none for a kind that does not sample
-    num_logprobs: int | None = None
-    tools: ToolCalls | None = None
-    constraint: str | None = None
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    created: int = field(default_factory=lambda: int(time.time()))
-    started: float = field(default_factory=time.perf_counter)
-
-    def __post_init__(self) -> None:
-        self.outcome = Outcome(self.steering.policy, self.steering.alpha, claim=self.steering.claim)
-
-    @property
-    def name(self) -> str:
-        return self.steering.policy
-
-    @property
-    def rule(self) -> Rule:
-        return self.steering.rule
-
-    @property
-    def prompt_tokens(self) -> int:
-        """The input the engine reads: every prompt, and a claim check's claim."""
-        return sum(len(prompt) for prompt in self.prompts) + len(self.steering.claim_ids)
 
 
 class Admission:

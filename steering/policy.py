@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from steering.config import Deployment, PolicyConfig, check_cost_shape
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
-from steering.kinds import AbstentionRule, DecisionRule, Plain, Rule
+from steering.kinds import AbstentionRule, DecisionRule, Kind, Plain, Steering
 from steering.rules.decisions import CostMatrix, label_first_tokens
 
 
@@ -31,18 +31,6 @@ class Overrides:
     claim: str | None = None
 
 
-@dataclass(frozen=True)
-class Steering:
-    """A request's admitted steering: what the engine applies and the server reports."""
-
-    policy: str
-    alpha: dict[str, float]  # per pair named by the policy or the request, as reported
-    alpha_row: tuple[float, ...]  # one per expert pair, in the engine's pair order (absent: 0)
-    rule: Rule = Plain()  # the policy's kind, with its rule
-    claim: str | None = None  # what a claim check checks, as sent
-    claim_ids: tuple[int, ...] = ()  # and tokenized by the base's tokenizer, to continue the prompt
-
-
 class Policy:
     """One policy, resolved against the deployment's pairs and the base tokenizer."""
 
@@ -55,7 +43,7 @@ class Policy:
         self._default = self._rule(config, encode)
 
     @staticmethod
-    def _rule(config: PolicyConfig, encode) -> Rule:
+    def _rule(config: PolicyConfig, encode) -> Kind:
         if config.decision is not None:
             return DecisionRule(
                 label_token_ids=() if config.decision.claim else label_first_tokens(encode, config.decision.labels),
@@ -71,7 +59,7 @@ class Policy:
         return Plain()
 
     @property
-    def rule(self) -> Rule:
+    def rule(self) -> Kind:
         """The policy's own rule, before any override."""
         return self._default
 

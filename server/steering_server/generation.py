@@ -11,8 +11,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
-from steering.admission import Plan, PolicyRequest
-from steering.kinds import Outcome, Piece, joined
+from steering.admission import PolicyRequest
+from steering.kinds import Outcome, Piece, Plan, joined
 from steering_server.errors import error_body
 from steering_server.lifecycle import Lifecycle
 from steering_server.metrics import ServerMetrics

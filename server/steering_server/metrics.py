@@ -16,7 +16,7 @@ from prometheus_client import (
 )
 
 if TYPE_CHECKING:
-    from steering.admission import Plan
+    from steering.kinds import Plan
     from steering_server.protocol import ErrorBody
 
 UNKNOWN_POLICY = "<unknown>"

@@ -17,9 +17,9 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from steering.kinds.answer import Outcome, Piece, joined
 from steering.kinds.plain import generate
 from steering.kinds.refusals import SCORED
+from steering.kinds.run import Outcome, Piece, Plan, joined
 from steering.rules.abstention import (
     AGREEMENT_TOKENS,
     ENSEMBLE_SCORES,
@@ -33,7 +33,6 @@ from steering.rules.calibration import Calibration
 from steering.scoring import answer_logprobs, first_step
 
 if TYPE_CHECKING:
-    from steering.admission import Plan
     from steering.engine import SteeringEngine
 
 

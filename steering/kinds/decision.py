@@ -11,13 +11,12 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-from steering.kinds.answer import Outcome, Piece
 from steering.kinds.refusals import SCORED
+from steering.kinds.run import Outcome, Piece, Plan
 from steering.rules.decisions import CostMatrix, Decision, bayes_decision
 from steering.scoring import decision_logprobs
 
 if TYPE_CHECKING:
-    from steering.admission import Plan
     from steering.engine import SteeringEngine
 
 

@@ -9,10 +9,9 @@ from typing import TYPE_CHECKING, ClassVar
 from vllm.utils.async_utils import merge_async_iterators
 
 from steering.errors import GenerationFailed, InvalidRequest
-from steering.kinds.answer import Outcome, Piece
+from steering.kinds.run import Outcome, Piece, Plan
 
 if TYPE_CHECKING:
-    from steering.admission import Plan
     from steering.engine import SteeringEngine
 
 

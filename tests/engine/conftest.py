@@ -14,7 +14,8 @@ from vllm import SamplingParams
 from steering.admission import Admission
 from steering.config import parse_deployment
 from steering.engine import SteeringEngine
-from steering.policy import Overrides, Steering
+from steering.kinds import Steering
+from steering.policy import Overrides
 
 
 class LiveEngine:

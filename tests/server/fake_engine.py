@@ -9,8 +9,8 @@ checks, vLLM's own checks of sampling parameters) runs for real. The fake model,
 - choice j answers ANSWER_LEN lower-case letters, letter k being `(sum(prompt) + 3k + j + shift) % 26`
   of the alphabet, with `shift = round(10 * sum((i + 1) * alpha_i))` over the pairs: steering shows.
 - the k-th answer token has probability `token_prob(k)`; the top-N alternatives are upper-case letters.
-- a request forced to one token by `allowed_token_ids` (decision labels) answers it, with probability
-  `label_prob(token, alpha_row)`.
+- a request forced to one token by `allowed_token_ids` (decision labels, a claim's end) answers it,
+  with probability `label_prob(token, alpha_row)`; ETX (id 3) is the end of text.
 - every prompt token after the first has probability PROMPT_PROB (prompt logprobs, rank 1).
 - a prompt with the BEL character (id 7) ends its answers with vLLM's finish_reason "error".
 - the chat template is a real Jinja template: `role: content` a line, the template variable
@@ -36,6 +36,7 @@ from steering.engine import SteeringEngine
 from steering.steer import ALPHA_KEY
 
 BOS = 1
+EOS = 3
 BEL = 7
 ANSWER_LEN = 6
 PROMPT_PROB = 0.5
@@ -66,7 +67,7 @@ class CharTokenizer:
 
     chat_template = ("{% if persona %}{{ persona }}\n{% endif %}{% for m in messages %}{{ m['role'] }}: "
                      "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
-    eos_token_id = None
+    eos_token_id = EOS
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return [BOS] * add_special_tokens + [ord(c) for c in text]

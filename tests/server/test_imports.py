@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 
 def loaded_by(*modules: str) -> list[str]:
@@ -25,3 +28,23 @@ def test_the_serving_core_knows_nothing_of_http_or_tools():
     loaded = loaded_by("steering.engine", "steering.composite", "steering.processors", "steering.plugin")
     assert [m for m in loaded if not m.startswith("steering.") and m != "steering"] == []
     
+
+def test_the_cli_loads_what_a_command_runs_only_when_it_runs():
+    loaded = loaded_by("steering_cli.main")
+    assert [m for m in loaded if m.startswith(("steering_server", "steering_tools"))] == []
+
+
+def test_a_wheel_holds_the_four_packages_by_their_own_names_and_no_fixture_in_the_core(tmp_path):
+    """The folders are server/, tools/ and cli/; the import names are not (no top-level `server`)."""
+    root, source = Path(__file__).resolve().parents[2], tmp_path / "source"
+    shutil.copytree(root, source, ignore=lambda folder, names: [  # a copy: building writes build/ beside it
+        name for name in names if folder == str(root) and name not in {"pyproject.toml", "README.md", "steering",
+                                                                        "server", "tools", "cli"}])
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path), str(source)], check=True, capture_output=True, timeout=600)
+    (wheel,) = tmp_path.glob("steering_service-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    packages = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
+    assert packages == {"steering", "steering_server", "steering_tools", "steering_cli"}
+    assert not [name for name in names if name.startswith("steering/") and "fixture" in name]
+    assert "steering_tools/fixtures.py" in names and "steering_server/chat/api_router.py" in names

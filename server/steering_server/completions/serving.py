@@ -7,8 +7,8 @@ from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from vllm.logprobs import Logprob
 
-from steering.admission import Plan, PolicyRequest
-from steering.kinds import Piece
+from steering.admission import PolicyRequest
+from steering.kinds import Piece, Plan
 from steering_server.completions.protocol import (
     Completion,
     CompletionChoice,

@@ -3,16 +3,78 @@ up to (the facts of the response's `steering` block, and what its scores were re
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import time
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
+
+from vllm import SamplingParams
 
 from steering.rules.abstention import Abstention, FirstStep
 from steering.rules.decisions import Decision
+from steering.tool_calls import ToolCalls
 
 if TYPE_CHECKING:
-    from steering.admission import Plan
     from steering.engine import SteeringEngine
+
+
+class Kind(Protocol):
+    """A policy kind's rule: what admission reads of it, and how it runs a plan."""
+
+    refuses: ClassVar[Mapping[str, str]]  # request field -> why this kind cannot serve it ({field} in it)
+    samples: ClassVar[bool]  # whether it samples an answer (sampling parameters apply)
+    reads_logprobs: int | None  # top logprobs per answer token its score reads (None: it reads none)
+
+    def collecting(self, *, every_score: bool = False) -> Kind:
+        """This rule as a calibration runs it: withholding nothing, keeping what a score reads."""
+
+    def run(self, engine: SteeringEngine, plan: Plan) -> AsyncIterator[Piece | Outcome]:
+        """The answer's pieces as they may be shown, then the plan's outcome."""
+
+
+@dataclass(frozen=True)
+class Steering:
+    """A request's admitted steering: what the engine applies and the server reports."""
+
+    policy: str
+    alpha: dict[str, float]  # per pair named by the policy or the request, as reported
+    alpha_row: tuple[float, ...]  # one per expert pair, in the engine's pair order (absent: 0)
+    rule: Kind  # the policy's kind, with its rule
+    claim: str | None = None  # what a claim check checks, as sent
+    claim_ids: tuple[int, ...] = ()  # and tokenized by the base's tokenizer, to continue the prompt
+
+
+@dataclass
+class Plan:
+    """An admitted request: its steering, prompts and sampling parameters, and the outcome its
+    policy kind fills as it runs."""
+
+    steering: Steering
+    prompts: list[list[int]]
+    params: list[SamplingParams]  # one per prompt; none for a kind that does not sample
+    num_logprobs: int | None = None
+    tools: ToolCalls | None = None
+    constraint: str | None = None
+    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    created: int = field(default_factory=lambda: int(time.time()))
+    started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        self.outcome = Outcome(self.steering.policy, self.steering.alpha, claim=self.steering.claim)
+
+    @property
+    def name(self) -> str:
+        return self.steering.policy
+
+    @property
+    def rule(self) -> Kind:
+        return self.steering.rule
+
+    @property
+    def prompt_tokens(self) -> int:
+        """The input the engine reads: every prompt, and a claim check's claim."""
+        return sum(len(prompt) for prompt in self.prompts) + len(self.steering.claim_ids)
 
 
 @dataclass
