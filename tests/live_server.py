@@ -89,8 +89,8 @@ def write_config(family: dict, path: Path, **engine) -> Path:
     return path
 
 
-def start_server(config: Path, log: Path, *extra: str) -> Server:
-    port = free_port()
+def start_server(config: Path, log: Path, *extra: str, port: int | None = None) -> Server:
+    port = port or free_port()
     command = [STEER, "serve", "--config", str(config), "--port", str(port), "--api-key", API_KEY, *extra]
     server = Server.start(command, port=port, log=log)
     server.config = config

@@ -29,10 +29,13 @@ def add_to(commands) -> None:
     perf.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
     perf.add_argument("--prompt-tokens", type=int, default=64)
     perf.add_argument("--max-tokens", type=int, default=64)
-    perf.add_argument("--workload", choices=["equal", "mixed", "decisions"], default="equal",
+    perf.add_argument("--workload", choices=["equal", "mixed", "decisions", "router"], default="equal",
                       help="equal: --prompt-tokens in, --max-tokens out, all at once; mixed: lengths from --lengths, "
                            "arrivals at --rate; decisions: what yes/no decisions, claim checks and abstention scores "
-                           "cost against plain steered calls, on one steered server")
+                           "cost against plain steered calls, on one steered server; router: one steered replica "
+                           "direct against vLLM's router in front of one and of two, over --rounds interleaved rounds")
+    perf.add_argument("--rounds", type=int, default=5, help="router: interleaved rounds (the order reversed every "
+                      "other round); ratios are reported as median and spread over them")
     perf.add_argument("--lengths", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"),
                       help="mixed: prompt and output lengths, each uniform in MIN..MAX tokens")
     perf.add_argument("--rate", type=float, default=float("inf"),
@@ -67,6 +70,12 @@ def run(args: argparse.Namespace) -> int:
         report = asyncio.run(job.run_family(args.family) if args.family else job.run_seeds(args.seeds or job.SEEDS))
         if reference is not None:
             report["comparison"] = job.compare(report, reference)
+    elif args.workload == "router":
+        from steering_tools.bench import router as job
+
+        report = job.run(preset=args.preset, concurrency=tuple(args.concurrency), requests=args.requests,
+                         prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, rounds=args.rounds,
+                         eager=args.eager)
     else:
         from steering_tools.bench import perf as job
 

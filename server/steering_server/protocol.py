@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 from vllm.entrypoints.generate.base import protocol as vllm_generate
 from vllm.entrypoints.generate.base.protocol import structured_outputs_from_response_format
+from vllm.entrypoints.openai.chat_completion import protocol as vllm_chat
+from vllm.entrypoints.openai.completion import protocol as vllm_completion
 from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -118,7 +120,32 @@ class StructuredOutputs(StrictRequest):
     whitespace_pattern: Text | None = None
 
 
+def _vllm_default(request: type[BaseModel], name: str) -> object:
+    return request.model_fields[name].default
+
+
+# Fields this server does not implement, taken at the one value that changes nothing here and
+# refused at any other, by name: vLLM's router (vllm-router) re-serialises every body with them
+# set, and clients built for `vllm serve` fill vLLM's defaults in. The values are vLLM's own
+# defaults where vLLM's request models declare the field; the rest are the router's (from
+# SGLang's protocol, which vLLM does not declare), as the router sends them.
+NEUTRAL_FIELDS: dict[str, dict[str, object]] = {
+    "chat": {
+        **{name: _vllm_default(vllm_chat.ChatCompletionRequest, name)
+           for name in ("continue_final_message", "skip_special_tokens", "include_reasoning")},
+        "no_stop_trim": False, "separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False,
+    },
+    "completions": {
+        "skip_special_tokens": _vllm_default(vllm_completion.CompletionRequest, "skip_special_tokens"),
+        "no_stop_trim": False, "return_hidden_states": False,
+    },
+}
+
+
 class GenerationRequest(StrictRequest):
+    # A field of NEUTRAL_FIELDS: dropped at its neutral value, refused at any other.
+    neutral_fields: ClassVar[dict[str, object]] = {}
+
     model: Text = Field(description="A policy name, as listed by GET /v1/models.")
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     temperature: Annotated[FiniteFloat, Field(ge=0, le=2)] = 1.0
@@ -155,6 +182,18 @@ class GenerationRequest(StrictRequest):
     steering: SteeringRequest | None = Field(
         default=None, description="Steering overrides (send through the OpenAI SDK's extra_body)."
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _neutral_fields(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for name, neutral in cls.neutral_fields.items():
+            value = data.get(name, neutral)
+            if value != neutral or type(value) is not type(neutral):
+                raise refusal(name, f"{name} {value!r} is not served here: only {neutral!r}, the value that "
+                                    "changes nothing, is taken")
+        return {key: value for key, value in data.items() if key not in cls.neutral_fields}
 
     @field_validator("logit_bias")
     @classmethod

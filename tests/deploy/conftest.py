@@ -10,7 +10,9 @@ import pytest
 import yaml
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
-DOCKERFILES = sorted((DEPLOY / "docker").glob("Dockerfile.*"))
+# The steering images; Dockerfile.router is vLLM's router, checked on its own.
+DOCKERFILES = sorted(path for path in (DEPLOY / "docker").glob("Dockerfile.*") if path.suffix != ".router")
+ROUTER_DOCKERFILE = DEPLOY / "docker" / "Dockerfile.router"
 KUBERNETES = DEPLOY / "kubernetes"
 
 

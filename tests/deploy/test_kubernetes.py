@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from steering_cli.main import build_parser
-from steering_server.app import ServerSettings
+from steering_server.settings import ServerSettings
 from steering_server.metrics import ServerMetrics
 
 from steering.config import read_deployment

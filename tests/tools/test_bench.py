@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 import yaml
 from steering_tools import metrics
-from steering_tools.bench import perf, quality
+from steering_tools.bench import perf, quality, rounds
+from steering_tools.bench import router as router_bench
 from steering_tools.demo_family import Recipe, build, demo_shape, is_built, read_questions, read_recipe
 from steering_tools.reference import ReferenceSteerer
 from steering_tools.world import plain_question
@@ -302,3 +303,27 @@ def test_bench_perf_decisions_workload_prices_each_kind_of_call_against_its_plai
     assert len(ratios) == 2 * sum(call.against is not None for call in perf.DECISION_CALLS.values())
     assert "base_agreement (+20)" in perf.summary(report)
     assert perf.plot(report, tmp_path)[0].name == "perf-decisions.png"
+
+
+def test_interleaved_rounds_alternate_the_order_and_ratios_report_their_spread():
+    order = []
+    results = rounds.interleaved({name: (lambda name=name: order.append(name) or len(order)) for name in "abc"}, 4)
+    assert order == list("abc" "cba" "abc" "cba")
+    assert results == {"a": [1, 6, 7, 12], "b": [2, 5, 8, 11], "c": [3, 4, 9, 10]}
+    ratio = rounds.spread([1.0, 0.9, 1.2, 1.1, 0.95])
+    assert ratio["median"] == 1.0 and ratio["iqr"] == [0.95, 1.1] and (ratio["min"], ratio["max"]) == (0.9, 1.2)
+
+
+def test_bench_perf_router_workload_runs_each_system_each_round(tmp_path):
+    report = router_bench.run(preset="tiny", concurrency=(2,), requests=4, prompt_tokens=16, max_tokens=8, rounds=2,
+                              eager=True, work=tmp_path)
+    assert set(report["systems"]) == {router_bench.DIRECT, router_bench.ONE, router_bench.TWO}
+    for runs in report["systems"].values():
+        assert len(runs) == 2 and all(levels[0]["tokens"] == 4 * 8 for levels in runs)
+    for label, ratio in report["ratios"].items():
+        direct = [levels[0] for levels in report["systems"][router_bench.DIRECT]]
+        name = label.split(" / ")[0]
+        key = "tokens_per_second" if "throughput" in label else "ttft_ms"
+        assert ratio["rounds"] == pytest.approx([levels[0][key] / d[key] for levels, d in
+                                                 zip(report["systems"][name], direct)])
+    assert "interleaved" in router_bench.summary(report)

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import math
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import yaml
 from steering_tools import metrics
@@ -233,3 +236,26 @@ def test_an_unlabelled_policy_cannot_be_calibrated(calibration_setup, tmp_path):
     result = run_calibrate(tmp_path, "plain", "labels.jsonl")
     assert result.returncode == 2
     assert "policies.plain: only decision and abstention policies are calibrated" in result.stderr
+
+
+def test_calibrates_own_engine_dies_with_it(calibration_setup):
+    """`steer calibrate` killed with SIGKILL (its engine up and scoring) leaves no engine process behind."""
+    root = calibration_setup
+    command = [STEER, "calibrate", "--config", str(root / "deploy.yaml"), "--policy", "qa", "--data",
+               str(root / "answers.jsonl"), "--out", str(root / "killed.json")]
+    job = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not any("EngineCore" in " ".join(child.cmdline()) or "EngineCore" in child.name()
+                      for child in psutil.Process(job.pid).children(recursive=True)):
+            assert job.poll() is None and time.monotonic() < deadline, "the engine never started"
+            time.sleep(0.5)
+        engine = {child.pid for child in psutil.Process(job.pid).children(recursive=True)}
+        job.send_signal(signal.SIGKILL)
+        job.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while alive := [pid for pid in engine if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]:
+            assert time.monotonic() < deadline, f"engine processes {alive} outlived steer calibrate"
+            time.sleep(0.2)
+    finally:
+        job.kill()

@@ -9,6 +9,7 @@ from vllm.entrypoints.generate.base import protocol as vllm_generate
 from vllm.entrypoints.openai.chat_completion import protocol as vllm_chat
 
 from steering_server.protocol import (
+    NEUTRAL_FIELDS,
     TEMPLATE_KWARGS,
     Answer,
     ChatMessage,
@@ -49,6 +50,7 @@ class NamedToolChoice(StrictRequest):
 
 
 class ChatCompletionRequest(GenerationRequest):
+    neutral_fields = NEUTRAL_FIELDS["chat"]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)
     tools: Annotated[list[Tool], Field(min_length=1, max_length=128)] | None = Field(

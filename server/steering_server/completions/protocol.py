@@ -7,6 +7,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, model_validator
 
 from steering_server.protocol import (
+    NEUTRAL_FIELDS,
     Answer,
     GenerationRequest,
     PromptLogprobs,
@@ -18,6 +19,7 @@ from steering_server.protocol import (
 
 
 class CompletionRequest(GenerationRequest):
+    neutral_fields = NEUTRAL_FIELDS["completions"]
     max_tokens: Annotated[int, Field(ge=0)] | None = Field(
         default=None, description="0 (with echo) scores the prompt without generating."
     )
