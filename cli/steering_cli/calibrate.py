@@ -26,20 +26,25 @@ def add_to(commands) -> None:
     calibrate.add_argument("--bins", type=int, default=10, help="confidence bins for ECE and the reliability plot")
     calibrate.add_argument("--apply", action="store_true",
                            help="replace the calibration file the policy names in the config, then reload the "
-                                "server at --url: the recalibrated policy serves from its next request")
+                                "server at --url (or --server): the recalibrated policy serves from its next request")
+    calibrate.add_argument("--server", metavar="URL",
+                           help="score the rows through this running server's API (its base URL, …/v1) instead of "
+                                "an engine of its own: nothing is loaded here (needs the server's --api-key)")
+    calibrate.add_argument("--parallel", type=int, default=8, help="--server: rows in flight at once")
     add_server_arguments(calibrate)
     calibrate.set_defaults(handler=lambda args: asyncio.run(run(args)))
 
 
 async def run(args: argparse.Namespace) -> int:
-    from steering_tools import rollout
-    from steering_tools.calibrate import calibrate, summary
-
-    from steering.config import load_deployment
+    from steering.config import load_deployment, read_deployment
     from steering.errors import ConfigError
     from steering_cli.reload import ReloadFailed, describe, reload_server
+    from steering_tools import rollout
+    from steering_tools.calibrate import ServerScores, calibrate, summary
 
-    deployment = load_deployment(args.config, calibrating=True)
+    # With --server the checkpoints are the server's: only the YAML is read here.
+    deployment = (read_deployment if args.server else load_deployment)(args.config, calibrating=True)
+    server = ServerScores(args.server, args.api_key, args.parallel) if args.server else None
     out = args.out or args.config.parent / f"{args.policy}.calibration.json"
     if args.apply:  # refused before any engine starts
         named = rollout.named_calibration(args.config, args.policy)
@@ -48,8 +53,8 @@ async def run(args: argparse.Namespace) -> int:
                                        f"({named}); leave out --out")
         out = named
     previous = out.read_bytes() if args.apply and out.exists() else None
-    result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed,
-                             fit_fraction=args.fit_fraction, max_tokens=args.max_tokens, bins=args.bins)
+    result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed, fit_fraction=args.fit_fraction,
+                             max_tokens=args.max_tokens, bins=args.bins, server=server)
     print(summary(result))
     if not args.apply:
         print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}, then "
@@ -57,7 +62,7 @@ async def run(args: argparse.Namespace) -> int:
         return 0
     rollout.keep_if_valid(args.config, out, previous)
     try:
-        report = reload_server(args.url, args.api_key, caller="steer calibrate --apply")
+        report = reload_server(args.server or args.url, args.api_key, caller="steer calibrate --apply")
     except ReloadFailed as error:
         print(f"steer calibrate: wrote {out}, but {error}; the server serves the old calibration until it "
               "reloads (`steer reload`, or SIGHUP)", file=sys.stderr)

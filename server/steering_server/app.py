@@ -47,8 +47,9 @@ def create_app(settings: ServerSettings, *, engine: SteeringEngine | None = None
     app = FastAPI(title="Steering service", version="0.1.0", lifespan=lifespan if engine is None else None,
                   description="OpenAI-compatible decode-time steering: policies are models; "
                   "per-request overrides go in the top-level `steering` object.")
-    app.state.server = Server(settings, metrics, lifecycle, reloader, ChatServing(lifecycle, metrics),
-                              CompletionServing(lifecycle, metrics))
+    keyed = settings.api_key is not None
+    app.state.server = Server(settings, metrics, lifecycle, reloader, ChatServing(lifecycle, metrics, keyed=keyed),
+                              CompletionServing(lifecycle, metrics, keyed=keyed))
     for router in (health, models, admin, tokenize, chat, completions):
         app.include_router(router)
     install_error_handlers(app)

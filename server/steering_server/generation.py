@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel
 
 from steering.admission import PolicyRequest
+from steering.errors import InvalidSteering
 from steering.kinds import Outcome, Piece, Plan, joined
 from steering_server.errors import error_body
 from steering_server.lifecycle import Lifecycle
@@ -25,9 +26,10 @@ class GenerationServing:
 
     endpoint: str
 
-    def __init__(self, lifecycle: Lifecycle, metrics: ServerMetrics):
+    def __init__(self, lifecycle: Lifecycle, metrics: ServerMetrics, *, keyed: bool):
         self.lifecycle = lifecycle
         self.metrics = metrics
+        self.keyed = keyed  # an API key guards the server: evidence may be asked for
 
     def policy_request(self, body: GenerationRequest) -> PolicyRequest:
         raise NotImplementedError
@@ -55,6 +57,9 @@ class GenerationServing:
 
     def plan(self, body: GenerationRequest) -> Plan:
         """Admit the request (on the admission thread); raises before anything is generated."""
+        if body.steering is not None and body.steering.evidence is not None and not self.keyed:
+            raise InvalidSteering("evidence is served only behind an API key (steer serve --api-key): it shows "
+                                  "what every answer was scored on", param="steering.evidence")
         return self.lifecycle.ready().admit(self.policy_request(body))
 
     async def answer(self, plan: Plan) -> tuple[list[Piece], Outcome]:

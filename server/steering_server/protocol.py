@@ -77,6 +77,9 @@ class SteeringRequest(StrictRequest):
         default=None, description="Claim-check policies (required there): the answer to the prompt to check, "
         "scored as written right after the prompt (mind the leading space)."
     )
+    evidence: Literal["score", "every_score"] | None = Field(
+        default=None, description="For a calibration, behind the API key: withhold nothing, and return what the "
+        "policy's score (or every abstention score) reads, in steering.evidence.")
 
 
 class StreamOptions(StrictRequest):
@@ -246,6 +249,10 @@ class GenerationRequest(StrictRequest):
             "output_kind": RequestOutputKind.DELTA if self.stream else RequestOutputKind.FINAL_ONLY,
         }
 
+    @property
+    def collect(self) -> str | None:
+        return self.steering.evidence if self.steering is not None else None
+
     def overrides(self) -> Overrides | None:
         given = self.steering
         if given is None:
@@ -314,6 +321,10 @@ class SteeringInfo(BaseModel):
     abstention: dict | None = Field(
         default=None, description="Abstention policies: the score, its raw and calibrated values, the threshold."
     )
+    evidence: dict | None = Field(
+        default=None, exclude_if=lambda value: value is None,
+        description="With steering.evidence (behind the API key): what the score or decision was computed from "
+        "(token_logprobs, first_step, label_logprobs), as `steer calibrate --server` fits on.")
 
 
 class Usage(BaseModel):

@@ -56,12 +56,14 @@ class Plan:
     num_logprobs: int | None = None
     tools: ToolCalls | None = None
     constraint: str | None = None
+    collect: str | None = None  # a calibration's: "score" or "every_score" (the rule withholds nothing)
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
-        self.outcome = Outcome(self.steering.policy, self.steering.alpha, claim=self.steering.claim)
+        self.outcome = Outcome(self.steering.policy, self.steering.alpha, claim=self.steering.claim,
+                               shows_evidence=self.collect is not None)
 
     @property
     def name(self) -> str:
@@ -98,6 +100,17 @@ class Evidence:
     first_step: FirstStep | None = None  # abstention, scores that read the base alone
     label_logprobs: list[float] | None = None  # decision: each label's steered logprob
 
+    def as_json(self) -> dict:
+        """The evidence as JSON; `of_json` reads it back exactly (floats round-trip through JSON)."""
+        return {"token_logprobs": self.token_logprobs, "label_logprobs": self.label_logprobs,
+                "first_step": None if self.first_step is None else self.first_step.as_json()}
+
+    @classmethod
+    def of_json(cls, data: Mapping) -> Evidence:
+        step = data.get("first_step")
+        return cls(data.get("token_logprobs"), None if step is None else FirstStep.of_json(step),
+                   data.get("label_logprobs"))
+
 
 @dataclass
 class Outcome:
@@ -111,6 +124,7 @@ class Outcome:
     claim: str | None = None  # a claim check's claim, as sent
     claim_logprob: float | None = None
     evidence: Evidence = field(default_factory=Evidence)
+    shows_evidence: bool = False  # a calibration's request: the report carries the evidence
 
     @property
     def abstained(self) -> bool | None:
@@ -131,7 +145,8 @@ class Outcome:
             decision = self.decision.report() | claim
         return {"policy": self.policy, "alpha": self.alpha, "abstained": self.abstained,
                 "confidence": self.confidence, "decision": decision,
-                "abstention": None if self.abstention is None else self.abstention.report()}
+                "abstention": None if self.abstention is None else self.abstention.report(),
+                "evidence": self.evidence.as_json() if self.shows_evidence else None}
 
 
 def joined(pieces: list[Piece]) -> list[Piece]:

@@ -63,6 +63,18 @@ class FirstStep:
     base: Mapping[int, float]
     prompt: Sequence[float] | None = None
 
+    def as_json(self) -> dict:
+        """The step as JSON (token ids as keys become strings); `of_json` reads it back exactly."""
+        return {"token": self.token, "steered": {str(t): v for t, v in self.steered.items()},
+                "base": {str(t): v for t, v in self.base.items()},
+                "prompt": None if self.prompt is None else list(self.prompt)}
+
+    @classmethod
+    def of_json(cls, data: Mapping) -> FirstStep:
+        return cls(int(data["token"]), {int(t): float(v) for t, v in data["steered"].items()},
+                   {int(t): float(v) for t, v in data["base"].items()},
+                   None if data.get("prompt") is None else [float(v) for v in data["prompt"]])
+
     def base_prob(self) -> float:
         """The base alone's probability of the answer's first token."""
         return float(np.exp(self.base[self.token]))

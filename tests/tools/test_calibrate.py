@@ -23,6 +23,7 @@ from steering.errors import ConfigError
 from steering.rules.abstention import familiarity_profile
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import softmax
+from tests.live_server import API_KEY
 
 STEER = str(Path(sys.executable).parent / "steer")
 LABELS = ["yes", "no", "cat"]
@@ -259,3 +260,32 @@ def test_calibrates_own_engine_dies_with_it(calibration_setup):
             time.sleep(0.2)
     finally:
         job.kill()
+
+
+@pytest.mark.parametrize(("policy", "data"), [("qa-profile", "answers.jsonl"), ("check", "claims.jsonl"),
+                                              ("triage", "labels.jsonl")])
+def test_calibrating_through_the_server_writes_the_file_the_in_process_fit_writes(calibration_setup, server, policy,
+                                                                                  data):
+    """The server holds the only engine: `--server` scores every row there (the policy run by its
+    kind, its evidence returned) and fits exactly what an engine of its own would have given."""
+    root = calibration_setup
+    files = {}
+    for way, extra in (("in-process", []), ("server", ["--server", f"{server.url}/v1", "--api-key", API_KEY])):
+        out = root / f"{policy}.{way}.json"
+        result = subprocess.run([STEER, "calibrate", "--config", str(root / "deploy.yaml"), "--policy", policy,
+                                 "--data", str(root / data), "--out", str(out), *extra],
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        files[way] = out.read_bytes()
+    assert files["server"] == files["in-process"]
+
+
+def test_a_server_refusal_is_shown_with_the_servers_message_and_the_rows_line(calibration_setup, server, tmp_path):
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "the moon", "answer": "x"}\n\n{"prompt": "' + "the moon " * 1500 + '", "answer": "x"}\n')
+    result = subprocess.run([STEER, "calibrate", "--config", str(calibration_setup / "deploy.yaml"), "--policy", "qa",
+                             "--data", str(data), "--out", str(tmp_path / "qa.json"), "--server", f"{server.url}/v1",
+                             "--api-key", API_KEY], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2
+    assert "--server: line 3: the server refused it (400): the prompt has" in result.stderr
+    assert "this model's context is 1024" in result.stderr

@@ -65,3 +65,18 @@ def test_a_claim_check_runs_in_process_and_calibrate_reads_the_same_claim():
     assert body["usage"]["prompt_tokens"] == len([BOS, *"hi"]) + len(claim)
     (calibrated,) = asyncio.run(decision_logprobs(admission, "check", [Row(prompt="hi", label="true", claim=claim)]))
     assert calibrated[0] == want and math.isclose(calibrated[1], math.log(-math.expm1(want)))
+
+
+def test_evidence_is_served_only_behind_an_api_key():
+    engine = FakeEngine(parse_deployment({"base": "fake/base", "experts": EXPERTS, "policies": POLICIES}),
+                        max_model_len=MAX_MODEL_LEN)
+    open_door = TestClient(create_app(ServerSettings(config=Path("unused")), engine=engine))
+    refused = open_door.post("/v1/completions", json={"model": "qa", "prompt": "hi", "steering": {"evidence": "score"}})
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "steering.evidence"
+    _, client = served()
+    body = client.post("/v1/completions", json={"model": "qa", "prompt": "hi", "max_tokens": 3,
+                                                "steering": {"evidence": "score", "abstain_threshold": 0.9}}).json()
+    assert body["steering"]["evidence"]["token_logprobs"] == [math.log(0.9 / (k + 1)) for k in range(3)]
+    assert body["choices"][0]["text"] != "Pass.", "a calibration's request withholds nothing"
+    plain = client.post("/v1/completions", json={"model": "qa", "prompt": "hi", "max_tokens": 3}).json()
+    assert "evidence" not in plain["steering"]

@@ -15,16 +15,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tqdm import tqdm
 
 from steering.admission import Admission, PolicyRequest
-from steering.config import AbstainConfig, Deployment
+from steering.config import AbstainConfig, Deployment, PolicyConfig
 from steering.engine import SteeringEngine
 from steering.errors import ConfigError, UnknownPolicy
-from steering.kinds import answer
-from steering.policy import Overrides, Policy
+from steering.kinds import Evidence, answer
+from steering.policy import Overrides
 from steering.prompts import Conversation
 from steering.rules.abstention import FITTED_SCORES, FirstStep, confidence_score, familiarity_profile
 from steering.rules.calibration import Calibration, platt
@@ -104,9 +105,9 @@ def split(n: int, fit_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarra
     return np.sort(order[:cut]), np.sort(order[cut:])
 
 
-async def _gather(coroutines: list, description: str) -> list:
-    """Run with at most IN_FLIGHT at once, in order, with a progress bar."""
-    limit = asyncio.Semaphore(IN_FLIGHT)
+async def _gather(coroutines: list, description: str, *, limit: int = IN_FLIGHT) -> list:
+    """Run with at most `limit` at once, in order, with a progress bar."""
+    limit = asyncio.Semaphore(limit)
     bar = tqdm(total=len(coroutines), desc=description, unit="row")
 
     async def one(coro):
@@ -180,9 +181,9 @@ def fit_label_map(logprobs: np.ndarray, truth: np.ndarray, *, claims: bool) -> t
     return 1.0 / a, [b, 0.0]
 
 
-def fit_decision(name: str, policy: Policy, logprobs: np.ndarray, truth: np.ndarray, fit, held, bins: int):
-    temperature, bias = fit_label_map(logprobs[fit], truth[fit], claims=policy.rule.checks_claims)
-    costs = policy.config.decision.cost_matrix()
+def fit_decision(name: str, config: PolicyConfig, logprobs: np.ndarray, truth: np.ndarray, fit, held, bins: int):
+    temperature, bias = fit_label_map(logprobs[fit], truth[fit], claims=config.decision.claim)
+    costs = config.decision.cost_matrix()
     raw = np.stack([label_probabilities(z) for z in logprobs[held]])
     calibrated = np.stack([label_probabilities(z, temperature, bias) for z in logprobs[held]])
     argmax = [costs.labels[i] for i in raw.argmax(axis=1)]
@@ -203,7 +204,7 @@ def fit_decision(name: str, policy: Policy, logprobs: np.ndarray, truth: np.ndar
         },
     }
     calibration = Calibration(kind="decision", policy=name, temperature=temperature, bias=bias,
-                              labels=list(policy.config.decision.labels), fitted_on=len(fit))
+                              labels=list(config.decision.labels), fitted_on=len(fit))
     curves = {"raw": (raw.max(axis=1), raw.argmax(axis=1) == truth[held]),
               "calibrated": (calibrated.max(axis=1), calibrated.argmax(axis=1) == truth[held])}
     return calibration, report, curves
@@ -235,6 +236,77 @@ async def abstention_answers(
 
     answered = await _gather([one(row) for row in rows], "answering")
     return [a for a, _ in answered], np.asarray([c for _, c in answered], dtype=float)
+
+
+@dataclass
+class EngineScores:
+    """An engine in this process as the source of scores: each row admitted and run by the kind."""
+
+    admission: Admission
+
+    async def decision_logprobs(self, name: str, rows: list[Row], lines: list[int], claims: bool) -> np.ndarray:
+        return await decision_logprobs(self.admission, name, rows)
+
+    async def abstention_answers(self, name: str, rows: list[Row], lines: list[int],
+                                 max_tokens: int) -> tuple[list[Answer], np.ndarray]:
+        return await abstention_answers(self.admission, name, rows, max_tokens)
+
+
+class ServerRefused(ConfigError):
+    """The server refused a row, or the calibration: its own message, and the row's line."""
+
+
+@dataclass
+class ServerScores:
+    """A running server as the source of scores: each row admitted and run there by the policy's
+    kind, which returns what it scored on (`steering.evidence`, behind the API key). No engine here."""
+
+    url: str  # the SDK's base URL, …/v1
+    api_key: str | None
+    parallel: int = 8  # rows in flight at once
+
+    async def decision_logprobs(self, name: str, rows: list[Row], lines: list[int], claims: bool) -> np.ndarray:
+        answers = await self._ask(name, rows, lines, lambda row: {
+            "max_tokens": 1, "steering": {"evidence": "score", **({"claim": row.claim} if claims else {})}})
+        return np.asarray([answer["steering"]["evidence"]["label_logprobs"] for answer in answers], dtype=np.float64)
+
+    async def abstention_answers(self, name: str, rows: list[Row], lines: list[int],
+                                 max_tokens: int) -> tuple[list[Answer], np.ndarray]:
+        answers = await self._ask(name, rows, lines, lambda row: {
+            "max_tokens": max_tokens, "temperature": 0.0, "steering": {"evidence": "score"}})
+        evidence = [Evidence.of_json(answer["steering"]["evidence"]) for answer in answers]
+        correct = [is_correct(_text(answer), row.answer) for answer, row in zip(answers, rows)]
+        return [(e.token_logprobs, e.first_step) for e in evidence], np.asarray(correct, dtype=float)
+
+    async def _ask(self, name: str, rows: list[Row], lines: list[int], fields: Callable[[Row], dict]) -> list[dict]:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with httpx.AsyncClient(base_url=self.url.rstrip("/"), headers=headers, timeout=600) as http:
+            async def one(row: Row, line: int) -> dict:
+                ask = {"messages": [m.model_dump() for m in row.messages]} if row.messages else {"prompt": row.prompt}
+                path = "/chat/completions" if row.messages else "/completions"
+                try:
+                    response = await http.post(path, json={"model": name, **ask, **fields(row)})
+                except httpx.TransportError as error:
+                    raise ServerRefused("--server", f"cannot reach {self.url}: {error}") from None
+                if response.is_error:
+                    raise ServerRefused("--server", f"line {line}: the server refused it ({response.status_code}): "
+                                                    f"{_message(response)}")
+                return response.json()
+
+            return await _gather([one(row, line) for row, line in zip(rows, lines)], "asking the server",
+                                 limit=self.parallel)
+
+
+def _text(answer: dict) -> str:
+    choice = answer["choices"][0]
+    return choice["message"]["content"] if "message" in choice else choice["text"]
+
+
+def _message(response: httpx.Response) -> str:
+    try:
+        return response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return response.text[:500]
 
 
 def fit_score(kind: str, answers: list[Answer], correct: np.ndarray) -> list[float] | None:
@@ -288,8 +360,9 @@ def _confidence_report(confidence: np.ndarray, correct: np.ndarray, bins: int) -
     }
 
 
-def fit_abstention(name: str, policy: Policy, answers: list[Answer], correct: np.ndarray, fit, held, bins: int):
-    abstain = policy.config.abstain
+def fit_abstention(name: str, config: PolicyConfig, answers: list[Answer], correct: np.ndarray, fit, held,
+                   bins: int):
+    abstain = config.abstain
     weights = fit_score(abstain.score, [answers[i] for i in fit], correct[fit])
     scores = raw_scores(abstain.score, answers, weights)
     a, b = fit_platt_map(scores[fit], correct[fit], weights)
@@ -375,8 +448,10 @@ async def calibrate(
     max_tokens: int = 32,
     bins: int = 10,
     engine: SteeringEngine | None = None,
+    server: ServerScores | None = None,
 ) -> Result:
-    """Fit the policy's calibration on part of `data`; write it, a JSON report and PNG plots."""
+    """Fit the policy's calibration on part of `data`; write it, a JSON report and PNG plots. The
+    scores come from `server` (a running server's API), or from an engine started here (or given)."""
     config = deployment.policies.get(name)
     if config is None:
         raise UnknownPolicy(name, deployment.policies, param="--policy")
@@ -398,20 +473,23 @@ async def calibrate(
     if len(dataset.rows) < 2:
         raise ConfigError("data", f"{data} has {len(dataset.rows)} usable rows; at least 2 are needed")
     fit, held = split(len(dataset.rows), fit_fraction, seed)
-    owned = engine is None
-    engine = engine or SteeringEngine.start(deployment)
-    admission = Admission(engine, deployment)
-    policy = admission.policies[name]
+    rows, lines = dataset.rows, dataset.line_numbers
+    if server is not None:
+        scores = server
+    else:
+        owned = engine is None
+        engine = engine or SteeringEngine.start(deployment)
+        scores = EngineScores(Admission(engine, deployment))
     try:
         if config.decision:
-            truth = np.asarray([config.decision.labels.index(r.label) for r in dataset.rows])
-            logprobs = await decision_logprobs(admission, name, dataset.rows)
-            calibration, report, curves = fit_decision(name, policy, logprobs, truth, fit, held, bins)
+            truth = np.asarray([config.decision.labels.index(r.label) for r in rows])
+            logprobs = await scores.decision_logprobs(name, rows, lines, config.decision.claim)
+            calibration, report, curves = fit_decision(name, config, logprobs, truth, fit, held, bins)
         else:
-            answers, correct = await abstention_answers(admission, name, dataset.rows, max_tokens)
-            calibration, report, curves = fit_abstention(name, policy, answers, correct, fit, held, bins)
+            answers, correct = await scores.abstention_answers(name, rows, lines, max_tokens)
+            calibration, report, curves = fit_abstention(name, config, answers, correct, fit, held, bins)
     finally:
-        if owned:
+        if server is None and owned:
             engine.shutdown()
     report |= {"data": str(data), "rows": len(dataset.rows), "fit_rows": len(fit), "held_out_rows": len(held),
                "seed": seed, "skipped": dataset.skipped}

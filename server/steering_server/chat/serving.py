@@ -44,7 +44,7 @@ class ChatServing(GenerationServing):
                              max_tokens=body.token_limit, token_limit_field=body.token_limit_field,
                              num_logprobs=body.num_logprobs,
                              scores_prompt="prompt_logprobs" if body.prompt_logprobs is not None else None,
-                             constraint=body.constraint)
+                             constraint=body.constraint, collect=body.collect)
 
     def response(self, body: ChatCompletionRequest, plan: Plan, pieces: list[Piece]) -> ChatCompletion:
         choices = []

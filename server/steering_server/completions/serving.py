@@ -30,7 +30,7 @@ class CompletionServing(GenerationServing):
         scores_prompt = "echo" if body.echo else "prompt_logprobs" if body.prompt_logprobs is not None else None
         return PolicyRequest(body.model, body.prompts(), overrides=body.overrides(), sampling=sampling,
                              max_tokens=body.max_tokens, num_logprobs=body.num_logprobs, scores_prompt=scores_prompt,
-                             constraint=body.constraint)
+                             constraint=body.constraint, collect=body.collect)
 
     def response(self, body: CompletionRequest, plan: Plan, pieces: list[Piece]) -> Completion:
         return Completion(model=plan.name, choices=[self._choice(body, plan, p, echo=body.echo) for p in pieces],
