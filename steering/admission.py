@@ -105,7 +105,8 @@ class Admission:
         for i, prompt in enumerate(prompts):
             engine.check_request(prompt, params[i] if params else None, limit_field=request.token_limit_field,
                                  claim_tokens=len(steering.claim_ids))
-        return Plan(steering, prompts, params, request.num_logprobs, tools, request.constraint, request.collect)
+        return Plan(steering, prompts, params, request.num_logprobs, tools, request.constraint, request.collect,
+                    self.policies.digest)
 
     def reload(self, deployment: Deployment) -> PolicyChanges:
         """Serve `deployment`'s policies from the next admission on, or raise (`ConfigError`, or

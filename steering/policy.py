@@ -14,7 +14,7 @@ import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from steering.config import Deployment, PolicyConfig, check_cost_shape
+from steering.config import Deployment, PolicyConfig, check_cost_shape, digest
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
 from steering.kinds import AbstentionRule, DecisionRule, Kind, Plain, Steering
 from steering.rules.decisions import CostMatrix, label_first_tokens
@@ -51,6 +51,7 @@ class Policy:
                 temperature=config.calibration.temperature if config.calibration else 1.0,
                 abstain_message=config.decision.abstain_message,
                 bias=tuple(config.calibration.bias) if config.calibration and config.calibration.bias else None,
+                certificate=config.calibration.certificate if config.calibration else None,
             )
         if config.abstain is not None:
             abstain = config.abstain
@@ -162,6 +163,7 @@ class Policies(Mapping[str, Policy]):
     def __init__(self, policies: dict[str, Policy], deployment: Deployment):
         self._policies = policies
         self.deployment = deployment
+        self.digest = digest(deployment)  # what a response's outcome is recorded against
 
     @classmethod
     def build(cls, deployment: Deployment, encode: Callable[[str], list[int]]) -> Policies:

@@ -16,8 +16,11 @@ def add_to(commands) -> None:
                                                       "labelled JSONL")
     calibrate.add_argument("--config", required=True, type=Path, help="deployment YAML")
     calibrate.add_argument("--policy", required=True)
-    calibrate.add_argument("--data", required=True, type=Path,
-                           help='JSONL rows: {"prompt" | "messages", "label" | "answer"}')
+    source = calibrate.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help='JSONL rows: {"prompt" | "messages", "label" | "answer"}')
+    source.add_argument("--from-feedback", type=Path, nargs="+", metavar="STORE",
+                        help="refit on the outcomes fed back to the servers that kept these feedback stores (several "
+                             "replicas' merge); no engine, no server")
     calibrate.add_argument("--out", type=Path,
                            help="calibration file (default: <config dir>/<policy>.calibration.json)")
     calibrate.add_argument("--seed", type=int, default=0, help="seed of the fit / held-out split")
@@ -36,14 +39,16 @@ def add_to(commands) -> None:
 
 
 async def run(args: argparse.Namespace) -> int:
+    from steering_tools import rollout
+    from steering_tools.calibrate import ServerScores, calibrate, calibrate_from_feedback, summary
+
     from steering.config import load_deployment, read_deployment
     from steering.errors import ConfigError
     from steering_cli.reload import ReloadFailed, describe, reload_server
-    from steering_tools import rollout
-    from steering_tools.calibrate import ServerScores, calibrate, summary
 
-    # With --server the checkpoints are the server's: only the YAML is read here.
-    deployment = (read_deployment if args.server else load_deployment)(args.config, calibrating=True)
+    # With --server or --from-feedback no model runs here: only the YAML is read.
+    remote = args.server or args.from_feedback
+    deployment = (read_deployment if remote else load_deployment)(args.config, calibrating=True)
     server = ServerScores(args.server, args.api_key, args.parallel) if args.server else None
     out = args.out or args.config.parent / f"{args.policy}.calibration.json"
     if args.apply:  # refused before any engine starts
@@ -53,8 +58,13 @@ async def run(args: argparse.Namespace) -> int:
                                        f"({named}); leave out --out")
         out = named
     previous = out.read_bytes() if args.apply and out.exists() else None
-    result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed, fit_fraction=args.fit_fraction,
-                             max_tokens=args.max_tokens, bins=args.bins, server=server)
+    if args.from_feedback:
+        result = await calibrate_from_feedback(deployment, args.policy, args.from_feedback, out, seed=args.seed,
+                                               fit_fraction=args.fit_fraction, bins=args.bins)
+    else:
+        result = await calibrate(deployment, args.policy, args.data, out, seed=args.seed,
+                                 fit_fraction=args.fit_fraction, max_tokens=args.max_tokens, bins=args.bins,
+                                 server=server)
     print(summary(result))
     if not args.apply:
         print(f"to use it, set `calibration: {out}` in policies.{args.policy} of {args.config}, then "

@@ -12,7 +12,7 @@ import sys
 from steering_cli import bench, calibrate, check, complete, demo, fixtures, reload, serve
 
 COMMANDS = (complete, serve, check, calibrate, reload, demo, bench, fixtures)
-TOOLS_EXTRA = {"scipy", "matplotlib", "tqdm"}  # what the tools need beyond serving (pyproject's `tools`)
+TOOLS_EXTRA = {"scipy", "matplotlib", "tqdm", "mapie", "sklearn"}  # what the tools need beyond serving (pyproject's `tools`)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,8 @@ from steering_server.completions.api_router import router as completions
 from steering_server.completions.serving import CompletionServing
 from steering_server.deps import Server
 from steering_server.errors import install_error_handlers
+from steering_server.feedback.api_router import router as feedback_router
+from steering_server.feedback.serving import FeedbackServing
 from steering_server.gate import Gate
 from steering_server.health.api_router import router as health
 from steering_server.lifecycle import Lifecycle
@@ -47,10 +49,11 @@ def create_app(settings: ServerSettings, *, engine: SteeringEngine | None = None
     app = FastAPI(title="Steering service", version="0.1.0", lifespan=lifespan if engine is None else None,
                   description="OpenAI-compatible decode-time steering: policies are models; "
                   "per-request overrides go in the top-level `steering` object.")
-    keyed = settings.api_key is not None
-    app.state.server = Server(settings, metrics, lifecycle, reloader, ChatServing(lifecycle, metrics, keyed=keyed),
-                              CompletionServing(lifecycle, metrics, keyed=keyed))
-    for router in (health, models, admin, tokenize, chat, completions):
+    feedback = FeedbackServing(deployment.feedback, metrics) if deployment.feedback else None
+    shared = {"keyed": settings.api_key is not None, "feedback": feedback}
+    app.state.server = Server(settings, metrics, lifecycle, reloader, ChatServing(lifecycle, metrics, **shared),
+                              CompletionServing(lifecycle, metrics, **shared), feedback)
+    for router in (health, models, admin, tokenize, chat, completions, feedback_router):
         app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)

@@ -15,6 +15,7 @@ from steering_server.settings import ServerSettings
 if TYPE_CHECKING:
     from steering_server.chat.serving import ChatServing
     from steering_server.completions.serving import CompletionServing
+    from steering_server.feedback.serving import FeedbackServing
 
 
 @dataclass(frozen=True)
@@ -27,6 +28,7 @@ class Server:
     reloader: Reloader
     chat: ChatServing
     completions: CompletionServing
+    feedback: FeedbackServing | None  # None: the config takes no feedback
 
 
 def _server(request: Request) -> Server:

@@ -20,6 +20,7 @@ from steering.errors import (
     SteeringError,
     UnknownPolicy,
 )
+from steering.feedback import FeedbackConflict, InvalidFeedback
 from steering_server.protocol import REFUSAL, ErrorBody, ErrorResponse
 
 
@@ -38,6 +39,8 @@ class BodyTooLarge(SteeringError):
 # error class -> (HTTP status, OpenAI error type, code)
 STATUS = {
     UnknownPolicy: (404, "invalid_request_error", "model_not_found"),
+    InvalidFeedback: (400, "invalid_request_error", "invalid_feedback"),
+    FeedbackConflict: (409, "invalid_request_error", "outcome_conflict"),
     InvalidSteering: (400, "invalid_request_error", "invalid_steering"),
     InvalidRequest: (400, "invalid_request_error", "invalid_request"),
     NotAuthenticated: (401, "authentication_error", "invalid_api_key"),

@@ -15,6 +15,7 @@ from steering.admission import PolicyRequest
 from steering.errors import InvalidSteering
 from steering.kinds import Outcome, Piece, Plan, joined
 from steering_server.errors import error_body
+from steering_server.feedback.serving import FeedbackServing
 from steering_server.lifecycle import Lifecycle
 from steering_server.metrics import ServerMetrics
 from steering_server.protocol import GenerationRequest, SteeringInfo, Usage
@@ -26,10 +27,12 @@ class GenerationServing:
 
     endpoint: str
 
-    def __init__(self, lifecycle: Lifecycle, metrics: ServerMetrics, *, keyed: bool):
+    def __init__(self, lifecycle: Lifecycle, metrics: ServerMetrics, *, keyed: bool,
+                 feedback: FeedbackServing | None = None):
         self.lifecycle = lifecycle
         self.metrics = metrics
         self.keyed = keyed  # an API key guards the server: evidence may be asked for
+        self.feedback = feedback  # issues each decision's and abstention's feedback id
 
     def policy_request(self, body: GenerationRequest) -> PolicyRequest:
         raise NotImplementedError
@@ -89,9 +92,10 @@ class GenerationServing:
         else:
             self.metrics.refused(plan.name, self.endpoint, *error_body(error))
 
-    @staticmethod
-    def steering(plan: Plan) -> SteeringInfo:
-        return SteeringInfo.model_validate(plan.outcome.report())
+    def steering(self, plan: Plan) -> SteeringInfo:
+        """The response's `steering` block: what the policy did, and the id its outcome is fed back by."""
+        feedback_id = self.feedback.issue(plan) if self.feedback is not None else None
+        return SteeringInfo.model_validate(plan.outcome.report() | {"feedback_id": feedback_id})
 
     @staticmethod
     def usage(plan: Plan) -> Usage:

@@ -325,6 +325,14 @@ class SteeringInfo(BaseModel):
         default=None, exclude_if=lambda value: value is None,
         description="With steering.evidence (behind the API key): what the score or decision was computed from "
         "(token_logprobs, first_step, label_logprobs), as `steer calibrate --server` fits on.")
+    certified: dict | None = Field(
+        default=None, exclude_if=lambda value: value is None,
+        description="A policy that states a risk: what its calibration certifies (the risk, epsilon, delta, the "
+        "calibration rows n, the threshold).")
+    feedback_id: str | None = Field(
+        default=None, exclude_if=lambda value: value is None,
+        description="Decision and abstention policies, where the config takes feedback: send the outcome with "
+        "POST /v1/feedback {\"id\": …, \"outcome\": …}.")
 
 
 class Usage(BaseModel):

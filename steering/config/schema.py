@@ -18,6 +18,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SecretStr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -46,6 +47,13 @@ def _resolve_path(value: str, info: ValidationInfo) -> str:
 
 
 ModelPath = Annotated[str, AfterValidator(_resolve_path)]
+
+
+def _beside_yaml(value: str, info: ValidationInfo) -> str:
+    """A file the service writes: a relative path is relative to the YAML file's folder."""
+    root = (info.context or {}).get("root")
+    path = Path(value).expanduser()
+    return str(path if path.is_absolute() or root is None else (Path(root) / path).resolve())
 
 
 def checkpoint_name(path: str) -> str:
@@ -78,6 +86,14 @@ def _load_calibration(value: Any, info: ValidationInfo) -> Any:
         raise ValueError(f"calibration file {str(path)!r} is not JSON: {error}") from None
 
 
+class RiskTarget(_Strict):
+    """A risk the operator states: at most `epsilon`, with probability at least 1 - `delta` over the
+    calibration rows. `steer calibrate` certifies a threshold for it, or refuses."""
+
+    epsilon: Annotated[FiniteFloat, Field(gt=0, lt=1)]
+    delta: Annotated[FiniteFloat, Field(gt=0, lt=1)] = 0.1
+
+
 class AbstainConfig(_Strict):
     """Replace an answer by `message` when its calibrated confidence is below `threshold`."""
 
@@ -91,6 +107,9 @@ class AbstainConfig(_Strict):
     )
     cost_wrong: NonNegative = Field(default=1.0, description="Cost of a wrong answer (for `steer calibrate`).")
     cost_abstain: NonNegative = Field(default=0.5, description="Cost of abstaining (for `steer calibrate`).")
+    risk: RiskTarget | None = Field(
+        default=None, description="The error rate among answered requests to certify: `steer calibrate` picks the "
+        "threshold that keeps it (instead of the one of least cost), and the calibration file carries it.")
 
     @property
     def bayes_threshold(self) -> float:
@@ -101,6 +120,9 @@ class AbstainConfig(_Strict):
     def _ordered_bounds(self) -> AbstainConfig:
         if self.threshold_bounds and self.threshold_bounds[0] > self.threshold_bounds[1]:
             raise ValueError("threshold_bounds must be [low, high] with low <= high")
+        if self.risk is not None and (self.threshold is not None or self.threshold_bounds is not None):
+            raise ValueError("a stated risk is kept by the threshold its calibration certifies: set neither "
+                             "threshold nor threshold_bounds")
         return self
 
 
@@ -116,6 +138,10 @@ class DecisionConfig(_Strict):
     max_cost: NonNegative | None = Field(
         default=None, description="Per-request cost overrides allowed with entries in [0, max_cost]; none if unset."
     )
+    risk: RiskTarget | None = Field(
+        default=None, description="Binary decisions: the false-positive rate among requests answered with labels[0] "
+        "to certify; `steer calibrate` picks the threshold on p(labels[0]) that keeps it, and it replaces the "
+        "Bayes action.")
     claim: bool = Field(
         default=False,
         description="Check a claim instead of scoring labels: each request carries `steering.claim`, an answer to "
@@ -139,6 +165,8 @@ class DecisionConfig(_Strict):
             raise ValueError(f"cost_fp/cost_fn need exactly 2 labels (positive, negative); got {k}")
         if self.costs is not None:
             check_cost_shape(self.costs, k)
+        if self.risk is not None and (k != 2 or self.abstain_cost is not None):
+            raise ValueError("a stated risk bounds one error of a yes/no decision: exactly 2 labels, no abstain_cost")
         return self
 
     def cost_matrix(self) -> CostMatrix:
@@ -173,6 +201,18 @@ class PolicyConfig(_Strict):
     )
 
 
+class FeedbackConfig(_Strict):
+    """Outcomes fed back: every decision and abstention response carries a signed feedback id, and
+    `POST /v1/feedback` keeps the outcomes in an SQLite store."""
+
+    store: Annotated[str, AfterValidator(_beside_yaml)] = Field(
+        default="feedback.sqlite", description="The SQLite file outcomes are kept in (relative to the YAML file).")
+    secret: SecretStr | None = Field(
+        default=None, min_length=16, description="Signs feedback ids; else $STEER_FEEDBACK_SECRET. Every replica of "
+        "a deployment holds the same, so any of them verifies an id another issued.")
+    ttl_days: Annotated[FiniteFloat, Field(gt=0)] = Field(default=30.0, description="How long an id takes an outcome.")
+
+
 class Deployment(_Strict):
     """A whole deployment: one frozen base, its expert pairs, the policies served over them."""
 
@@ -184,6 +224,7 @@ class Deployment(_Strict):
         default=None, description="vLLM's tool parser for chat `tools` (as `vllm serve --tool-call-parser`), "
         "e.g. hermes, llama3_json, mistral: the format the base writes tool calls in.",
     )
+    feedback: FeedbackConfig | None = Field(default=None, description="Outcomes fed back (off if unset).")
     tool_strict_level: Literal["auto", "function", "parameter"] = Field(
         default="auto", description="vLLM's --tool-strict-level: auto holds a call's arguments to its schema only "
         "for functions marked strict; parameter, for every function; function constrains the call's envelope "
@@ -228,7 +269,11 @@ def _check_rules(name: str, policy: PolicyConfig, *, calibrating: bool = False) 
         raise ConfigError(f"{field}.calibration", f"required: score {policy.abstain.score!r} is weighed by a fit "
                           "that `steer calibrate` writes into the calibration file")
     if calibration is None:
-        if policy.abstain and policy.abstain.threshold is None:
+        risk = (policy.abstain or policy.decision).risk if policy.abstain or policy.decision else None
+        if risk is not None and not calibrating:
+            raise ConfigError(f"{field}.calibration", "required: a stated risk is kept by the threshold its "
+                              "calibration certifies (`steer calibrate`)")
+        if policy.abstain and policy.abstain.threshold is None and policy.abstain.risk is None:
             raise ConfigError(f"{field}.abstain.threshold", "required (or a calibration file with a threshold)")
         return
     if policy.decision is None and policy.abstain is None:
@@ -242,6 +287,19 @@ def _check_rules(name: str, policy: PolicyConfig, *, calibrating: bool = False) 
                               f"{calibration.score!r}, not for score {policy.abstain.score!r}")
         if policy.abstain.threshold is None and calibration.threshold is None:
             raise ConfigError(f"{field}.abstain.threshold", "required: the calibration file has no threshold")
+    _check_certificate(field, (policy.abstain or policy.decision).risk, calibration.certificate)
+
+
+def _check_certificate(field: str, risk: RiskTarget | None, certificate) -> None:
+    """A stated risk is served only with a calibration that certifies exactly it."""
+    if risk is None:
+        return
+    if certificate is None:
+        raise ConfigError(f"{field}.calibration", f"certifies no risk, and the policy states epsilon {risk.epsilon} "
+                          f"at delta {risk.delta}: run `steer calibrate` for it")
+    if (certificate.epsilon, certificate.delta) != (risk.epsilon, risk.delta):
+        raise ConfigError(f"{field}.calibration", f"certifies epsilon {certificate.epsilon} at delta "
+                          f"{certificate.delta}, and the policy states {risk.epsilon} at {risk.delta}: recalibrate")
 
 
 def parse_deployment(raw: Any, *, root: Path | None = None, calibrating: bool = False) -> Deployment:

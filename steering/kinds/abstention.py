@@ -29,7 +29,7 @@ from steering.rules.abstention import (
     FirstStep,
     confidence_score,
 )
-from steering.rules.calibration import Calibration
+from steering.rules.calibration import Calibration, Certificate
 from steering.scoring import answer_logprobs, first_step
 
 if TYPE_CHECKING:
@@ -47,6 +47,7 @@ class AbstentionRule:
     reads_logprobs: int  # the steered distribution's top logprobs per step the score reads
     uses_base: bool  # the base alone's view of the first step (single-token engine requests)
     uses_prompt: bool  # and its prompt logprobs
+    certificate: Certificate | None = None  # a stated risk, certified: `threshold` is its
 
     refuses: ClassVar[Mapping[str, str]] = SCORED
     samples: ClassVar[bool] = True
@@ -55,7 +56,8 @@ class AbstentionRule:
     def of(cls, score: str, calibration: Calibration | None, threshold: float | None, message: str) -> AbstentionRule:
         return cls(score, calibration, threshold, message,
                    reads_logprobs=AGREEMENT_TOKENS if score == "base_agreement" else 0,
-                   uses_base=score in ENSEMBLE_SCORES, uses_prompt=score in PROMPT_SCORES)
+                   uses_base=score in ENSEMBLE_SCORES, uses_prompt=score in PROMPT_SCORES,
+                   certificate=calibration.certificate if calibration else None)
 
     @property
     def at_first_token(self) -> bool:
@@ -102,6 +104,7 @@ class AbstentionRule:
                                                            familiarity=self.uses_prompt)
                 if self.threshold is not None:
                     outcome.abstention = self.assess(evidence.token_logprobs, evidence.first_step)
+                    outcome.certified = self.certificate
                     if outcome.abstention.abstained:
                         yield Piece(0, 0, self.message, finish_reason="stop")
                         yield outcome

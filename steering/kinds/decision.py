@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from steering.kinds.refusals import SCORED
 from steering.kinds.run import Outcome, Piece, Plan
+from steering.rules.calibration import Certificate
 from steering.rules.decisions import CostMatrix, Decision, bayes_decision
 from steering.scoring import decision_logprobs
 
@@ -30,6 +31,7 @@ class DecisionRule:
     temperature: float  # 1: uncalibrated
     abstain_message: str
     bias: tuple[float, ...] | None = None  # after the temperature, per label (a fitted claim check's)
+    certificate: Certificate | None = None  # a stated risk: its threshold on p(labels[0]) decides
 
     refuses: ClassVar[Mapping[str, str]] = {
         **SCORED,
@@ -49,7 +51,11 @@ class DecisionRule:
         return self
 
     def decide(self, label_logprobs: Sequence[float]) -> Decision:
-        return bayes_decision(label_logprobs, self.costs, self.temperature, self.bias)
+        return bayes_decision(label_logprobs, self.costs, self.temperature, self.bias, self.threshold)
+
+    @property
+    def threshold(self) -> float | None:
+        return self.certificate.threshold if self.certificate else None
 
     async def run(self, engine: SteeringEngine, plan: Plan) -> AsyncIterator[Piece | Outcome]:
         """One piece, the chosen action's label; the outcome reports probabilities, costs and the action."""
@@ -58,7 +64,8 @@ class DecisionRule:
             engine, plan.prompts[0], self.label_token_ids, steering.claim_ids, steering.alpha_row,
             request_id=plan.request_id)
         outcome.evidence.label_logprobs = list(logprobs)
-        outcome.decision = bayes_decision(logprobs, self.costs, self.temperature, self.bias)
+        outcome.decision = bayes_decision(logprobs, self.costs, self.temperature, self.bias, self.threshold)
+        outcome.certified = self.certificate
         outcome.completion_tokens = 1
         text = self.abstain_message if outcome.decision.abstained else outcome.decision.action
         yield Piece(0, 0, text, finish_reason="stop")

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 from vllm import SamplingParams
 
 from steering.rules.abstention import Abstention, FirstStep
+from steering.rules.calibration import Certificate
 from steering.rules.decisions import Decision
 from steering.tool_calls import ToolCalls
 
@@ -57,6 +58,7 @@ class Plan:
     tools: ToolCalls | None = None
     constraint: str | None = None
     collect: str | None = None  # a calibration's: "score" or "every_score" (the rule withholds nothing)
+    digest: str = ""  # of the config whose policies admitted it
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.perf_counter)
@@ -124,6 +126,7 @@ class Outcome:
     claim: str | None = None  # a claim check's claim, as sent
     claim_logprob: float | None = None
     evidence: Evidence = field(default_factory=Evidence)
+    certified: Certificate | None = None  # what the policy certifies, if it states a risk
     shows_evidence: bool = False  # a calibration's request: the report carries the evidence
 
     @property
@@ -146,7 +149,8 @@ class Outcome:
         return {"policy": self.policy, "alpha": self.alpha, "abstained": self.abstained,
                 "confidence": self.confidence, "decision": decision,
                 "abstention": None if self.abstention is None else self.abstention.report(),
-                "evidence": self.evidence.as_json() if self.shows_evidence else None}
+                "evidence": self.evidence.as_json() if self.shows_evidence else None,
+                "certified": self.certified.report() if self.certified else None}
 
 
 def joined(pieces: list[Piece]) -> list[Piece]:

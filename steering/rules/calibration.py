@@ -23,6 +23,26 @@ EPS = 1e-12
 FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]  # the one definition; config and protocol import it
 
 
+class Certificate(BaseModel):
+    """What a calibration certifies (Learn-then-Test): with probability at least 1 - delta over the
+    calibration rows, the `risk` of answers given at `threshold` is at most `epsilon`."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    risk: Literal["error among answered", "false positive among positive"]
+    epsilon: Annotated[FiniteFloat, Field(gt=0, lt=1)]
+    delta: Annotated[FiniteFloat, Field(gt=0, lt=1)]
+    threshold: Annotated[FiniteFloat, Field(ge=0, le=1)]  # on the calibrated confidence (or p of the positive label)
+    n: int  # calibration rows it was certified on
+    coverage: Annotated[FiniteFloat, Field(ge=0, le=1)]  # share of them answered (said positive) at the threshold
+    method: str
+
+    def report(self) -> dict:
+        """What the policy certifies, as the response's `steering.certified` says it."""
+        return {"risk": self.risk, "epsilon": self.epsilon, "delta": self.delta, "n": self.n,
+                "threshold": self.threshold}
+
+
 class Calibration(BaseModel):
     """A calibration file: the fitted map, and the threshold fitted with it where one is used."""
 
@@ -38,6 +58,7 @@ class Calibration(BaseModel):
     platt_a: FiniteFloat = 1.0  # abstention
     platt_b: FiniteFloat = 0.0
     threshold: Annotated[FiniteFloat, Field(ge=0, le=1)] | None = None
+    certificate: Certificate | None = None  # a stated risk, certified (its threshold serves)
     fitted_on: int = 0
 
     @model_validator(mode="after")

@@ -77,6 +77,7 @@ class Decision:
     costs: CostMatrix
     expected_costs: tuple[float, ...]  # one per action
     action: str
+    threshold: float | None = None  # a certified threshold on calibrated p(labels[0]) chose the action
 
     @property
     def abstained(self) -> bool:
@@ -98,15 +99,20 @@ class Decision:
             "abstain_cost": self.costs.abstain_cost,
             "expected_costs": dict(zip(self.costs.actions, self.expected_costs)),
             "action": self.action,
-        }
+        } | ({"threshold": self.threshold} if self.threshold is not None else {})
 
 
 def bayes_decision(label_logprobs: Sequence[float], costs: CostMatrix, temperature: float = 1.0,
-           bias: Sequence[float] | None = None) -> Decision:
-    """The Bayes action from the labels' steered log-probabilities, calibrated by `temperature` and `bias`."""
+                   bias: Sequence[float] | None = None, threshold: float | None = None) -> Decision:
+    """The Bayes action from the labels' steered log-probabilities, calibrated by `temperature` and
+    `bias`; with a certified `threshold` (a yes/no decision under a stated risk), labels[0] iff its
+    calibrated probability reaches it, labels[1] otherwise."""
     logprobs = np.asarray(label_logprobs, dtype=np.float64)
     calibrated = label_probabilities(logprobs, temperature, bias)
     matrix = costs.matrix()
+    action = costs.actions[bayes_action(matrix, calibrated)]
+    if threshold is not None:
+        action = costs.labels[0] if calibrated[0] >= threshold else costs.labels[1]
     return Decision(
         labels=costs.labels,
         probabilities=tuple(label_probabilities(logprobs).tolist()),
@@ -116,7 +122,8 @@ def bayes_decision(label_logprobs: Sequence[float], costs: CostMatrix, temperatu
         bias=None if bias is None else tuple(float(b) for b in bias),
         costs=costs,
         expected_costs=tuple(expected_costs(matrix, calibrated).tolist()),
-        action=costs.actions[bayes_action(matrix, calibrated)],
+        action=action,
+        threshold=threshold,
     )
 
 

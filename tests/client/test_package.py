@@ -41,6 +41,7 @@ def test_the_public_names_are_pinned():
         "DEFAULT_STREAM_TIMEOUT",
         "DEFAULT_TIMEOUT",
         "Decision",
+        "FeedbackResult",
         "InternalServerError",
         "NotFoundError",
         "Policy",

@@ -20,7 +20,7 @@ from tests.deploy.conftest import DEPLOY, KUBERNETES, find, instructions, manife
 # The oldest Kubernetes these manifests are meant for, and the newest the schemas know.
 VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 # Custom resources have no schema in Kubernetes' own; their wiring is checked below instead.
-CUSTOM = {"monitoring.coreos.com/v1": {"ServiceMonitor"}}
+CUSTOM = {"monitoring.coreos.com/v1": {"ServiceMonitor", "PrometheusRule"}}
 
 
 def builtin(objects):
@@ -30,7 +30,7 @@ def builtin(objects):
 def test_every_object_is_valid_against_the_kubernetes_schema_of_each_version(objects):
     assert {doc["kind"] for _, doc in objects} >= {"ConfigMap", "PersistentVolumeClaim", "Deployment", "Service",
                                                  "PodDisruptionBudget", "HorizontalPodAutoscaler", "StatefulSet"}
-    assert {doc["kind"] for _, doc in objects if doc["apiVersion"] in CUSTOM} == {"ServiceMonitor"}
+    assert {doc["kind"] for _, doc in objects if doc["apiVersion"] in CUSTOM} == {"ServiceMonitor", "PrometheusRule"}
     for path, doc in builtin(objects):
         for version in VERSIONS:
             try:
@@ -215,3 +215,18 @@ def test_the_multi_node_layout_gives_vllms_ray_executor_every_gpu_of_head_and_wo
     assert startup["periodSeconds"] * startup["failureThreshold"] >= PG_WAIT_TIMEOUT + 10 * 60
     api = find("Service", "steering-multinode")
     assert api["spec"]["selector"] == head_set["spec"]["selector"]["matchLabels"]
+
+
+def test_the_calibration_rule_reads_series_the_server_exports_and_alerts_on_its_own_record():
+    (rule,) = [doc for _, doc in manifests() if doc["kind"] == "PrometheusRule"]
+    (group,) = rule["spec"]["groups"]
+    records = {r["record"]: r["expr"] for r in group["rules"] if "record" in r}
+    (alert,) = [r for r in group["rules"] if "alert" in r]
+    exported = ServerMetrics(set()).render().decode()
+    used = set(re.findall(r"steer_[a-z_]+_total", " ".join(records.values()) + alert["expr"]))
+    assert used == {"steer_feedback_total", "steer_feedback_correct_total", "steer_feedback_confidence_total",
+                    "steer_feedback_brier_total"}
+    assert all(f"# TYPE {name} counter" in exported for name in used)
+    assert any(name in alert["expr"] for name in records), "the alert reads the recorded ECE"
+    assert "by (policy, bin)" in records["policy:steer_feedback_ece:1h"], "per bin, then summed over bins"
+    assert rule["metadata"]["labels"]["app.kubernetes.io/name"] == "steering"

@@ -10,6 +10,7 @@ variety. Generated policy names are mostly swapped for served ones, so requests 
 
 from __future__ import annotations
 
+import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -88,7 +89,10 @@ def served_names(schema: schemathesis.BaseSchema, policies: list[str], *, short:
 
 
 def fake_app():
-    deployment = parse_deployment({"base": "fake/base", "experts": EXPERTS, "policies": POLICIES})
+    # Feedback on: /v1/feedback is in the schema, and fuzzed like the rest.
+    store = Path(tempfile.mkdtemp(prefix="fuzz-feedback-")) / "feedback.sqlite"
+    deployment = parse_deployment({"base": "fake/base", "experts": EXPERTS, "policies": POLICIES,
+                                   "feedback": {"store": str(store), "secret": "fuzz-secret-0123456789"}})
     engine = FakeEngine(deployment, max_model_len=MAX_MODEL_LEN)
     return create_app(ServerSettings(config=Path("unused"), api_key=API_KEY), engine=engine)
 
@@ -110,6 +114,7 @@ def test_the_fuzzer_reached_answers_and_refusals():
     Runs after the fuzz test above, which counts what it saw."""
     assert STATUSES, "the fuzz test above did not run first"
     generation = ("POST /v1/chat/completions", "POST /v1/completions")
+    assert {status for (label, status) in STATUSES if label == "POST /v1/feedback"} >= {400}, STATUSES
     for operation in generation:
         assert {200, 400} <= {status for (label, status) in STATUSES if label == operation}, STATUSES
     assert any(STATUSES[operation, 404] for operation in generation), STATUSES

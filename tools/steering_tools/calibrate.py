@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,14 +22,15 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from tqdm import tqdm
 
 from steering.admission import Admission, PolicyRequest
-from steering.config import AbstainConfig, Deployment, PolicyConfig
+from steering.config import AbstainConfig, Deployment, PolicyConfig, RiskTarget
 from steering.engine import SteeringEngine
 from steering.errors import ConfigError, UnknownPolicy
+from steering.feedback import CORRECT, merged
 from steering.kinds import Evidence, answer
 from steering.policy import Overrides
 from steering.prompts import Conversation
-from steering.rules.abstention import FITTED_SCORES, FirstStep, confidence_score, familiarity_profile
-from steering.rules.calibration import Calibration, platt
+from steering.rules.abstention import FITTED_SCORES, FirstStep, confidence_score, familiarity_profile, fitted_score
+from steering.rules.calibration import Calibration, Certificate, platt
 from steering.rules.decisions import CostMatrix, bayes_decision, label_probabilities
 from steering_tools import metrics
 
@@ -203,8 +205,14 @@ def fit_decision(name: str, config: PolicyConfig, logprobs: np.ndarray, truth: n
             "always_abstain": costs.abstain_cost,
         },
     }
+    certificate = None
+    if config.decision.risk is not None:  # labels[0] iff its calibrated p reaches the certified threshold
+        certificate = certify(calibrated[:, 0], truth[held] == 0, config.decision.risk, "false positive among positive")
+        decided = [bayes_decision(z, costs, temperature, bias, certificate.threshold).action for z in logprobs[held]]
+        report["certificate"] = certificate.model_dump()
+        report["expected_cost"]["certified_threshold"] = realized_cost(costs, decided, truth[held])
     calibration = Calibration(kind="decision", policy=name, temperature=temperature, bias=bias,
-                              labels=list(config.decision.labels), fitted_on=len(fit))
+                              labels=list(config.decision.labels), certificate=certificate, fitted_on=len(fit))
     curves = {"raw": (raw.max(axis=1), raw.argmax(axis=1) == truth[held]),
               "calibrated": (calibrated.max(axis=1), calibrated.argmax(axis=1) == truth[held])}
     return calibration, report, curves
@@ -309,13 +317,29 @@ def _message(response: httpx.Response) -> str:
         return response.text[:500]
 
 
-def fit_score(kind: str, answers: list[Answer], correct: np.ndarray) -> list[float] | None:
+@dataclass(frozen=True)
+class Recalled:
+    """An answer as its feedback id recalls it: the raw score it had, and a fitted score's features."""
+
+    raw: float
+    features: list[float] | None = None
+
+
+def _features(answer: Answer | Recalled) -> np.ndarray | None:
+    """A fitted score's features of an answer (the base's `familiarity_profile` of its prompt); None if empty."""
+    if isinstance(answer, Recalled):
+        return None if answer.features is None else np.asarray(answer.features, dtype=np.float64)
+    _, step = answer
+    return None if step is None else familiarity_profile(step.prompt)
+
+
+def fit_score(kind: str, answers: list[Answer | Recalled], correct: np.ndarray) -> list[float] | None:
     """A fitted score's weights (None for the other scores): a logistic fit of whether each answer
     was right on the base's `familiarity_profile` of its prompt. Empty answers score 0 and are left out."""
     if kind not in FITTED_SCORES:
         return None
-    kept = [(familiarity_profile(step.prompt), right) for (_, step), right in zip(answers, correct)
-            if step is not None]
+    kept = [(features, right) for answer, right in zip(answers, correct)
+            if (features := _features(answer)) is not None]
     if not kept:
         raise ConfigError("data", f"score {kind!r} is fitted on answers, and every answer was empty")
     return metrics.fit_weights(np.stack([f for f, _ in kept]), np.asarray([r for _, r in kept]))
@@ -328,9 +352,18 @@ def fit_platt_map(scores: np.ndarray, correct: np.ndarray, weights: list[float] 
     return (1.0, 0.0) if weights is not None else metrics.fit_platt(scores, correct)
 
 
-def raw_scores(kind: str, answers: list[Answer], weights: list[float] | None = None) -> np.ndarray:
+def raw_scores(kind: str, answers: list[Answer | Recalled], weights: list[float] | None = None) -> np.ndarray:
     """The score `kind` of each answer (a fitted score's with `weights`)."""
-    return np.asarray([confidence_score(kind, logprobs, step, weights) for logprobs, step in answers])
+    return np.asarray([_raw(kind, answer, weights) for answer in answers])
+
+
+def _raw(kind: str, answer: Answer | Recalled, weights: list[float] | None) -> float:
+    if not isinstance(answer, Recalled):
+        logprobs, step = answer
+        return confidence_score(kind, logprobs, step, weights)
+    if kind not in FITTED_SCORES:
+        return answer.raw
+    return 0.0 if answer.features is None else fitted_score(np.asarray(answer.features), weights)
 
 
 def abstention_cost(confidence: np.ndarray, correct: np.ndarray, threshold: float, abstain: AbstainConfig) -> float:
@@ -387,10 +420,42 @@ def fit_abstention(name: str, config: PolicyConfig, answers: list[Answer], corre
             "always_abstain": abstain.cost_abstain,
         },
     }
+    certificate = None
+    if abstain.risk is not None:  # the threshold that keeps the stated risk, instead of the cheapest
+        certificate = certify(calibrated, correct[held] > 0, abstain.risk, "error among answered")
+        report["certificate"] = certificate.model_dump() | {
+            "fitted_threshold_coverage": float(np.mean(calibrated >= threshold))}
+        threshold = certificate.threshold
     calibration = Calibration(kind="abstention", policy=name, score=abstain.score, weights=weights, platt_a=a,
-                              platt_b=b, threshold=threshold, fitted_on=len(fit))
+                              platt_b=b, threshold=threshold, certificate=certificate, fitted_on=len(fit))
     curves = {"raw": (raw, correct[held] > 0), "calibrated": (calibrated, correct[held] > 0)}
     return calibration, report, curves
+
+
+def certify(confidence: np.ndarray, positive: np.ndarray, risk: RiskTarget, kind: str) -> Certificate:
+    """Learn-then-Test, by MAPIE's `BinaryClassificationController`: among its 100 thresholds on
+    `confidence`, each tested with a Hoeffding-Bentkus p-value and Bonferroni-Holm across them, the
+    loosest whose precision (the share of `positive` among the rows at or above it) is at least
+    1 - epsilon with probability 1 - delta. Refused, saying why, where none is."""
+    from mapie.risk_control import BinaryClassificationController
+
+    controller = BinaryClassificationController(
+        predict_function=lambda x: np.column_stack([1 - np.asarray(x), np.asarray(x)]), risk="precision",
+        target_level=1 - risk.epsilon, confidence_level=1 - risk.delta)
+    with warnings.catch_warnings():  # MAPIE warns where nothing qualifies: refused below, by name
+        warnings.simplefilter("ignore")
+        controller.calibrate(confidence, np.asarray(positive, dtype=int))
+    n = len(confidence)
+    if controller.best_predict_param is None:
+        best = 1 - (risk.delta / len(controller._predict_params)) ** (1 / n)
+        raise ConfigError("data", f"cannot certify {kind} <= {risk.epsilon} at delta {risk.delta} on the {n} "
+                          f"held-out rows: no threshold qualifies (with {n} rows, even all of them answered "
+                          f"right certify no epsilon below {best:.3f}); give more rows, or state a larger epsilon")
+    threshold = float(controller.best_predict_param)
+    return Certificate(risk=kind, epsilon=risk.epsilon, delta=risk.delta, threshold=threshold, n=n,
+                       coverage=float(np.mean(confidence >= threshold)),
+                       method="Learn-then-Test (MAPIE BinaryClassificationController: Hoeffding-Bentkus p-values, "
+                              "Bonferroni-Holm over 100 thresholds)")
 
 
 def plot(curves: dict[str, tuple[np.ndarray, np.ndarray]], stem: Path, title: str, bins: int) -> list[Path]:
@@ -493,12 +558,57 @@ async def calibrate(
             engine.shutdown()
     report |= {"data": str(data), "rows": len(dataset.rows), "fit_rows": len(fit), "held_out_rows": len(held),
                "seed": seed, "skipped": dataset.skipped}
+    return _written(calibration, report, curves, out, name, bins, dataset.skipped)
+
+
+async def calibrate_from_feedback(deployment: Deployment, name: str, stores: list[Path], out: Path, *,
+                                  seed: int = 0, fit_fraction: float = 0.5, bins: int = 10) -> Result:
+    """Refit the policy's calibration on the outcomes fed back to the servers that kept `stores`
+    (several replicas' stores merge), as `calibrate` fits it on labelled rows: each outcome recalls
+    what its response was scored on (its feedback id bound it). Outcomes of another score or
+    other labels than the policy's now are left out, and said."""
+    config = deployment.policies.get(name)
+    if config is None:
+        raise UnknownPolicy(name, deployment.policies, param="--policy")
+    try:
+        recorded = merged(stores, name)
+    except FileNotFoundError as error:
+        raise ConfigError("--from-feedback", str(error)) from None
+    skipped = []
+    if config.decision:
+        labels = config.decision.labels
+        kept = [r for r in recorded if r.bound["kind"] == "decision" and r.bound["labels"] == labels]
+        logprobs = np.asarray([r.bound["label_logprobs"] for r in kept], dtype=np.float64)
+        truth = np.asarray([labels.index(r.outcome) for r in kept])
+    else:
+        kept = [r for r in recorded if r.bound["kind"] == "abstention" and r.bound["score"] == config.abstain.score]
+        answers = [Recalled(r.bound["raw"], r.bound["features"]) for r in kept]
+        correct = np.asarray([r.outcome == CORRECT for r in kept], dtype=float)
+    if len(kept) < len(recorded):
+        skipped.append(f"{len(recorded) - len(kept)} outcomes of responses scored otherwise than the policy is now")
+    if len(kept) < 2:
+        raise ConfigError("--from-feedback", f"{len(kept)} usable outcomes of policy {name!r} in {len(stores)} "
+                          "store(s); at least 2 are needed")
+    fit, held = split(len(kept), fit_fraction, seed)
+    if config.decision:
+        calibration, report, curves = fit_decision(name, config, logprobs, truth, fit, held, bins)
+    else:
+        calibration, report, curves = fit_abstention(name, config, answers, correct, fit, held, bins)
+    digests = sorted({r.digest for r in kept})
+    report |= {"data": [str(path) for path in stores], "rows": len(kept), "fit_rows": len(fit),
+               "held_out_rows": len(held), "seed": seed, "skipped": skipped, "config_digests": digests}
+    return _written(calibration, report, curves, out, name, bins, skipped)
+
+
+def _written(calibration: Calibration, report: dict, curves: dict, out: Path, name: str, bins: int,
+             skipped: list[str]) -> Result:
+    """The calibration file, its JSON report and plots, written beside each other."""
     out.parent.mkdir(parents=True, exist_ok=True)
     calibration.write(out)
     report_path = out.with_suffix(".report.json")
     report_path.write_text(json.dumps(report, indent=2))
     plots = plot(curves, out.with_suffix(""), name, bins)
-    return Result(out, report_path, plots, report, dataset.skipped)
+    return Result(out, report_path, plots, report, skipped)
 
 
 def summary(result: Result) -> str:
@@ -520,6 +630,10 @@ def summary(result: Result) -> str:
         lines.append(f"{stage:12}{m['accuracy']:10.4f}{m['nll']:10.4f}{m['brier']:10.4f}{m['ece']:10.4f}{m['aurc']:10.4f}")
     costs = ", ".join(f"{k} {v:.4f}" if v is not None else f"{k} n/a" for k, v in report["expected_cost"].items())
     lines.append(f"expected cost: {costs}")
+    if (certificate := report.get("certificate")) is not None:
+        lines.append(f"certified: {certificate['risk']} <= {certificate['epsilon']} with probability >= "
+                     f"{1 - certificate['delta']:.2f}, at threshold {certificate['threshold']:.4f}, on "
+                     f"{certificate['n']} held-out rows (coverage {certificate['coverage']:.3f})")
     for skipped in result.skipped:
         lines.append(f"skipped {skipped}")
     lines.append(f"wrote {result.calibration_path}, {result.report_path}, " + ", ".join(map(str, result.plots)))

@@ -15,7 +15,18 @@ import httpx
 from pydantic import BaseModel, ValidationError
 
 from ._exceptions import APIResponseValidationError, status_error, transport_error
-from ._resources import AsyncChat, AsyncCompletions, AsyncModels, Chat, Completions, Endpoint, Models, ResponseT
+from ._resources import (
+    AsyncChat,
+    AsyncCompletions,
+    AsyncFeedback,
+    AsyncModels,
+    Chat,
+    Completions,
+    Endpoint,
+    Feedback,
+    Models,
+    ResponseT,
+)
 from ._response import Options, RawResponse, Timeout
 from ._streaming import AsyncStream, ChunkT, Stream
 from ._version import __version__
@@ -82,7 +93,7 @@ class BaseClient(Generic[HttpT]):
         self._add_resources()
 
     def _add_resources(self) -> None:
-        """Attach `chat`, `completions` and `models` (also called `policies`)."""
+        """Attach `chat`, `completions`, `models` (also called `policies`) and `feedback`."""
         raise NotImplementedError
 
     @property
@@ -176,14 +187,15 @@ class SteeringClient(BaseClient[httpx.Client]):
         self.chat = Chat(self)
         self.completions = Completions(self)
         self.models = self.policies = Models(self)
+        self.feedback = Feedback(self)
 
     def _get(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
         request = self._build_request("GET", path, options)
         response, retries = self._send(request, stream=False, max_retries=options.max_retries)
         return self._result(response, retries, options, lambda r: parse(r, cast_to))
 
-    def _post(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
-        request = self._build_request("POST", path, options)
+    def _post(self, path: str, cast_to: type[ModelT], options: Options, body: Optional[dict[str, Any]] = None) -> Any:
+        request = self._build_request("POST", path, options, body=body)
         response, retries = self._send(request, stream=False, max_retries=options.max_retries)
         return self._result(response, retries, options, lambda r: parse(r, cast_to))
 
@@ -234,14 +246,16 @@ class AsyncSteeringClient(BaseClient[httpx.AsyncClient]):
         self.chat = AsyncChat(self)
         self.completions = AsyncCompletions(self)
         self.models = self.policies = AsyncModels(self)
+        self.feedback = AsyncFeedback(self)
 
     async def _get(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
         request = self._build_request("GET", path, options)
         response, retries = await self._send(request, stream=False, max_retries=options.max_retries)
         return self._result(response, retries, options, lambda r: parse(r, cast_to))
 
-    async def _post(self, path: str, cast_to: type[ModelT], options: Options) -> Any:
-        request = self._build_request("POST", path, options)
+    async def _post(self, path: str, cast_to: type[ModelT], options: Options,
+                    body: Optional[dict[str, Any]] = None) -> Any:
+        request = self._build_request("POST", path, options, body=body)
         response, retries = await self._send(request, stream=False, max_retries=options.max_retries)
         return self._result(response, retries, options, lambda r: parse(r, cast_to))
 

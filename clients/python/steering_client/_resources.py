@@ -19,7 +19,16 @@ from urllib.parse import quote
 from ._params import ChatFields, CompletionFields
 from ._response import Options
 from ._streaming import AsyncStream, ChunkT, Stream
-from ._types import ChatCompletion, ChatCompletionChunk, Completion, CompletionChunk, Policy, PolicyList, ReloadResult
+from ._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChunk,
+    FeedbackResult,
+    Policy,
+    PolicyList,
+    ReloadResult,
+)
 
 if TYPE_CHECKING:
     from typing_extensions import Self, Unpack
@@ -184,6 +193,36 @@ class Models(Resource["SteeringClient"]):
         validation is a `BadRequestError`, one that changes the base, experts or engine a
         `ConflictError`; either way the server keeps its running policies. Not retried by default."""
         return self._client._post("/admin/reload", ReloadResult, self._options(timeout, max_retries, extra_headers, extra_query))
+
+
+FEEDBACK_DOC = """The outcome of a decision or abstention, for its `steering.feedback_id`: `correct` or
+        `incorrect` for an abstention (was the answer, given or withheld, right), the true label for
+        a decision. Sent again, the same outcome is answered `already recorded`; another is a
+        `ConflictError`, and an id the server did not issue (or too old) a `BadRequestError`."""
+
+
+class Feedback(Resource["SteeringClient"]):
+    def create(
+        self, *, id: str, outcome: str, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
+    ) -> FeedbackResult:
+        return self._client._post("/feedback", FeedbackResult, self._options(timeout, max_retries, extra_headers,
+                                                                            extra_query),
+                                  body={"id": id, "outcome": outcome})
+
+    create.__doc__ = FEEDBACK_DOC
+
+
+class AsyncFeedback(Resource["AsyncSteeringClient"]):
+    async def create(
+        self, *, id: str, outcome: str, extra_headers: Optional[Headers] = None, extra_query: Optional[Query] = None,
+        timeout: Optional[Timeout] = None, max_retries: Optional[int] = None,
+    ) -> FeedbackResult:
+        return await self._client._post("/feedback", FeedbackResult, self._options(timeout, max_retries, extra_headers,
+                                                                                  extra_query),
+                                        body={"id": id, "outcome": outcome})
+
+    create.__doc__ = FEEDBACK_DOC
 
 
 class AsyncChatCompletions(Resource["AsyncSteeringClient"]):

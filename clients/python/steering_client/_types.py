@@ -1,6 +1,6 @@
 """Typed responses. Fields the server adds later are kept: as attributes and in `model_extra`."""
 
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 from pydantic import BaseModel, ConfigDict
 
@@ -44,6 +44,9 @@ class Steering(_Model):
     confidence: Optional[float] = None
     decision: Optional[Decision] = None
     abstention: Optional[Abstention] = None
+    certified: Optional[dict[str, Any]] = None  # a policy that states a risk: what its calibration certifies
+    feedback_id: Optional[str] = None  # decisions and abstentions, where the server takes feedback
+    evidence: Optional[dict[str, Any]] = None  # asked for with steering.evidence (a calibration's request)
 
 
 class Usage(_Model):
@@ -210,6 +213,15 @@ class PolicyList(_Model):
 
     def __len__(self) -> int:
         return len(self.data)
+
+
+class FeedbackResult(_Model):
+    """`POST /v1/feedback`: the outcome kept (or kept before), and the response's policy and config."""
+
+    object: str
+    status: str  # "recorded" or "already recorded"
+    policy: str
+    digest: str
 
 
 class ReloadResult(_Model):
