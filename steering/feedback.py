@@ -130,6 +130,7 @@ def _b64(data: bytes) -> str:
 class Recorded:
     """One outcome as a store keeps it."""
 
+    key: str  # of its feedback id: one outcome per id
     policy: str
     digest: str
     bound: dict
@@ -170,18 +171,20 @@ class FeedbackStore:
         return False
 
     def outcomes(self, policy: str | None = None) -> Iterator[Recorded]:
-        query = "SELECT policy, digest, bound, outcome, recorded FROM outcomes"
+        query = "SELECT id, policy, digest, bound, outcome, recorded FROM outcomes"
         rows = self._db.execute(query + (" WHERE policy = ?" if policy else "") + " ORDER BY recorded",
                                 (policy,) if policy else ())
-        for policy_, digest, bound, outcome, recorded in rows:
-            yield Recorded(policy_, digest, json.loads(bound), outcome, recorded)
+        for key, policy_, digest, bound, outcome, recorded in rows:
+            yield Recorded(key, policy_, digest, json.loads(bound), outcome, recorded)
 
     def close(self) -> None:
         self._db.close()
 
 
-def merged(paths: Sequence[str | Path], policy: str) -> list[Recorded]:
-    """The policy's outcomes from several stores (replicas'), oldest first."""
+def merged(paths: Sequence[str | Path], policy: str) -> tuple[list[Recorded], int]:
+    """The policy's outcomes from several stores (replicas'), oldest first, one per response: an
+    outcome sent to two replicas that keep separate stores is kept once (the first recorded).
+    Also how many were left out so."""
     found = []
     for path in paths:
         if not Path(path).exists():
@@ -189,4 +192,7 @@ def merged(paths: Sequence[str | Path], policy: str) -> list[Recorded]:
         store = FeedbackStore(path)
         found += list(store.outcomes(policy))
         store.close()
-    return sorted(found, key=lambda r: r.recorded)
+    first: dict[str, Recorded] = {}
+    for recorded in sorted(found, key=lambda r: r.recorded):
+        first.setdefault(recorded.key, recorded)
+    return list(first.values()), len(found) - len(first)

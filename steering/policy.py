@@ -55,7 +55,10 @@ class Policy:
             )
         if config.abstain is not None:
             abstain = config.abstain
-            threshold = abstain.threshold if abstain.threshold is not None else config.calibration.threshold
+            threshold = abstain.threshold
+            if threshold is None and config.calibration is not None:
+                threshold = config.calibration.threshold
+            # Still None: a stated risk before its first fit (`steer calibrate` only), withholding nothing.
             return AbstentionRule.of(abstain.score, config.calibration, threshold, abstain.message)
         return Plain()
 

@@ -11,8 +11,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from steering_cli.main import build_parser
-from steering_server.settings import ServerSettings
 from steering_server.metrics import ServerMetrics
+from steering_server.settings import ServerSettings
 
 from steering.config import read_deployment
 from tests.deploy.conftest import DEPLOY, KUBERNETES, find, instructions, manifests

@@ -56,6 +56,10 @@ def test_the_deployment_runs_the_tested_flags_and_finds_the_replicas_by_their_la
     ports = {port["name"]: port["containerPort"] for port in container["ports"]}
     assert (parsed.port, parsed.prometheus_port) == (ports["http"], ports["metrics"])
     assert router["spec"]["template"]["spec"]["serviceAccountName"] == "steering-router"
+    # The replicas' key, from their Secret: the router sends it on the routes it does not know (feedback).
+    assert parsed.api_key == "$(STEER_API_KEY)"
+    key = {env["name"]: env.get("valueFrom") for env in container["env"]}["STEER_API_KEY"]
+    assert key == {env["name"]: env.get("valueFrom") for env in steering["env"]}["STEER_API_KEY"]
 
 
 def test_the_router_may_watch_pods_and_its_metrics_are_scraped():

@@ -169,6 +169,9 @@ def test_a_refit_from_the_outcomes_of_two_replicas_fits_what_calibrate_fits(tmp_
         steering = ask(client, "qa", prompt="hi" + "x" * (i % 7), max_tokens=1 + i % 5)["steering"]
         right = (i * 7) % 3 != 0
         assert send(client, steering["feedback_id"], "correct" if right else "incorrect").status_code == 200
+        if i % 10 == 0:  # sent again to the other replica: its id verifies there, into its own store
+            again = send(clients[1 - i % 2], steering["feedback_id"], "correct" if right else "incorrect")
+            assert (again.status_code, again.json()["status"]) == (200, "recorded")
         raw.append(steering["abstention"]["raw"])
         correct.append(right)
     path = tmp_path / "deploy.yaml"
@@ -176,16 +179,18 @@ def test_a_refit_from_the_outcomes_of_two_replicas_fits_what_calibrate_fits(tmp_
     result = asyncio.run(calibrate_from_feedback(read_deployment(path), "qa", stores, tmp_path / "qa.json"))
     recorded = sorted(zip(raw, correct))  # the store's order is by time; the fit's rows are the same set
     fit, _ = split(40, 0.5, 0)
-    kept = [(r.bound["raw"], r.outcome == "correct") for store in stores for r in FeedbackStore(store).outcomes()]
-    assert sorted(kept) == recorded
-    ordered = sorted(((r.recorded, r.bound["raw"], r.outcome == "correct") for store in stores
-                      for r in FeedbackStore(store).outcomes()))
+    first = {}  # per response, the outcome recorded first
+    for r in sorted((r for store in stores for r in FeedbackStore(store).outcomes()), key=lambda r: r.recorded):
+        first.setdefault(r.key, r)
+    assert sorted((r.bound["raw"], r.outcome == "correct") for r in first.values()) == recorded
+    ordered = sorted((r.recorded, r.bound["raw"], r.outcome == "correct") for r in first.values())
     scores = np.array([row[1] for row in ordered])
     truth = np.array([row[2] for row in ordered], dtype=float)
     a, b = fits.fit_platt(scores[fit], truth[fit])
     calibration = json.loads(result.calibration_path.read_text())
     assert (calibration["platt_a"], calibration["platt_b"]) == (a, b)
     assert result.report["rows"] == 40 and math.isfinite(a)
+    assert result.report["skipped"] == ["4 outcomes sent again to another replica (the first recorded kept)"]
 
 
 def test_outcomes_acknowledged_before_a_sigkill_are_all_kept(tmp_path):

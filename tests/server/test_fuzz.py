@@ -48,8 +48,8 @@ def served_names(schema: schemathesis.BaseSchema, policies: list[str], *, short:
         if not isinstance(m, dict):
             return m
         m = {**m}
-        if m.get("role") != "assistant" and isinstance(m.get("tool_calls"), list):
-            m.pop("tool_calls")
+        if m.get("role") in ("system", "developer", "user") and isinstance(m.get("tool_calls"), list):
+            m["role"] = "assistant"  # kept, not dropped: a negative case may hide inside the calls
         if m.get("role") == "tool":
             m.setdefault("tool_call_id", "call-0")
         elif isinstance(m.get("tool_call_id"), str):

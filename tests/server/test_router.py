@@ -33,6 +33,7 @@ from tests.live_server import API_KEY, Server, start_server, stop_server, write_
 
 MESSAGES = [{"role": "user", "content": "the moon"}]
 GREEDY = {"max_tokens": 12, "temperature": 0.0}
+FEEDBACK_SECRET = "one-secret-for-every-replica"
 
 
 class Recorder:
@@ -105,9 +106,12 @@ def replicas(llama_family, tmp_path_factory):
     """Two `steer serve` replicas watching one config file, and the router in front of them."""
     root = tmp_path_factory.mktemp("replicas")
     config = write_config(llama_family, root / "deploy.yaml")
+    # Feedback on, one secret for both; the replicas read one YAML here, so they share its store.
+    config.write_text(yaml.safe_dump(yaml.safe_load(config.read_text()) | {"feedback": {"secret": FEEDBACK_SECRET}},
+                                     sort_keys=False))
     servers = [start_server(config, root / f"replica-{i}.log", "--watch-config", "0.5") for i in range(2)]
     router = start_router([server.url for server in servers], port=free_port(), log=root / "router.log",
-                          prometheus_port=free_port())
+                          prometheus_port=free_port(), api_key=API_KEY)
     yield servers, router
     router.stop()
     for server in servers:
@@ -152,6 +156,26 @@ def digest_served(server: Server) -> str | None:
         if line.startswith("steer_config_info{"):
             return line.split('digest="', 1)[1].split('"', 1)[0]
     return None
+
+
+def test_a_feedback_id_one_replica_issued_is_taken_by_the_other_and_through_the_router(replicas):
+    servers, router = replicas
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    answer = httpx.post(f"{servers[0].url}/v1/completions", headers=headers, timeout=120,
+                        json={"model": "qa", "prompt": "the moon", "max_tokens": 4})
+    feedback_id = answer.json()["steering"]["feedback_id"]
+    # The other replica verifies it with the same secret and no state of the first's.
+    taken = httpx.post(f"{servers[1].url}/v1/feedback", headers=headers, json={"id": feedback_id, "outcome": "correct"})
+    assert (taken.status_code, taken.json()["status"], taken.json()["policy"]) == (200, "recorded", "qa")
+    # Through the router, to whichever replica (the router sends its own --api-key on this route):
+    # the same outcome is already kept, another is refused.
+    again = httpx.post(f"{router.url}/v1/feedback", headers=headers, json={"id": feedback_id, "outcome": "correct"})
+    assert (again.status_code, again.json()["status"]) == (200, "already recorded"), again.text
+    other = httpx.post(f"{router.url}/v1/feedback", headers=headers, json={"id": feedback_id, "outcome": "incorrect"})
+    assert other.status_code == 409 and other.json()["error"]["code"] == "outcome_conflict"
+    forged_id = feedback_id[:-2] + ("AA" if not feedback_id.endswith("AA") else "BB")  # its signature's end
+    forged = httpx.post(f"{router.url}/v1/feedback", headers=headers, json={"id": forged_id, "outcome": "correct"})
+    assert forged.status_code == 400 and forged.json()["error"]["code"] == "invalid_feedback"
 
 
 def test_a_policy_change_reaches_every_replica(replicas, llama_reference, tokenizer):

@@ -327,3 +327,43 @@ def test_bench_perf_router_workload_runs_each_system_each_round(tmp_path):
         assert ratio["rounds"] == pytest.approx([levels[0][key] / d[key] for levels, d in
                                                  zip(report["systems"][name], direct)])
     assert "interleaved" in router_bench.summary(report)
+
+
+def test_the_demo_loop_feeds_back_refits_and_rolls_out_on_a_copy_of_the_family(toy_family, tmp_path, capsys):
+    import sys
+
+    from steering_tools import demo
+    from steering_tools.server_process import ServerProcess, free_port
+
+    from steering.feedback import FeedbackStore
+
+    cached = {path: path.read_bytes() for path in (toy_family / "calibration").glob("*.json")}
+    config = demo.live_deployment(toy_family)
+    live = config.parent
+    assert live == toy_family / "live" and yaml.safe_load(config.read_text())["feedback"]["store"] == "feedback.sqlite"
+    port = free_port()
+    command = [sys.executable, "-m", "steering_cli", "serve", "--config", str(config), "--port", str(port)]
+    with ServerProcess.start(command, port=port, log=tmp_path / "server.log").wait_ready(600) as server:
+        assert demo.run(toy_family, port) == 0, "the demo reuses the server on its port, and runs the loop on it"
+        series = demo._series(server.url, "qa")
+    out = capsys.readouterr().out
+    rows = read_questions(toy_family / "questions" / "qa-test.jsonl")
+    store = FeedbackStore(live / "feedback.sqlite")
+    kept = list(store.outcomes("qa"))
+    store.close()
+    assert len(kept) == len(rows) == series["outcomes"], "one outcome per answer, each kept and counted"
+    # The series as /metrics reports them, against the store's outcomes by hand.
+    confidence = np.array([k.bound["confidence"] for k in kept])
+    right = np.array([k.outcome == "correct" for k in kept])
+    answered = ~np.array([k.bound["abstained"] for k in kept])
+    bins = np.minimum((confidence * 10).astype(int), 9)
+    ece = sum(abs(confidence[bins == b].sum() - right[bins == b].sum()) for b in range(10)) / len(kept)
+    assert series["ece"] == pytest.approx(ece)
+    assert series["brier"] == pytest.approx(np.mean((confidence - right) ** 2))
+    assert (series["over_answering"], series["over_abstaining"]) == ((answered & ~right).sum(), (~answered & right).sum())
+    assert f"qa answered {answered.sum()} of {len(rows)}; {(answered & ~right).sum()} of those wrong" in out
+    # The refit from the feedback was rolled out to the copy; the cached build is untouched.
+    refit = Calibration.read(live / "calibration" / "qa.json")
+    assert refit.fitted_on == round(len(rows) / 2), "fitted on half the outcomes (steer calibrate's default split)"
+    assert "reloaded: config" in out and "  changed qa: calibration" in out
+    assert {path: path.read_bytes() for path in cached} == cached

@@ -43,6 +43,12 @@ QA_TEMPLATE = (
     "{% elif m['role'] == 'assistant' %} {{ m['content'] }}\n{% endif %}{% endfor %}"
 )
 ABSTAIN_MESSAGE = "I don't know."
+# The risk the `qa` policy states: at most this share of its answers wrong, with probability at
+# least 1 - delta over its calibration rows (certified on the held-out half of the `val` questions).
+# A family with fewer held-out rows than QA_RISK_ROWS (the tests' toy ones) cannot certify a useful
+# epsilon: its qa keeps the threshold of least cost.
+QA_RISK = {"epsilon": 0.15, "delta": 0.1}
+QA_RISK_ROWS = 100
 # The `verify` policy's costs: a false yes (saying yes to a false statement) costs 10, a false no 1.
 VERIFY_COST_FP, VERIFY_COST_FN = 10.0, 1.0
 # Chosen on the `val` entities in `steer bench quality` with recipe 3; with recipe 4, alphas 1 to 2
@@ -142,8 +148,12 @@ def write_questions(world: World, out: Path, seed: int) -> None:
     _write_jsonl(out / "tuning.jsonl", [{"prompt": q.prompt, "answer": q.answer} for q in world.questions(world.tuning)])
 
 
-def deployment_config() -> dict:
-    """The demo's deploy.yaml: paths relative to the family folder."""
+def deployment_config(out: Path) -> dict:
+    """The demo's deploy.yaml for the family in `out` (its question sets written): paths relative to it."""
+    held_out = len(read_questions(out / "questions" / "qa-val.jsonl")) // 2  # `steer calibrate`'s default split
+    risk = QA_RISK if held_out >= QA_RISK_ROWS else None
+    stated = (f": at most {QA_RISK['epsilon']:.0%} of its answers wrong, certified at delta {QA_RISK['delta']}"
+              if risk else "")
     return {
         "base": "base",
         "experts": {"chat": {"tuned": "chat-tuned", "untuned": "chat-untuned"}},
@@ -152,10 +162,11 @@ def deployment_config() -> dict:
             "chat": {"description": "Proxy-tuned: the base steered by the small question-answering pair.",
                      "alpha": {"chat": DEMO_ALPHA}, "max_alpha": 4.0},
             "qa": {"description": "Proxy-tuned, abstaining when the base alone finds the question unfamiliar "
-                                  "(its surprise at the prompt, weighed by a fit on labelled answers).",
+                                  f"(its surprise at the prompt, weighed by a fit on labelled answers){stated}.",
                    "alpha": {"chat": DEMO_ALPHA},
                    "abstain": {"score": "base_familiarity_fit", "message": ABSTAIN_MESSAGE,
-                               "threshold_bounds": [0.0, 1.0],
+                               **({"risk": risk} if risk else {"threshold_bounds": [0.0, 1.0]}),
+                               # the threshold of least cost (served without a risk; the bench's comparison)
                                "cost_wrong": 1.0, "cost_abstain": 0.3},
                    "calibration": "calibration/qa.json"},
             "verify": {"description": "Yes/no verification as a decision: a false yes costs 10, a false no 1.",
@@ -272,11 +283,13 @@ async def calibrate_policies(out: Path, into: Path | None = None) -> None:
     from steering_tools.calibrate import calibrate, summary
 
     into = into or out / "calibration"
-    config = deployment_config()
+    config = deployment_config(out)
     uncalibrated = copy.deepcopy(config)
     for name in ("qa", "verify", "check"):
         uncalibrated["policies"][name].pop("calibration")
-    uncalibrated["policies"]["qa"]["abstain"]["threshold"] = 0.5
+    abstain = uncalibrated["policies"]["qa"]["abstain"]
+    if "risk" not in abstain:
+        abstain["threshold"] = 0.5  # any: collecting answers withholds none, and the fit writes its own
     deployment = parse_deployment(uncalibrated, root=out, calibrating=True)  # qa's weights are what it fits
     engine = SteeringEngine.start(deployment)
     try:
@@ -311,7 +324,7 @@ STAGES = (
     _Stage("untuned", "chat-untuned", "trained", _train_untuned),
     _Stage("tuned", "chat-tuned", "trained", _train_tuned),
     _Stage("direct", "direct", "trained", _train_direct),
-    _Stage("calibration", "calibration", "fitted", _calibrate, version=2),  # 2: the check policy
+    _Stage("calibration", "calibration", "fitted", _calibrate, version=3),  # 2: the check policy; 3: qa's risk
 )
 # Built for `steer bench quality` only: the same tunings with the verification costs in the loss.
 BENCH_STAGES = (
@@ -378,6 +391,6 @@ async def build(out: Path | None = None, *, recipe: Recipe = Recipe(), force: bo
             print(f"{stage.name}: reused ({stage.verb} in {done['seconds']} s by an earlier run)", flush=True)
         else:
             await _run_stage(family, number, stage)
-    (out / "deploy.yaml").write_text(yaml.safe_dump(deployment_config(), sort_keys=False))
+    (out / "deploy.yaml").write_text(yaml.safe_dump(deployment_config(out), sort_keys=False))
     (out / "recipe.json").write_text(json.dumps({"digest": recipe.digest(), **asdict(recipe)}, indent=2))
     return out

@@ -26,17 +26,22 @@ ROUTER_OPTIONS = (
 )
 
 
-def router_command(worker_urls: Sequence[str], *, port: int, prometheus_port: int | None = None) -> list[str]:
-    """`vllm-router` over `worker_urls`, listening on loopback at `port`."""
+def router_command(worker_urls: Sequence[str], *, port: int, prometheus_port: int | None = None,
+                   api_key: str | None = None) -> list[str]:
+    """`vllm-router` over `worker_urls`, listening on loopback at `port`.
+
+    `api_key`: the replicas' key. The router passes a client's `Authorization` on the routes it
+    knows (completions, chat, models) and drops it on the others, where it sends this key instead:
+    without it, /v1/feedback through the router is refused by replicas that check a key."""
     router = shutil.which("vllm-router", path=str(Path(sys.executable).parent)) or "vllm-router"
     metrics = ["--prometheus-host", "127.0.0.1", "--prometheus-port", str(prometheus_port)] if prometheus_port else []
+    key = ["--api-key", api_key] if api_key else []
     return [router, "--host", "127.0.0.1", "--port", str(port), "--worker-urls", *worker_urls, *ROUTER_OPTIONS,
-            *metrics]
+            *metrics, *key]
 
 
 def start_router(worker_urls: Sequence[str], *, port: int, log: Path, timeout: float = 900,
-                 prometheus_port: int | None = None) -> ServerProcess:
+                 prometheus_port: int | None = None, api_key: str | None = None) -> ServerProcess:
     """The router, started and polled on /health until it answers (its replicas are up)."""
-    router = ServerProcess.start(router_command(worker_urls, port=port, prometheus_port=prometheus_port), port=port,
-                                 log=log)
-    return router.wait_ready(timeout)
+    command = router_command(worker_urls, port=port, prometheus_port=prometheus_port, api_key=api_key)
+    return ServerProcess.start(command, port=port, log=log).wait_ready(timeout)

@@ -10,6 +10,9 @@ match (case and end punctuation ignored, up to the first newline):
 - every abstention score side by side (the steered ones and the ensemble ones): AUROC at telling
   answerable from unanswerable questions and right from wrong answers, AURC, ECE before and
   after a Platt fit on `val`, and what each costs in engine requests;
+- the qa policy's stated risk: over 500 random calibration/test splits of its labelled answers,
+  how often a certified threshold's test risk exceeds epsilon (at most delta, within sampling
+  error), and the coverage certifying gives up against the cost-fitted threshold (bench/risk.py);
 - decisions on `test` yes/no questions under the policy's 1:10 cost matrix: expected cost of
   acting on the argmax against the Bayes action, raw and calibrated; the same checks asked by
   answering (the `check` policy: is the claim the answer to the open question?);
@@ -36,6 +39,7 @@ from steering.rules.abstention import ENSEMBLE_SCORES, SCORES, extra_requests
 from steering.rules.calibration import platt
 from steering.rules.decisions import bayes_decision, label_probabilities
 from steering_tools import metrics
+from steering_tools.bench import risk
 from steering_tools.calibrate import (
     Answer,
     Row,
@@ -268,6 +272,9 @@ async def run(family: Path, *, alphas=ALPHAS) -> dict:
         answerable = np.array([bool(row["answer"]) for row in qa_test])
         abstention = abstention_report(qa, *judged, unanswerable=int((~answerable).sum()))
         abstention["by_score"] = scores_report(qa.config.abstain, fitting, judged, answerable)
+        if qa.config.abstain.risk is not None:  # every labelled answer, split many ways
+            abstention["risk"] = risk.guarantee("qa", qa.config, fitting[0] + judged[0],
+                                                np.concatenate([fitting[1], judged[1]]))
         proxy, decisions = await _decisions(admission, verify, check, truth)
     finally:
         engine.shutdown()
@@ -448,7 +455,11 @@ def summary(report: dict) -> str:
     if "per_seed" not in report:
         return _figures(report) + compared
     families = ", ".join(f"seed {seed}: {digest}" for seed, digest in report["recipe_digests"].items())
-    return f"mean ± sd over {len(report['seeds'])} seeds ({families})\n" + _figures(report["spread"]) + compared
+    holds = [f"seed {seed}: {'holds' if run_['abstention']['risk']['holds'] else 'FAILS'}"
+             for seed, run_ in report["per_seed"].items() if "risk" in run_["abstention"]]
+    guarantee = f"\nthe stated risk, per seed: {', '.join(holds)}" if holds else ""
+    return (f"mean ± sd over {len(report['seeds'])} seeds ({families})\n" + _figures(report["spread"]) + guarantee
+            + compared)
 
 
 def _figures(report: dict) -> str:
@@ -472,6 +483,8 @@ def _figures(report: dict) -> str:
                      f"AURC {_fmt(row['aurc'])}  ECE {_fmt(row['ece']['raw'])} -> {_fmt(row['ece']['calibrated'])}  "
                      f"cost {_fmt(row['expected_cost_bayes_calibrated'])}  "
                      f"extra requests {_fmt(row['extra_engine_requests'], '.0f')}")
+    if "risk" in ab:
+        lines += risk.summary_lines(ab["risk"], _fmt)
     de = report["decisions"]
     lines.append(f"decisions ({_fmt(de['rows'], '.0f')} yes/no questions, the verify policy): argmax accuracy "
                  f"{_fmt(de['accuracy'])}")
@@ -527,6 +540,13 @@ def plot(report: dict, out: Path) -> list[Path]:
         fig.savefig(out / name, dpi=120)
         plt.close(fig)
         paths.append(out / name)
+    if all("risk" in run_["abstention"] for run_ in runs):
+        seeds = list(report["per_seed"]) if "per_seed" in report else [None]
+        fig = risk.plot(plt, [run_["abstention"]["risk"] for run_ in runs], seeds)
+        fig.tight_layout()
+        fig.savefig(out / "quality-risk-guarantee.png", dpi=120)
+        plt.close(fig)
+        paths.append(out / "quality-risk-guarantee.png")
     return paths
 
 
@@ -545,8 +565,8 @@ def _plot_risk_coverage(plt, figures: dict, runs: list[dict], over: str):
     for i, run_ in enumerate(runs):
         curves = run_["abstention"]["curves"]
         for name, style in (("raw", "-"), ("calibrated", "--")):
-            coverage, risk = metrics.risk_coverage(curves[name], curves["correct"])
-            ax.plot(coverage, risk, linestyle=style, color=f"C{i}", alpha=0.8,
+            coverage, at_coverage = metrics.risk_coverage(curves[name], curves["correct"])
+            ax.plot(coverage, at_coverage, linestyle=style, color=f"C{i}", alpha=0.8,
                     label=f"{name}{f', seed {i}' if len(runs) > 1 else ''} "
                           f"(AURC {metrics.aurc(curves[name], curves['correct']):.3f})")
     ax.set(xlabel="coverage", ylabel="risk", xlim=(0, 1), title="Abstention (qa policy): answerable + unanswerable")
