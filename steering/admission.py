@@ -104,7 +104,8 @@ class Admission:
                                           tools=tools))
         for i, prompt in enumerate(prompts):
             engine.check_request(prompt, params[i] if params else None, limit_field=request.token_limit_field,
-                                 claim_tokens=len(steering.claim_ids))
+                                 claim_tokens=len(steering.claim_ids), prompt_field="messages" if chat else "prompt",
+                                 constraint=request.constraint)
         return Plan(steering, prompts, params, request.num_logprobs, tools, request.constraint, request.collect,
                     self.policies.digest)
 

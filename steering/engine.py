@@ -209,20 +209,27 @@ class SteeringEngine:
         return self.prefix_cache_block is not None and prompt_tokens > self.prefix_cache_block
 
     def check_request(self, prompt: Sequence[int], params: SamplingParams | None, *, limit_field: str = "max_tokens",
-                      claim_tokens: int = 0) -> None:
+                      claim_tokens: int = 0, prompt_field: str = "prompt", constraint: str | None = None) -> None:
         """The engine's limits, checked at admission so that a refusal is an HTTP error rather than
         a failure mid-stream: a prompt that leaves no room in the context (for a claim check, the
-        claim and a step after it), a token limit beyond it, what vLLM refuses of the parameters."""
+        claim and a step after it) or holds a token id outside the vocabulary, a token limit beyond
+        it, what vLLM refuses of the parameters. Refusals name the request's fields: `prompt_field`
+        (`messages` on chat), `limit_field`, `constraint` (the field a grammar came from)."""
         max_model_len, claim = self.max_model_len, claim_tokens
         if not prompt:
-            raise InvalidRequest("the prompt is empty", param="prompt")
+            raise InvalidRequest("the prompt is empty" if prompt_field == "prompt" else
+                                 "the chat template renders these messages as nothing", param=prompt_field)
+        try:
+            self.llm.renderer.validate_token_ids(prompt, parameter=prompt_field)
+        except VLLMClientError as error:
+            raise vllm_refusal(error, param=prompt_field) from None
         if claim and len(prompt) + claim >= max_model_len:
             raise InvalidRequest(f"the prompt's {len(prompt)} tokens and the claim's {claim} leave no room for the "
                                  f"answer's end in the context of {max_model_len}", param="steering.claim")
         room = max_model_len - len(prompt)
         if room <= 0:
             raise InvalidRequest(f"the prompt has {len(prompt)} tokens; this model's context is {max_model_len}",
-                                 param="prompt")
+                                 param=prompt_field)
         if params is None:
             return
         if params.prompt_logprobs is not None and not self.logprobs_at_temperature_one:
@@ -235,8 +242,8 @@ class SteeringEngine:
         try:  # vLLM's own checks against this engine (logprob limits, token ids, grammars)
             params.clone().verify(config.model_config, config.speculative_config, config.structured_outputs_config,
                                   self.llm.tokenizer)
-        except VLLMClientError as error:
-            raise vllm_refusal(error) from None
+        except VLLMClientError as error:  # a grammar vLLM cannot compile names none: the constraint's field
+            raise vllm_refusal(error, param=constraint) from None
 
     @property
     def num_unfinished_requests(self) -> int:

@@ -66,7 +66,15 @@ class InvalidRequest(RequestError):
     """Generation input the engine cannot serve (e.g. longer than the context)."""
 
 
-def vllm_refusal(error: Exception) -> InvalidRequest:
+def vllm_refusal(error: Exception, *, param: str | None = None) -> InvalidRequest:
     """vLLM's refusal of a request (its `VLLMClientError`s, the `ValueError`s of its parameter
-    checks) as this request's error, naming the parameter where vLLM names one."""
-    return InvalidRequest(str(error), param=getattr(error, "parameter", None))
+    checks) as this request's error, naming the parameter: the one vLLM names, else the sampling
+    parameter its message starts with (`min_tokens must be …`), else `param`, the field the
+    caller knows the refusal is about."""
+    from vllm import SamplingParams
+
+    named = getattr(error, "parameter", None)
+    first = str(error).split(" ", 1)[0]
+    if named is None and first in SamplingParams.__struct_fields__:
+        named = first
+    return InvalidRequest(str(error), param=named or param)

@@ -30,4 +30,4 @@ def sampling_params(fields: Mapping[str, Any], *, max_tokens: int, reads_logprob
     try:
         return SamplingParams(**fields, max_tokens=max(max_tokens, 1))
     except (ValueError, VLLMClientError) as error:
-        raise vllm_refusal(error) from None
+        raise vllm_refusal(error) from None  # named by the message's leading field, where vLLM names none

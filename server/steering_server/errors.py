@@ -118,6 +118,9 @@ def _validation_body(error: RequestValidationError) -> ErrorBody:
     )
 
 
+UNREADABLE_BODY = "There was an error parsing the body"  # FastAPI's HTTPException detail
+
+
 def respond(
     request: Request, status: int, body: ErrorBody, *, endpoint: str | None = None,
     headers: Mapping[str, str] | None = None,
@@ -146,9 +149,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, error: HTTPException) -> JSONResponse:
         kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        if error.detail == UNREADABLE_BODY:  # FastAPI's, where json.loads fails other than on syntax
+            body = ErrorBody(message="the body could not be read as JSON: it is not UTF-8, or nests too deep",
+                             type=kind, code="invalid_value")
+        else:
+            body = ErrorBody(message=str(error.detail), type=kind)
         # Starlette's own headers stay, e.g. the `Allow` of a 405.
-        return respond(request, error.status_code, ErrorBody(message=str(error.detail), type=kind),
-                       headers=error.headers)
+        return respond(request, error.status_code, body, headers=error.headers)
 
     @app.exception_handler(Exception)
     async def unexpected_error(request: Request, error: Exception) -> JSONResponse:

@@ -18,7 +18,7 @@ from steering_server.errors import error_body
 from steering_server.feedback.serving import FeedbackServing
 from steering_server.lifecycle import Lifecycle
 from steering_server.metrics import ServerMetrics
-from steering_server.protocol import GenerationRequest, SteeringInfo, Usage
+from steering_server.protocol import GenerationRequest, SteeringInfo, StreamChunk, Usage
 from steering_server.streaming import CLIENT_CLOSED_REQUEST, sse, until_disconnected
 
 
@@ -48,7 +48,8 @@ class GenerationServing:
         request.state.policy = body.model
         plan = await self.lifecycle.on_admission_thread(self.plan, body)
         if body.stream:
-            events = sse(self.chunks(body, plan), on_end=lambda error: self._ended(plan, error),
+            events = sse(steering_on_last_finish(self.chunks(body, plan), choices=len(plan.prompts) * body.n),
+                         on_end=lambda error: self._ended(plan, error),
                          on_abandoned=lambda: self.metrics.aborted.labels(plan.name).inc())
             return StreamingResponse(events, media_type="text/event-stream")
         answered = await until_disconnected(request, self.answer(plan))
@@ -112,3 +113,27 @@ class GenerationServing:
         """The usage so far on every chunk, as vLLM's `stream_options.continuous_usage_stats` asks."""
         options = body.stream_options
         return self.stream_usage(body, plan) if options and options.continuous_usage_stats else None
+
+
+async def steering_on_last_finish(chunks: AsyncIterator[StreamChunk], *, choices: int) -> AsyncIterator[StreamChunk]:
+    """The stream with its `steering` block also on the chunk that finishes the last choice, since
+    some clients (LiteLLM) drop the final chunk, which has no choices. That chunk is held back
+    until the final one comes, right after it once the policy's outcome is known, and then sent
+    with the final chunk's block."""
+    finished, held = 0, None
+    try:
+        async for chunk in chunks:
+            if held is not None:
+                yield held.model_copy(update={"steering": chunk.steering})
+                held = None
+            finished += sum(choice.finish_reason is not None for choice in chunk.choices)
+            if chunk.choices and finished == choices:
+                held = chunk
+                continue
+            yield chunk
+    except Exception:
+        if held is not None:  # the stream failed after all: what was held goes before its error event
+            yield held
+        raise
+    if held is not None:
+        yield held

@@ -44,7 +44,8 @@ async def generate(engine: SteeringEngine, plan: Plan) -> AsyncIterator[Piece]:
             plan.outcome.completion_tokens += len(c.token_ids)
             if c.finish_reason == "error":
                 raise _failure(plan)
-            yield Piece(prompt_index, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, output.prompt_logprobs)
+            yield Piece(prompt_index, c.index, c.text, c.token_ids, c.logprobs, c.finish_reason, output.prompt_logprobs,
+                        c.stop_reason)
 
 
 def _failure(plan: Plan) -> Exception:

@@ -92,6 +92,7 @@ class Piece:
     logprobs: Sequence[Mapping[int, Any]] | None = None  # vLLM's Logprob per candidate token
     finish_reason: str | None = None
     prompt_logprobs: Sequence[Mapping[int, Any] | None] | None = None  # on a prompt's first piece, if asked
+    stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended it (None at EOS)
 
 
 @dataclass
@@ -165,7 +166,8 @@ def joined(pieces: list[Piece]) -> list[Piece]:
         w.token_ids = [*w.token_ids, *p.token_ids]
         if p.logprobs is not None and w.logprobs is not None:
             w.logprobs = [*w.logprobs, *p.logprobs]
-        w.finish_reason = p.finish_reason or w.finish_reason
+        if p.finish_reason is not None:
+            w.finish_reason, w.stop_reason = p.finish_reason, p.stop_reason
         w.prompt_logprobs = w.prompt_logprobs or p.prompt_logprobs
     return [whole[key] for key in sorted(whole)]
 

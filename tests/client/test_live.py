@@ -120,6 +120,22 @@ def test_a_completion_stream_keeps_the_steering_block(client):
     assert stream.usage is None, "usage only when stream_options.include_usage"
 
 
+def test_an_answer_ended_by_a_stop_string_says_which_as_vllm_does(client):
+    whole = client.completions.create(model="mix", prompt=PROMPT, **GREEDY).choices[0]
+    assert len(whole.text) >= 5 and whole.stop_reason is None, whole  # ended by its length, by no stop
+    stop = whole.text[3:5]  # two characters the greedy answer gives; it ends before their first sight
+    cut = whole.text.index(stop)
+    stopped = client.completions.create(model="mix", prompt=PROMPT, stop=[stop], **GREEDY).choices[0]
+    assert (stopped.text, stopped.finish_reason, stopped.stop_reason) == (whole.text[:cut], "stop", stop)
+
+    answer = client.chat.completions.create(model="chat", messages=MESSAGES, **GREEDY).choices[0].message.content
+    stop = answer[3:5]
+    with client.chat.completions.create(model="chat", messages=MESSAGES, stop=[stop], stream=True, **GREEDY) as stream:
+        chunks = list(stream)
+    (last,) = [c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert (text_of(chunks), last.finish_reason, last.stop_reason) == (answer[:answer.index(stop)], "stop", stop)
+
+
 def wait_for_no_unfinished_requests(server) -> None:
     deadline = time.monotonic() + 5
     while server.metric("steer_engine_unfinished_requests") and time.monotonic() < deadline:

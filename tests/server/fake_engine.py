@@ -27,6 +27,7 @@ from types import SimpleNamespace
 
 import jinja2
 from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
 from vllm.logprobs import Logprob
 from vllm.outputs import CompletionOutput, RequestOutput
 from vllm.sampling_params import RequestOutputKind
@@ -109,6 +110,12 @@ class FakeRenderer:
 
     def render_cmpl(self, prompts):
         return list(prompts)
+
+    def validate_token_ids(self, token_ids, *, parameter=None):
+        """vLLM's check, over the fake's vocabulary (code points below 0xD800)."""
+        for token in token_ids:
+            if not 0 <= token < len(self.tokenizer):
+                raise VLLMValidationError(f"Token id {token} is out of vocabulary", parameter=parameter)
 
 
 def _text(content) -> str:

@@ -386,7 +386,9 @@ def test_chat_stream(server):
     assert last.choices == []
     assert last.usage.model_dump() == full.usage.model_dump()
     assert last.steering == full.steering
-    assert all(getattr(c, "steering", None) is None for c in chunks[:-1])
+    # Also on the chunk that finishes the answer (for clients that drop the last), and on no other.
+    assert chunks[-2].choices[0].finish_reason is not None and chunks[-2].steering == full.steering
+    assert all(getattr(c, "steering", None) is None for c in chunks[:-2])
 
 
 def test_completion_stream_over_raw_http(server):

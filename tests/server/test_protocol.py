@@ -161,6 +161,9 @@ TOO_LONG = "x" * MAX_MODEL_LEN  # BOS + 64 characters: 65 tokens
     ({"prompt": "hi", "prompt_logprobs": 1, "stream": True}, "prompt_logprobs", "not available with stream"),
     ({"prompt": "hi", "model": "triage", "echo": True}, "echo", "served by plain policies"),
     ({"prompt": "hi", "model": "qa", "prompt_logprobs": 0}, "prompt_logprobs", "served by plain policies"),
+    # vLLM's own refusals, named: by vLLM, by the sampling parameter its message starts with, or here
+    ({"prompt": [1, 0xD800]}, "prompt", f"Token id {0xD800} is out of vocabulary"),
+    ({"prompt": "hi", "max_tokens": 2, "min_tokens": 5}, "min_tokens", "min_tokens must be less than or equal"),
 ])
 def test_completion_refusals_are_400_naming_the_param(client, body, param, says):
     response = client.post("/v1/completions", json={"model": "chat", **body})
@@ -170,6 +173,15 @@ def test_completion_refusals_are_400_naming_the_param(client, body, param, says)
 def test_unknown_policy_is_404_on_model(client):
     for response in (chat(client, "nope"), client.post("/v1/completions", json={"model": "nope", "prompt": "hi"})):
         assert_error(response, 404, type=INVALID, param="model", code="model_not_found", says="'nope' does not exist")
+
+
+@pytest.mark.parametrize("content", [
+    b'{"model": "chat", "prompt": "\xff\xfe"}',  # not UTF-8
+    b'{"model": "chat", "prompt": "hi", "user": ' + b"[" * 5000 + b"]" * 5000 + b"}",  # nested past json's limit
+])
+def test_a_body_that_cannot_be_read_as_json_is_400_saying_so(client, content):
+    response = client.post("/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert_error(response, 400, type=INVALID, param=None, code="invalid_value", says="could not be read as JSON")
 
 
 @pytest.mark.parametrize(("raw", "param"), [
@@ -321,7 +333,7 @@ def test_chat_answers_with_the_applied_steering_and_usage(client, model, overrid
     row = (alpha.get("chat", 0.0), alpha.get("code", 0.0))
     assert body["object"] == "chat.completion" and body["model"] == model
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": answer(CHAT_PROMPT, row)},
-                                "logprobs": None, "finish_reason": "stop"}]
+                                "logprobs": None, "finish_reason": "stop", "stop_reason": None}]
     assert body["usage"] == {"prompt_tokens": len(CHAT_PROMPT), "completion_tokens": ANSWER_LEN,
                              "total_tokens": len(CHAT_PROMPT) + ANSWER_LEN}
     assert body["steering"] == {"policy": model, "alpha": alpha, "abstained": None, "confidence": None,
@@ -379,7 +391,7 @@ def test_chat_stream_ends_with_steering_then_done(client, include_usage):
     assert events[-1] == "[DONE]"
     chunks = [json.loads(event) for event in events[:-1]]
     assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": None}]
+                                     "finish_reason": None, "stop_reason": None}]
     deltas = [c["choices"][0] for c in chunks[1:-1]]
     assert "".join(d["delta"]["content"] for d in deltas) == answer(CHAT_PROMPT, (1.5, 0.0))
     assert [d["finish_reason"] for d in deltas] == [None] * (ANSWER_LEN - 1) + ["stop"]
@@ -389,7 +401,10 @@ def test_chat_stream_ends_with_steering_then_done(client, include_usage):
     usage = {"prompt_tokens": len(CHAT_PROMPT), "completion_tokens": ANSWER_LEN,
              "total_tokens": len(CHAT_PROMPT) + ANSWER_LEN}
     assert last["usage"] == (usage if include_usage else None)
-    assert all(c["usage"] is None and c["steering"] is None for c in chunks[:-1])
+    # The chunk that finishes the answer carries the block too (for clients that drop the last
+    # chunk, which has no choices); no other chunk does.
+    assert chunks[-2]["choices"][0]["finish_reason"] == "stop" and chunks[-2]["steering"] == last["steering"]
+    assert all(c["usage"] is None and c["steering"] is None for c in chunks[:-2])
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["object"] == "chat.completion.chunk"
 
 
@@ -406,6 +421,11 @@ def test_completions_stream_interleaves_choices(client):
                      for p, prompt in enumerate(["ab", "xyz"]) for j in range(2)}
     assert chunks[-1]["usage"]["completion_tokens"] == 4 * ANSWER_LEN
     assert chunks[-1]["steering"]["alpha"] == {"chat": 0.5, "code": -0.5}
+    # Of the choices' chunks, only the one that finishes the last of the four carries the block.
+    finishing = [i for i, chunk in enumerate(chunks[:-1]) if chunk["choices"][0]["finish_reason"] is not None]
+    assert len(finishing) == 4 and finishing[-1] == len(chunks) - 2
+    assert [i for i, chunk in enumerate(chunks[:-1]) if chunk["steering"]] == [finishing[-1]]
+    assert chunks[-2]["steering"] == chunks[-1]["steering"]
 
 
 def test_continuous_usage_counts_every_chunk_as_vllm_does(client):
@@ -606,7 +626,7 @@ def test_decision_answers_with_the_bayes_action(client, model, steering, action)
     assert body["steering"]["alpha"] == POLICIES[model].get("alpha", {})
     content = "I don't know." if action == "abstain" else action
     assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": content},
-                                  "logprobs": None, "finish_reason": "stop"}
+                                  "logprobs": None, "finish_reason": "stop", "stop_reason": None}
     assert body["usage"]["completion_tokens"] == 1
 
 
@@ -625,7 +645,7 @@ def test_abstention_withholds_answers_below_the_threshold(client, threshold, abs
         {"score": "mean_prob", "raw": MEAN_CONFIDENCE, "confidence": MEAN_CONFIDENCE, "threshold": threshold})
     content = "Pass." if abstained else answer(CHAT_PROMPT, (1.0, 0.0))
     assert body["choices"][0] == {"index": 0, "message": {"role": "assistant", "content": content},
-                                  "logprobs": None, "finish_reason": "stop"}
+                                  "logprobs": None, "finish_reason": "stop", "stop_reason": None}
 
 
 def test_an_abstained_stream_sends_nothing_of_the_answer(client):

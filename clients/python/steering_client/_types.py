@@ -1,6 +1,6 @@
 """Typed responses. Fields the server adds later are kept: as attributes and in `model_extra`."""
 
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, Optional, Union
 
 from pydantic import BaseModel, ConfigDict
 
@@ -112,6 +112,7 @@ class ChatChoice(_Model):
     message: ChatCompletionMessage
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None  # the stop string or token id that ended it, as vLLM says
 
 
 class PromptLogprob(_Model):
@@ -154,6 +155,7 @@ class ChatChunkChoice(_Model):
     delta: ChatDelta
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
 
 
 class ChatCompletionChunk(Chunk):
@@ -165,6 +167,7 @@ class CompletionChoice(_Model):
     text: str
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
+    stop_reason: Union[int, str, None] = None
     prompt_logprobs: Optional[PromptLogprobs] = None
 
 

@@ -120,6 +120,9 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extension: the stop string or stop token id that ended the answer; "
+        "null where it ended otherwise (end of sequence, length, a withheld or decided answer).")
 
 
 class ChatCompletion(Answer):
@@ -142,6 +145,9 @@ class ChatChunkChoice(BaseModel):
     delta: ChatDelta
     logprobs: ChatLogprobs | None = None
     finish_reason: str | None = None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extension: the stop string or stop token id that ended the answer; "
+        "null where it ended otherwise (end of sequence, length, a withheld or decided answer).")
 
 
 class ChatCompletionChunk(StreamChunk):

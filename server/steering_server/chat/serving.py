@@ -51,7 +51,8 @@ class ChatServing(GenerationServing):
         for p in pieces:
             logprobs = self._logprobs(plan, p)
             message, finish_reason = self._message(plan, p)
-            choices.append(ChatChoice(index=p.index, message=message, logprobs=logprobs, finish_reason=finish_reason))
+            choices.append(ChatChoice(index=p.index, message=message, logprobs=logprobs, finish_reason=finish_reason,
+                                      stop_reason=p.stop_reason))
         prompt_logprobs = next((p.prompt_logprobs for p in pieces if p.prompt_logprobs is not None), None)
         return ChatCompletion(model=plan.name, choices=choices, usage=self.usage(plan), steering=self.steering(plan),
                               prompt_logprobs=prompt_logprobs_body(prompt_logprobs) if prompt_logprobs else None)
@@ -75,7 +76,8 @@ class ChatServing(GenerationServing):
                 delta = ChatDelta() if read is None else ChatDelta(content=read.content, tool_calls=read.tool_calls)
             if delta == ChatDelta() and finish_reason is None:
                 continue  # the parser holds it back (a tool call being read)
-            yield chunk([ChatChunkChoice(index=p.index, delta=delta, logprobs=logprobs, finish_reason=finish_reason)],
+            yield chunk([ChatChunkChoice(index=p.index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
+                                         stop_reason=p.stop_reason)],
                         usage=self.chunk_usage(body, plan))
         yield chunk([], usage=self.stream_usage(body, plan), steering=self.steering(plan))
 

@@ -68,6 +68,9 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: CompletionLogprobs | None = None
     finish_reason: str | None
+    stop_reason: int | str | None = Field(
+        default=None, description="vLLM extension: the stop string or stop token id that ended the answer; "
+        "null where it ended otherwise (end of sequence, length, a withheld or decided answer).")
     prompt_logprobs: PromptLogprobs | None = Field(
         default=None, description="With prompt_logprobs: one entry per prompt token, the first null.")
 

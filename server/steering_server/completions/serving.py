@@ -70,7 +70,7 @@ class CompletionServing(GenerationServing):
         if plan.num_logprobs is not None and logprobs is not None:
             shown = completion_logprobs(token_ids, logprobs, plan.num_logprobs, decode=lambda token: decode([token]))
         return CompletionChoice(index=p.prompt_index * body.n + p.index, text=text, logprobs=shown,
-                                finish_reason=p.finish_reason,
+                                finish_reason=p.finish_reason, stop_reason=p.stop_reason,
                                 prompt_logprobs=prompt_logprobs_body(prompt_logprobs)
                                 if body.prompt_logprobs is not None and prompt_logprobs else None)
 
