@@ -16,7 +16,8 @@ from vllm.renderers.params import ChatParams
 from steering.errors import InvalidRequest
 
 # Set by the endpoint (or its own field), never through chat_template_kwargs.
-RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "tools", "documents"})
+RESERVED_TEMPLATE_VARIABLES = frozenset({"messages", "add_generation_prompt", "continue_final_message", "tools",
+                                         "documents"})
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class Conversation:
     messages: Sequence[Mapping[str, Any]]
     template_kwargs: Mapping[str, Any] | None = None
     add_generation_prompt: bool = True
+    continue_final_message: bool = False  # the last (assistant) message left open: the answer continues it
     tools: Sequence[Mapping[str, Any]] | None = None
     tool_choice: str | Mapping[str, Any] | None = None
     parallel_tool_calls: bool | None = None
@@ -61,6 +63,7 @@ class Prompts:
         """The token ids the engine reads: a conversation's one prompt, or each text or token-id prompt."""
         if isinstance(prompt, Conversation):
             return [self.render_chat(prompt.messages, add_generation_prompt=prompt.add_generation_prompt,
+                                     continue_final_message=prompt.continue_final_message,
                                      template_kwargs=prompt.template_kwargs, tools=prompt.tools)]
         return [self.encode(p) if isinstance(p, str) else list(p) for p in prompt]
 
@@ -69,6 +72,7 @@ class Prompts:
         messages: Sequence[Mapping[str, Any]],
         *,
         add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
         template_kwargs: Mapping[str, Any] | None = None,
         tools: Sequence[Mapping[str, Any]] | None = None,
     ) -> list[int]:
@@ -83,7 +87,8 @@ class Prompts:
                 readable = sorted(self.template_variables - RESERVED_TEMPLATE_VARIABLES)
                 raise InvalidRequest(f"the base's chat template does not read {key!r}; it reads {readable}",
                                      param=f"chat_template_kwargs.{key}")
-        variables = {**(template_kwargs or {}), "add_generation_prompt": add_generation_prompt}
+        variables = {**(template_kwargs or {}), "add_generation_prompt": add_generation_prompt,
+                     "continue_final_message": continue_final_message}  # as vLLM passes them
         if tools:
             variables["tools"] = list(tools)
         tokenize = dataclasses.replace(self.renderer.default_chat_tok_params, max_total_tokens=None)

@@ -135,7 +135,7 @@ def _vllm_default(request: type[BaseModel], name: str) -> object:
 NEUTRAL_FIELDS: dict[str, dict[str, object]] = {
     "chat": {
         **{name: _vllm_default(vllm_chat.ChatCompletionRequest, name)
-           for name in ("continue_final_message", "skip_special_tokens", "include_reasoning")},
+           for name in ("skip_special_tokens", "include_reasoning")},
         "no_stop_trim": False, "separate_reasoning": True, "stream_reasoning": True, "return_hidden_states": False,
     },
     "completions": {
@@ -293,6 +293,27 @@ class ChatMessage(StrictRequest):
             raise ValueError("tool messages, and only they, name the tool_call_id they answer")
         if self.content is None and not self.tool_calls:
             raise ValueError("content is required (it may be left out only beside tool_calls)")
+        return self
+
+
+class ChatRendering(BaseModel):
+    """How a conversation is rendered, as vLLM takes it: after the last message the template's
+    generation prompt (the default), or the last (assistant) message left open to be continued."""
+
+    add_generation_prompt: bool = Field(default=True, description="vLLM extension: end the rendered "
+                                        "conversation with the template's generation prompt.")
+    continue_final_message: bool = Field(default=False, description="vLLM extension: leave the final (assistant) "
+                                         "message open, so the answer continues it (a prefill); not with "
+                                         "add_generation_prompt.")
+
+    @model_validator(mode="after")
+    def _one_ending(self):
+        if self.continue_final_message and self.add_generation_prompt:
+            raise refusal("continue_final_message", "continue_final_message needs add_generation_prompt: false "
+                          "(the answer continues the last message; no new one is started)")
+        if self.continue_final_message and self.messages[-1].role != "assistant":
+            raise refusal("continue_final_message", "continue_final_message continues the last message, which must "
+                          f"be the assistant's (it is {self.messages[-1].role!r})")
         return self
 
 

@@ -87,6 +87,28 @@ def test_chats_are_rendered_as_vllm_serve_renders_them(server, tokenizer):
     assert "does not read 'enable_thinking'" in refused.value.body["message"]
 
 
+def test_a_final_assistant_message_is_continued_as_vllm_continues_it(server, llama_reference, tokenizer):
+    """`continue_final_message` (a prefill) and `add_generation_prompt: false`, rendered as
+    transformers renders them, and the steered continuation equal to the reference on that prompt."""
+    prefill = [*MESSAGES, {"role": "assistant", "content": "the answer is"}]
+    for messages, ending in ((prefill, {"continue_final_message": True, "add_generation_prompt": False}),
+                             (MESSAGES, {"add_generation_prompt": False})):
+        ids = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=False, **ending)
+        response = server.openai().chat.completions.create(model="chat", messages=messages, extra_body=ending,
+                                                           **GREEDY)
+        assert response.usage.prompt_tokens == len(ids)
+        assert response.choices[0].message.content == expected_text(llama_reference, tokenizer, ids, {"chat": 1.0})
+        with server.http() as http:
+            assert http.post("/tokenize", json={"messages": messages, **ending}).json()["tokens"] == ids
+    assert ids != chat_ids(tokenizer) and prefill[-1]["content"] in tokenizer.decode(
+        tokenizer.apply_chat_template(prefill, continue_final_message=True, add_generation_prompt=False))
+    for ending, says in (({"continue_final_message": True}, "needs add_generation_prompt: false"),
+                         ({"continue_final_message": True, "add_generation_prompt": False}, "must be the assistant's")):
+        with pytest.raises(openai.BadRequestError) as refused:
+            server.openai().chat.completions.create(model="chat", messages=MESSAGES, extra_body=ending, max_tokens=1)
+        assert refused.value.body["param"] == "continue_final_message" and says in refused.value.body["message"]
+
+
 def test_tokenize_and_detokenize_use_the_base_tokenizer(server, tokenizer):
     with server.http() as http:
         chat = http.post("/tokenize", json={"model": "mix", "messages": MESSAGES, "return_token_strs": True}).json()
@@ -277,7 +299,11 @@ def test_a_grammar_vllm_cannot_compile_is_refused_before_the_stream(server):
         for extra in ({"structured_outputs": {"grammar": "root ::= ("}},
                       {"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": 5}}}}):
             response = http.post("/v1/completions", json={"model": "mix", "prompt": PROMPT, "stream": True, **extra})
-            assert (response.status_code, response.json()["error"]["code"]) == (400, "invalid_request"), extra
+            error = response.json()["error"]
+            assert (response.status_code, error["code"], error["param"]) == (400, "invalid_request", *extra), extra
+        # Token ids outside the vocabulary: refused at admission by vLLM's own check, named.
+        response = http.post("/v1/completions", json={"model": "mix", "prompt": [1, 10**6], "max_tokens": 2})
+        assert (response.status_code, response.json()["error"]["param"]) == (400, "prompt"), response.text
 
 
 def test_a_batch_of_prompts_answers_each_as_alone(server, tokenizer):

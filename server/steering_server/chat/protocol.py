@@ -13,6 +13,7 @@ from steering_server.protocol import (
     TEMPLATE_KWARGS,
     Answer,
     ChatMessage,
+    ChatRendering,
     GenerationRequest,
     PromptLogprobs,
     StreamChunk,
@@ -49,7 +50,7 @@ class NamedToolChoice(StrictRequest):
     function: NamedFunction
 
 
-class ChatCompletionRequest(GenerationRequest):
+class ChatCompletionRequest(ChatRendering, GenerationRequest):
     neutral_fields = NEUTRAL_FIELDS["chat"]
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)

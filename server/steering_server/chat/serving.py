@@ -36,6 +36,8 @@ class ChatServing(GenerationServing):
         conversation = Conversation(
             messages=[m.model_dump(exclude_none=True) for m in body.messages],
             template_kwargs=body.chat_template_kwargs,
+            add_generation_prompt=body.add_generation_prompt,
+            continue_final_message=body.continue_final_message,
             tools=[tool.model_dump() for tool in body.tools] if body.tools else None,
             tool_choice=choice.model_dump() if isinstance(choice, NamedToolChoice) else choice,
             parallel_tool_calls=body.parallel_tool_calls,

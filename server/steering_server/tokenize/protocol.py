@@ -7,7 +7,14 @@ from typing import Annotated
 from pydantic import ConfigDict, Field
 from vllm.entrypoints.serve.tokenize import protocol as vllm_tokenize
 
-from steering_server.protocol import TEMPLATE_KWARGS, ChatMessage, StrictRequest, TemplateKwargs, Text
+from steering_server.protocol import (
+    TEMPLATE_KWARGS,
+    ChatMessage,
+    ChatRendering,
+    StrictRequest,
+    TemplateKwargs,
+    Text,
+)
 
 
 class TokenizeCompletionRequest(vllm_tokenize.TokenizeCompletionRequest):
@@ -16,13 +23,12 @@ class TokenizeCompletionRequest(vllm_tokenize.TokenizeCompletionRequest):
     prompt: Text
 
 
-class TokenizeChatRequest(StrictRequest):
+class TokenizeChatRequest(ChatRendering, StrictRequest):
     """vLLM's chat fields that apply here, with our `ChatMessage`: vLLM's request also takes
     images, audio, tools and its own chat template, which the base's rendering here does not."""
 
     model: Text | None = Field(default=None, description="A policy name; every policy shares the base's tokenizer.")
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    add_generation_prompt: bool = True
     add_special_tokens: bool = False
     return_token_strs: bool | None = False
     chat_template_kwargs: TemplateKwargs | None = Field(default=None, description=TEMPLATE_KWARGS)

@@ -20,6 +20,7 @@ def tokenize(admission: Admission, body: TokenizeCompletionRequest | TokenizeCha
     if isinstance(body, TokenizeChatRequest):
         ids = prompts.render_chat([m.model_dump(exclude_none=True) for m in body.messages],
                                   add_generation_prompt=body.add_generation_prompt,
+                                  continue_final_message=body.continue_final_message,
                                   template_kwargs=body.chat_template_kwargs)
     else:
         ids = prompts.encode(body.prompt, add_special_tokens=body.add_special_tokens)
