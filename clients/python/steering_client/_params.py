@@ -120,6 +120,8 @@ class _GenerationFields(TypedDict, total=False):
 class ChatFields(_GenerationFields, total=False):
     max_completion_tokens: int
     chat_template_kwargs: dict[str, Any]
+    add_generation_prompt: bool  # vLLM's: false with continue_final_message, to continue the last message
+    continue_final_message: bool
     tools: list[Tool]
     tool_choice: Union[Literal["none", "auto", "required"], NamedToolChoice]
     parallel_tool_calls: bool
