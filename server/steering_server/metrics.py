@@ -25,6 +25,36 @@ FEEDBACK_BINS = 10
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+class FeedbackMetrics:
+    """Outcomes fed back (POST /v1/feedback), so reliability can be charted across replicas: per
+    bin of calibrated confidence, the outcomes, the right ones and the confidence summed give ECE
+    in PromQL; the Brier sum, its score; and the two ways a rule fails."""
+
+    def __init__(self, registry: CollectorRegistry):
+        bins = ["policy", "bin"]
+        self.outcomes = Counter("steer_feedback", "Outcomes fed back, by policy and calibrated-confidence bin "
+                                "(its lower edge).", bins, registry=registry)
+        self.correct = Counter("steer_feedback_correct", "Outcomes fed back that were right.", bins,
+                               registry=registry)
+        self.confidence = Counter("steer_feedback_confidence", "Calibrated confidence of the outcomes fed "
+                                  "back, summed.", bins, registry=registry)
+        self.brier = Counter("steer_feedback_brier", "(confidence - right)^2 of the outcomes fed back, "
+                             "summed.", ["policy"], registry=registry)
+        self.over_answering = Counter("steer_feedback_over_answering", "Outcomes fed back of answers given, and "
+                                      "wrong.", ["policy"], registry=registry)
+        self.over_abstaining = Counter("steer_feedback_over_abstaining", "Outcomes fed back of answers withheld "
+                                       "(or the abstain action), though right.", ["policy"], registry=registry)
+
+    def record(self, label: str, judged: Judged) -> None:
+        bin_ = f"{min(int(judged.confidence * FEEDBACK_BINS), FEEDBACK_BINS - 1) / FEEDBACK_BINS:.1f}"
+        self.outcomes.labels(label, bin_).inc()
+        self.correct.labels(label, bin_).inc(judged.correct)
+        self.confidence.labels(label, bin_).inc(judged.confidence)
+        self.brier.labels(label).inc((judged.confidence - judged.correct) ** 2)
+        self.over_answering.labels(label).inc(judged.over_answered)
+        self.over_abstaining.labels(label).inc(judged.over_abstained)
+
+
 class ServerMetrics:
     """Requests, tokens, latencies and errors per policy; the engine's unfinished requests."""
 
@@ -83,22 +113,7 @@ class ServerMetrics:
             "steer_engine_unfinished_requests", "Requests inside the engine, running or waiting.",
             registry=self.registry,
         )
-        # Outcomes fed back (POST /v1/feedback), so reliability can be charted across replicas: per
-        # bin of calibrated confidence, the outcomes, the right ones and the confidence summed give
-        # ECE in PromQL; the Brier sum, its score; and the two ways a rule fails.
-        bins = ["policy", "bin"]
-        self.feedback = Counter("steer_feedback", "Outcomes fed back, by policy and calibrated-confidence bin "
-                                "(its lower edge).", bins, registry=self.registry)
-        self.feedback_correct = Counter("steer_feedback_correct", "Outcomes fed back that were right.", bins,
-                                        registry=self.registry)
-        self.feedback_confidence = Counter("steer_feedback_confidence", "Calibrated confidence of the outcomes fed "
-                                           "back, summed.", bins, registry=self.registry)
-        self.feedback_brier = Counter("steer_feedback_brier", "(confidence - right)^2 of the outcomes fed back, "
-                                      "summed.", ["policy"], registry=self.registry)
-        self.over_answering = Counter("steer_feedback_over_answering", "Outcomes fed back of answers given, and "
-                                      "wrong.", ["policy"], registry=self.registry)
-        self.over_abstaining = Counter("steer_feedback_over_abstaining", "Outcomes fed back of answers withheld "
-                                       "(or the abstain action), though right.", ["policy"], registry=self.registry)
+        self.feedback = FeedbackMetrics(self.registry)
 
     def loaded(self, digest: str, policies: set[str]) -> None:
         """A config is active from now on (at start-up, or after a reload)."""
@@ -134,14 +149,7 @@ class ServerMetrics:
 
     def fed_back(self, policy: str, judged: Judged) -> None:
         """An outcome against its response: its bin's counts, the Brier sum, and either error."""
-        label = self.policy_label(policy)
-        bin_ = f"{min(int(judged.confidence * FEEDBACK_BINS), FEEDBACK_BINS - 1) / FEEDBACK_BINS:.1f}"
-        self.feedback.labels(label, bin_).inc()
-        self.feedback_correct.labels(label, bin_).inc(judged.correct)
-        self.feedback_confidence.labels(label, bin_).inc(judged.confidence)
-        self.feedback_brier.labels(label).inc((judged.confidence - judged.correct) ** 2)
-        self.over_answering.labels(label).inc(judged.over_answered)
-        self.over_abstaining.labels(label).inc(judged.over_abstained)
+        self.feedback.record(self.policy_label(policy), judged)
 
     def watch_engine(self, num_unfinished: Callable[[], int]) -> None:
         self.unfinished.set_function(num_unfinished)

@@ -206,7 +206,8 @@ class FeedbackConfig(_Strict):
     `POST /v1/feedback` keeps the outcomes in an SQLite store."""
 
     store: Annotated[str, AfterValidator(_beside_yaml)] = Field(
-        default="feedback.sqlite", description="The SQLite file outcomes are kept in (relative to the YAML file).")
+        default="feedback.sqlite", validate_default=True,  # the default too lies beside the YAML file
+        description="The SQLite file outcomes are kept in (relative to the YAML file).")
     secret: SecretStr | None = Field(
         default=None, min_length=16, description="Signs feedback ids; else $STEER_FEEDBACK_SECRET. Every replica of "
         "a deployment holds the same, so any of them verifies an id another issued.")

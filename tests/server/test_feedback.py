@@ -127,6 +127,12 @@ def test_feedback_on_and_no_secret_refuses_to_start(tmp_path, monkeypatch):
     assert ask(replica(raw), "triage")["steering"]["feedback_id"]
 
 
+def test_the_default_store_lies_beside_the_yaml_file(tmp_path):
+    raw = config(tmp_path / "feedback.sqlite")
+    del raw["feedback"]["store"]
+    assert parse_deployment(raw, root=tmp_path).feedback.store == str((tmp_path / "feedback.sqlite").resolve())
+
+
 def test_without_a_feedback_section_the_endpoint_says_so(tmp_path):
     client = replica({"base": "fake/base", "experts": EXPERTS, "policies": POLICIES})
     assert "feedback_id" not in ask(client, "triage")["steering"]
