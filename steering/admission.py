@@ -48,6 +48,7 @@ class PolicyRequest:
     # For a calibration: withhold nothing, keep what the policy's score reads ("score") or what
     # any score reads ("every_score"), in the outcome's evidence.
     collect: Literal["score", "every_score"] | None = None
+    trace: bool = False  # each answer token's trace (steering.trace)
 
     @property
     def asked(self) -> tuple[str, ...]:
@@ -60,6 +61,7 @@ class PolicyRequest:
             ("tools", isinstance(self.prompt, Conversation) and bool(self.prompt.tools)),
             (self.scores_prompt, self.scores_prompt is not None),
             (self.constraint, self.constraint is not None),
+            ("steering.trace", self.trace),
         )
         return tuple(name for name, asked in asks if asked)
 
@@ -96,18 +98,31 @@ class Admission:
         if chat is not None and chat.tools:
             tools = admit_tools(request.policy, chat.messages, chat.tools, chat.tool_choice, chat.parallel_tool_calls,
                                 self.tool_parser, engine.llm.renderer.tokenizer, engine.llm.model_config)
+        if request.trace and not engine.logprobs_at_temperature_one:
+            raise InvalidRequest("a trace reads each model's prompt logprobs, which are steered on vLLM's V1 model "
+                                 "runner only; this engine runs Model Runner V2", param="steering.trace")
         prompts = engine.prompts.prompt_ids(request.prompt)
+        prompt_field = "messages" if chat else "prompt"
         params = []
+        # A traced answer's last token is read by its views as prompt: they need one more position.
+        reads_logprobs = (rule.reads_logprobs or 0) if request.trace else rule.reads_logprobs
         for prompt in prompts if rule.samples else ():
-            limit = request.max_tokens if request.max_tokens is not None else engine.max_model_len - len(prompt)
-            params.append(sampling_params(request.sampling, max_tokens=limit, reads_logprobs=rule.reads_logprobs,
+            room = engine.max_model_len - len(prompt) - request.trace
+            if request.trace and (room < 1 or (request.max_tokens or 0) > room):
+                asked = f" and {request.token_limit_field} {request.max_tokens}" if request.max_tokens else ""
+                raise InvalidRequest(
+                    f"the prompt's {len(prompt)} tokens{asked} leave no room to trace the answer: its views read the "
+                    f"prompt and the whole answer, and need one position more in the context of "
+                    f"{engine.max_model_len}", param=request.token_limit_field if asked else prompt_field)
+            limit = request.max_tokens if request.max_tokens is not None else room
+            params.append(sampling_params(request.sampling, max_tokens=limit, reads_logprobs=reads_logprobs,
                                           tools=tools))
         for i, prompt in enumerate(prompts):
             engine.check_request(prompt, params[i] if params else None, limit_field=request.token_limit_field,
-                                 claim_tokens=len(steering.claim_ids), prompt_field="messages" if chat else "prompt",
+                                 claim_tokens=len(steering.claim_ids), prompt_field=prompt_field,
                                  constraint=request.constraint)
         return Plan(steering, prompts, params, request.num_logprobs, tools, request.constraint, request.collect,
-                    self.policies.digest)
+                    trace=request.trace, digest=self.policies.digest)
 
     def reload(self, deployment: Deployment) -> PolicyChanges:
         """Serve `deployment`'s policies from the next admission on, or raise (`ConfigError`, or

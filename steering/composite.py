@@ -10,7 +10,8 @@ Every sub-model runs on every token, always: a prefix-cached block must hold exp
 Besides the sampler's rows (one per request, in batch order), vLLM's V1 runner asks
 `compute_logits` for prompt logprobs with a slice of one request's rows of this step's hidden
 states. `_Step` recognises such a slice and names its request, so it is steered with that
-request's alphas: prompt logprobs are of the steered distribution too.
+request's alphas: prompt logprobs are of the steered distribution too, unless the request is a
+trace's view (`steering.steer.VIEW_KEY`): then they are of the one sub-model it names, alone.
 """
 
 from __future__ import annotations
@@ -141,6 +142,8 @@ class ProxyTunedForCausalLM(nn.Module):
         # (tuned, untuned) positions in sub_models, per pair in pair order.
         position = {path: i for i, path in enumerate(owners)}
         self.pair_models = tuple((position[pair.tuned], position[pair.untuned]) for pair in self.spec.pairs)
+        # view code -> position in sub_models: the base, then each pair's tuned and untuned (steering.steer).
+        self.view_models = (0, *(i for pair in self.pair_models for i in pair))
         # The base checkpoint is vLLM's primary weight source; experts load from their own folders.
         self.secondary_weights = [
             DefaultModelLoader.Source(path, revision=None, prefix=f"{name}.") for path, name in owners.items()
@@ -168,12 +171,16 @@ class ProxyTunedForCausalLM(nn.Module):
     def compute_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
         # hidden_states: [N, sum(hidden_widths)] -> steered logits [N, V] (deltas: P x [N, V]).
         parts = hidden_states.split(self.hidden_widths, dim=-1)
+        request = self._step.request_of(hidden_states) if self._step is not None else None
+        view = LINK.view_of(request)
+        if view is not None:  # a trace's view: one sub-model's logits alone, over the base's vocabulary
+            i = self.view_models[view]
+            return fit_vocab(self.sub_models[i].compute_logits(parts[i]), self.vocab_size)
         base_logits = self.sub_models[0].compute_logits(parts[0])
         # Each distinct expert checkpoint's logits once, over the base's vocabulary.
         logits = {i: fit_vocab(self.sub_models[i].compute_logits(parts[i]), self.vocab_size)
                   for i in sorted({i for pair in self.pair_models for i in pair})}
         deltas = [logits[tuned] - logits[untuned] for tuned, untuned in self.pair_models]
-        request = self._step.request_of(hidden_states) if self._step is not None else None
         return LINK.steer(base_logits, deltas, request=request)
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:

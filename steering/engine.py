@@ -39,7 +39,7 @@ from steering.memory import (
 )
 from steering.prompts import Prompts
 from steering.spec import CompositeSpec, ExpertPairSpec
-from steering.steer import ALPHA_KEY
+from steering.steer import ALPHA_KEY, VIEW_KEY
 from steering.threads import cpu_worker_binding
 
 logger = logging.getLogger("steer.engine")
@@ -163,9 +163,11 @@ class SteeringEngine:
         return cls(llm, AutoTokenizer.from_pretrained(deployment.base), deployment)
 
     async def generate(
-        self, prompt: Sequence[int], params: SamplingParams, *, alpha_row: Sequence[float], request_id: str | None = None
+        self, prompt: Sequence[int], params: SamplingParams, *, alpha_row: Sequence[float],
+        request_id: str | None = None, view: int | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream outputs of one request, steered by `alpha_row` (one alpha per pair, in pair order)."""
+        """Stream outputs of one request, steered by `alpha_row` (one alpha per pair, in pair order);
+        with a trace's `view`, its prompt logprobs are of that one sub-model alone."""
         if params.logprob_token_ids is not None and self.logprobs_at_temperature_one:
             # vLLM 0.32's V1 sampler prefers token-id logprobs batch-wide: every request in a step
             # with one that asks would get them, its own top logprobs lost (see `steering.scoring`).
@@ -174,6 +176,8 @@ class SteeringEngine:
                                  param="logprob_token_ids")
         params = params.clone()
         params.extra_args = {**(params.extra_args or {}), ALPHA_KEY: list(alpha_row)}
+        if view is not None:
+            params.extra_args[VIEW_KEY] = view
         parsed = parse_model_prompt(self.llm.model_config, {"prompt_token_ids": list(prompt)})
         (engine_input,) = self.llm.renderer.render_cmpl([parsed])
         request_id = request_id or uuid.uuid4().hex
@@ -194,11 +198,12 @@ class SteeringEngine:
             await stream.aclose()
 
     async def complete(
-        self, prompt: Sequence[int], params: SamplingParams, *, alpha_row: Sequence[float], request_id: str | None = None
+        self, prompt: Sequence[int], params: SamplingParams, *, alpha_row: Sequence[float],
+        request_id: str | None = None, view: int | None = None,
     ) -> RequestOutput:
         """The finished output of one request."""
         final = None
-        async for final in self.generate(prompt, params, alpha_row=alpha_row, request_id=request_id):
+        async for final in self.generate(prompt, params, alpha_row=alpha_row, request_id=request_id, view=view):
             pass
         return final
 

@@ -19,7 +19,7 @@ from vllm.v1.worker.gpu.sample.logits_processor.interface import (
 )
 
 from steering.spec import CompositeSpec
-from steering.steer import ALPHA_KEY, LINK, apply_alpha
+from steering.steer import ALPHA_KEY, LINK, VIEW_KEY, apply_alpha
 
 
 def alpha_row(params, num_pairs: int) -> torch.Tensor:
@@ -32,22 +32,34 @@ def alpha_row(params, num_pairs: int) -> torch.Tensor:
     return torch.tensor(row, dtype=torch.float32)
 
 
+def view_code(params) -> int:
+    """A trace request's view (`steering.steer.VIEW_KEY`); -1 for every other request."""
+    return (params.extra_args or {}).get(VIEW_KEY, -1)
+
+
 def validate_alpha(params) -> None:
-    """vLLM's admission hook: the row is a list of numbers (what `SteeringEngine` sends)."""
+    """vLLM's admission hook: the row is a list of numbers, the view a whole number (what
+    `SteeringEngine` sends)."""
     row = (params.extra_args or {}).get(ALPHA_KEY)
     if row is not None and not (isinstance(row, list | tuple) and all(
             isinstance(a, int | float) and not isinstance(a, bool) for a in row)):
         raise ValueError(f"{ALPHA_KEY} must be a list of numbers, one per expert pair")
+    view = view_code(params)
+    if not isinstance(view, int) or isinstance(view, bool) or view < -1:
+        raise ValueError(f"{VIEW_KEY} must be a view code (0: the base; 1 + 2 * pair + untuned: an expert)")
 
 
 class AlphaLogitsProcessor(V1LogitsProcessor):
-    """V1 runner interface: owns the alpha table that `compute_logits` steers with."""
+    """V1 runner interface: owns the alpha table that `compute_logits` steers with, and the view
+    table it reads for a trace's prompt rows."""
 
     def __init__(self, vllm_config, device: torch.device, is_pin_memory: bool):
         self.num_pairs = len(CompositeSpec.from_hf_config(vllm_config.model_config.hf_config).pairs)
         num_slots = vllm_config.scheduler_config.max_num_seqs
         self.alpha = torch.zeros(num_slots, self.num_pairs, dtype=torch.float32, device=device)
-        LINK.alpha = self.alpha
+        # On the CPU: read one entry at a time, for prompt rows only, never in the sampler's path.
+        self.view = torch.full((num_slots,), -1, dtype=torch.long)
+        LINK.alpha, LINK.view = self.alpha, self.view
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
@@ -61,15 +73,16 @@ class AlphaLogitsProcessor(V1LogitsProcessor):
         if batch_update is None:
             return
         for index in batch_update.removed:
-            self.alpha[index] = 0.0
+            self.alpha[index], self.view[index] = 0.0, -1
         for index, params, _, _ in batch_update.added:
-            self.alpha[index] = alpha_row(params, self.num_pairs)
+            self.alpha[index], self.view[index] = alpha_row(params, self.num_pairs), view_code(params)
         for src, dst, direction in batch_update.moved:
-            if direction == MoveDirectionality.SWAP:
-                self.alpha[[src, dst]] = self.alpha[[dst, src]]
-            else:
-                self.alpha[dst] = self.alpha[src]
-                self.alpha[src] = 0.0
+            for table, empty in ((self.alpha, 0.0), (self.view, -1)):
+                if direction == MoveDirectionality.SWAP:
+                    table[[src, dst]] = table[[dst, src]]
+                else:
+                    table[dst] = table[src]
+                    table[src] = empty
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
         return logits

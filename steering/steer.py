@@ -19,6 +19,15 @@ from collections.abc import Sequence
 import torch
 
 ALPHA_KEY = "proxy_tuning_alpha"  # SamplingParams.extra_args key: one alpha per pair, in pair order
+# SamplingParams.extra_args key of a trace's view: the request's prompt logprobs are of one sub-model
+# alone, `BASE_VIEW` or `expert_view(pair, role)`; its sampled token is steered as any other.
+VIEW_KEY = "proxy_tuning_view"
+BASE_VIEW = 0
+
+
+def expert_view(pair: int, role: str) -> int:
+    """The view code of pair `pair`'s tuned or untuned model (pairs in the engine's pair order)."""
+    return 1 + 2 * pair + (role == "untuned")
 
 
 def fit_vocab(logits: torch.Tensor, vocab_size: int) -> torch.Tensor:
@@ -43,6 +52,7 @@ class SteeringLink:
 
     def __init__(self) -> None:
         self.alpha: torch.Tensor | None = None  # V1: [max_num_seqs, P], batch order
+        self.view: torch.Tensor | None = None  # V1: [max_num_seqs] view codes, batch order (-1: steered)
         self.steers_in_processor = False  # V2
         self._deltas: Sequence[torch.Tensor] | None = None
 
@@ -62,6 +72,13 @@ class SteeringLink:
             self._deltas = deltas
             return logits
         raise RuntimeError("no proxy-tuning logits processor in this engine: refusing to sample unsteered")
+
+    def view_of(self, request: int | None) -> int | None:
+        """The view of the request at batch index `request` whose prompt rows are asked for, if it has one."""
+        if request is None or self.view is None:
+            return None
+        view = int(self.view[request])
+        return view if view >= 0 else None
 
     def take_deltas(self, num_rows: int) -> Sequence[torch.Tensor]:
         """V2: this step's deltas, once; stale or missing ones fail loudly."""

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from steering.admission import PolicyRequest
 from steering.errors import InvalidSteering
 from steering.kinds import Outcome, Piece, Plan, joined
+from steering.trace import traced
 from steering_server.errors import error_body
 from steering_server.feedback.serving import FeedbackServing
 from steering_server.lifecycle import Lifecycle
@@ -75,9 +76,10 @@ class GenerationServing:
         """The pieces the plan's kind yields, as they may be shown; the tokens it computed are
         counted however it ends (answered, failed, or abandoned)."""
         engine = self.lifecycle.ready().engine
+        items = plan.rule.run(engine, plan)
         first = True
         try:
-            async for item in plan.rule.run(engine, plan):
+            async for item in traced(engine, plan, items) if plan.trace else items:
                 if isinstance(item, Outcome):
                     return
                 if first:

@@ -80,6 +80,10 @@ class SteeringRequest(StrictRequest):
     evidence: Literal["score", "every_score"] | None = Field(
         default=None, description="For a calibration, behind the API key: withhold nothing, and return what the "
         "policy's score (or every abstention score) reads, in steering.evidence.")
+    trace: bool = Field(
+        default=False, description="Plain and abstention policies: each choice's `trace` gives, per answer token, "
+        "its steered and base-alone log-probabilities, each pair's contribution, and the base's own choice where it "
+        "differs. Costs one prefill request per view (the base and each steering expert) per piece of the answer.")
 
 
 class StreamOptions(StrictRequest):
@@ -253,6 +257,10 @@ class GenerationRequest(StrictRequest):
     def collect(self) -> str | None:
         return self.steering.evidence if self.steering is not None else None
 
+    @property
+    def trace(self) -> bool:
+        return self.steering is not None and self.steering.trace
+
     def overrides(self) -> Overrides | None:
         given = self.steering
         if given is None:
@@ -354,6 +362,42 @@ class SteeringInfo(BaseModel):
         default=None, exclude_if=lambda value: value is None,
         description="Decision and abstention policies, where the config takes feedback: send the outcome with "
         "POST /v1/feedback {\"id\": …, \"outcome\": …}.")
+
+
+class TraceFlip(BaseModel):
+    """The base alone's likeliest token, where steering chose another."""
+
+    token: str
+    token_id: int
+    base_logprob: float
+
+
+class TokenTrace(BaseModel):
+    """What steering did at one answer token."""
+
+    token: str
+    token_id: int
+    logprob: float = Field(description="Steered log-probability of the token, at temperature 1.")
+    base_logprob: float = Field(description="The base model's alone.")
+    contributions: dict[str, float] = Field(
+        description="Per pair with a nonzero alpha: alpha * (log p_tuned - log p_untuned) of the token.")
+    flip: TraceFlip | None = Field(description="The base alone's own choice, where it is another token.")
+
+
+def trace_body(entries) -> list[TokenTrace] | None:
+    """A piece's `steering.trace.TraceEntry`s as the response shows them (None: no trace asked);
+    -inf clamped as vLLM clamps logprobs."""
+    if entries is None:
+        return None
+    return [TokenTrace(token=e.token, token_id=e.token_id, logprob=max(e.logprob, -9999.0),
+                       base_logprob=max(e.base_logprob, -9999.0), contributions=e.contributions,
+                       flip=None if e.flip is None else TraceFlip(token=e.flip.token, token_id=e.flip.token_id,
+                                                                  base_logprob=max(e.flip.base_logprob, -9999.0)))
+            for e in entries]
+
+
+TRACE_FIELD = Field(default=None, exclude_if=lambda trace: trace is None,
+                    description="With steering.trace: one entry per answer token (in a stream, this chunk's tokens).")
 
 
 class Usage(BaseModel):

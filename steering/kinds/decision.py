@@ -35,6 +35,8 @@ class DecisionRule:
 
     refuses: ClassVar[Mapping[str, str]] = {
         **SCORED,
+        "steering.trace": "decision policies generate no answer to trace: each label's probability is in "
+                          "steering.decision",
         "logprobs": "decision policies answer with a label: logprobs are in steering.decision",
         "response_format": "decision policies answer with one of their labels: {field} does not apply",
         "structured_outputs": "decision policies answer with one of their labels: {field} does not apply",

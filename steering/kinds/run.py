@@ -58,6 +58,7 @@ class Plan:
     tools: ToolCalls | None = None
     constraint: str | None = None
     collect: str | None = None  # a calibration's: "score" or "every_score" (the rule withholds nothing)
+    trace: bool = False  # each answer token's trace goes with it (steering.trace)
     digest: str = ""  # of the config whose policies admitted it
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))
@@ -93,6 +94,7 @@ class Piece:
     finish_reason: str | None = None
     prompt_logprobs: Sequence[Mapping[int, Any] | None] | None = None  # on a prompt's first piece, if asked
     stop_reason: int | str | None = None  # vLLM's: the stop string or token id that ended it (None at EOS)
+    trace: Sequence[Any] | None = None  # with steering.trace: a `steering.trace.TraceEntry` per token
 
 
 @dataclass
@@ -160,10 +162,13 @@ def joined(pieces: list[Piece]) -> list[Piece]:
     for p in pieces:
         key = (p.prompt_index, p.index)
         if key not in whole:
-            whole[key] = Piece(p.prompt_index, p.index, "", [], [] if p.logprobs is not None else None)
+            whole[key] = Piece(p.prompt_index, p.index, "", [], [] if p.logprobs is not None else None,
+                               trace=[] if p.trace is not None else None)
         w = whole[key]
         w.text += p.text
         w.token_ids = [*w.token_ids, *p.token_ids]
+        if p.trace is not None and w.trace is not None:
+            w.trace = [*w.trace, *p.trace]
         if p.logprobs is not None and w.logprobs is not None:
             w.logprobs = [*w.logprobs, *p.logprobs]
         if p.finish_reason is not None:

@@ -52,6 +52,7 @@ def test_the_public_names_are_pinned():
         "Steering",
         "SteeringClient",
         "Stream",
+        "TokenTrace",
         "Usage",
         "__version__",
     ]

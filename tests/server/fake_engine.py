@@ -11,7 +11,9 @@ checks, vLLM's own checks of sampling parameters) runs for real. The fake model,
 - the k-th answer token has probability `token_prob(k)`; the top-N alternatives are upper-case letters.
 - a request forced to one token by `allowed_token_ids` (decision labels, a claim's end) answers it,
   with probability `label_prob(token, alpha_row)`; ETX (id 3) is the end of text.
-- every prompt token after the first has probability PROMPT_PROB (prompt logprobs, rank 1).
+- every prompt token after the first has probability PROMPT_PROB (prompt logprobs, rank 1); under a
+  trace's view v (0 the base, 1 + 2 * pair + untuned an expert), `view_prob(v)`, and the base's own
+  likeliest token is FLIP (probability FLIP_PROB) where the token's id is even.
 - a prompt with the BEL character (id 7) ends its answers with vLLM's finish_reason "error".
 - the chat template is a real Jinja template: `role: content` a line, the template variable
   `persona` said first; vLLM's renderer joins text parts with newlines, and tools are not shown.
@@ -34,13 +36,14 @@ from vllm.sampling_params import RequestOutputKind
 
 from steering.config import Deployment
 from steering.engine import SteeringEngine
-from steering.steer import ALPHA_KEY
+from steering.steer import ALPHA_KEY, VIEW_KEY
 
 BOS = 1
 EOS = 3
 BEL = 7
 ANSWER_LEN = 6
 PROMPT_PROB = 0.5
+FLIP, FLIP_PROB = ord("?"), 0.6
 
 
 def shift(alpha_row: Sequence[float]) -> int:
@@ -56,6 +59,19 @@ def answer(prompt_ids: Sequence[int], alpha_row: Sequence[float], choice: int = 
 def token_prob(k: int) -> float:
     """Probability of the k-th answer token: 0.9, 0.45, 0.3, ..."""
     return 0.9 / (k + 1)
+
+
+def view_prob(view: int) -> float:
+    """A prompt token's probability under a trace's view: 0.5 for the base, 0.25, 0.1667, ... for experts."""
+    return PROMPT_PROB / (1 + view)
+
+
+def _prompt_step(token: int, view: int | None) -> dict[int, Logprob]:
+    if view is None:
+        return {token: Logprob(math.log(PROMPT_PROB), rank=1, decoded_token=chr(token))}
+    flips = view == 0 and token % 2 == 0 and token != FLIP
+    step = {token: Logprob(math.log(view_prob(view)), rank=2 if flips else 1, decoded_token=chr(token))}
+    return {FLIP: Logprob(math.log(FLIP_PROB), rank=1, decoded_token=chr(FLIP)), **step} if flips else step
 
 
 def label_prob(token: int, alpha_row: Sequence[float]) -> float:
@@ -156,8 +172,8 @@ class FakeLLM:
                        for j, ids in enumerate(answers)]
             prompt_logprobs = None
             if params.prompt_logprobs is not None and start == 0:  # sent once, with the first output
-                prompt_logprobs = [None, *({t: Logprob(math.log(PROMPT_PROB), rank=1, decoded_token=chr(t))}
-                                           for t in prompt_ids[1:])]
+                view = params.extra_args.get(VIEW_KEY)
+                prompt_logprobs = [None, *(_prompt_step(t, view) for t in prompt_ids[1:])]
             return RequestOutput(request_id, None, prompt_ids, prompt_logprobs, choices, finished=done)
 
         self.running += 1

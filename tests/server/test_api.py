@@ -141,6 +141,26 @@ def test_alpha_override_equals_the_reference_at_that_alpha(server, llama_referen
     assert override.choices[0].message.content == expected_text(llama_reference, tokenizer, chat_ids(tokenizer), alpha)
 
 
+def test_a_streamed_trace_through_the_openai_package_equals_the_reference(server, llama_reference, tokenizer):
+    """Each chunk carries its own tokens' trace; joined, they are the reference's numbers; and the
+    answer is the one given without a trace."""
+    ask = {"model": "mix", "messages": MESSAGES, **GREEDY}
+    client = server.openai()
+    chunks = list(client.chat.completions.create(**ask, stream=True, extra_body={"steering": {"trace": True}}))
+    traced = [c.choices[0] for c in chunks if c.choices and c.choices[0].delta.content]
+    assert len(traced) > 1
+    trace = [entry for choice in traced for entry in choice.model_extra["trace"]]
+    untraced = client.chat.completions.create(**ask).choices[0].message.content
+    assert "".join(choice.delta.content for choice in traced) == untraced
+    want = llama_reference.trace(chat_ids(tokenizer), [e["token_id"] for e in trace], {"chat": 1.5, "code": -0.5})  # mix
+    assert [e["token_id"] for e in trace] == [w["token_id"] for w in want]
+    for entry, expected in zip(trace, want):
+        assert entry["logprob"] == pytest.approx(expected["logprob"], abs=1e-4)
+        assert entry["base_logprob"] == pytest.approx(expected["base_logprob"], abs=1e-4)
+        assert entry["contributions"] == pytest.approx(expected["contributions"], abs=1e-4)
+        assert (entry["flip"] or {}).get("token_id") == (expected["flip"] or {}).get("token_id")
+
+
 def test_repetition_penalty_acts_on_the_steered_logits(server, llama_reference, tokenizer):
     """vLLM's rule by hand over the reference's steered logits: a token already in the prompt or
     the answer has a positive logit divided by the penalty, a negative one multiplied."""

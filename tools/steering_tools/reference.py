@@ -107,6 +107,31 @@ class ReferenceSteerer:
         steered = apply_alpha(logits[0].clone(), row, deltas).log_softmax(dim=-1)
         return steered.gather(1, input_ids[0, 1:, None])[:, 0].tolist()
 
+    @torch.inference_mode()
+    def trace(self, prompt: Sequence[int], completion: Sequence[int], alpha: Mapping[str, float]) -> list[dict]:
+        """Per `completion` token, teacher-forced: its steered and base-alone log-probabilities, each
+        nonzero-alpha pair's alpha * (log p_tuned - log p_untuned), and the base's argmax where it
+        differs (`flip`: token id and log-probability), as `steering.trace` reports them."""
+        input_ids = torch.tensor([[*prompt, *completion]])  # [1, L]
+        rows = slice(len(prompt) - 1, input_ids.shape[1] - 1)  # the positions that predict `completion`
+        logits = [fit_vocab(model(input_ids=input_ids).logits[0, rows].float(), self.vocab_size)
+                  for model in (self.base, *(m for pair in self.pairs.values() for m in pair))]  # [C, V] each
+        deltas = [logits[1 + 2 * i] - logits[2 + 2 * i] for i in range(len(self.pairs))]
+        row = torch.tensor([[float(alpha.get(name, 0.0)) for name in self.pairs]]).expand(len(completion), -1)
+        steered = apply_alpha(logits[0].clone(), row, deltas).log_softmax(dim=-1)
+        base, *experts = (x.log_softmax(dim=-1) for x in logits)
+        moved = {name: float(alpha[name]) * (experts[2 * i] - experts[2 * i + 1])
+                 for i, name in enumerate(self.pairs) if alpha.get(name)}  # [C, V] each
+        entries = []
+        for k, token in enumerate(completion):
+            top = int(base[k].argmax())
+            entries.append({
+                "token_id": token, "logprob": steered[k, token].item(), "base_logprob": base[k, token].item(),
+                "contributions": {name: delta[k, token].item() for name, delta in moved.items()},
+                "flip": None if top == token else {"token_id": top, "base_logprob": base[k, top].item()},
+            })
+        return entries
+
     def steered_logits(self, prompts, alphas, outputs, max_steps):
         """Yield [B, V] steered logits per step; `outputs` must be extended by the caller."""
         alpha = torch.tensor(

@@ -36,6 +36,7 @@ from ._types import (
     PolicyList,
     ReloadResult,
     Steering,
+    TokenTrace,
     Usage,
 )
 from ._version import __version__
@@ -71,6 +72,7 @@ __all__ = [
     "Steering",
     "SteeringClient",
     "Stream",
+    "TokenTrace",
     "Usage",
     "__version__",
 ]

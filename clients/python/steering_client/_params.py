@@ -15,6 +15,7 @@ class SteeringParams(TypedDict, total=False):
     costs: list[list[float]]
     abstain_cost: float
     claim: str
+    trace: bool  # plain and abstention policies: each choice's `trace`, per answer token
 
 
 class StreamOptions(TypedDict, total=False):

@@ -76,6 +76,25 @@ class CompletionLogprobs(_Model):
     text_offset: list[int]
 
 
+class TraceFlip(_Model):
+    """The base alone's likeliest token, where steering chose another."""
+
+    token: str
+    token_id: int
+    base_logprob: float
+
+
+class TokenTrace(_Model):
+    """What steering did at one answer token (asked for with steering.trace)."""
+
+    token: str
+    token_id: int
+    logprob: float  # steered, at temperature 1
+    base_logprob: float  # the base model's alone
+    contributions: dict[str, float]  # per pair with a nonzero alpha: alpha * (log p_tuned - log p_untuned)
+    flip: Optional[TraceFlip] = None  # the base alone's own choice, where it is another token
+
+
 class _Response(_Model):
     id: str
     object: str
@@ -113,6 +132,7 @@ class ChatChoice(_Model):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None  # the stop string or token id that ended it, as vLLM says
+    trace: Optional[list[TokenTrace]] = None  # with steering.trace: per answer token (a chunk: its own)
 
 
 class PromptLogprob(_Model):
@@ -156,6 +176,7 @@ class ChatChunkChoice(_Model):
     logprobs: Optional[ChatLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    trace: Optional[list[TokenTrace]] = None  # with steering.trace: per answer token (a chunk: its own)
 
 
 class ChatCompletionChunk(Chunk):
@@ -168,6 +189,7 @@ class CompletionChoice(_Model):
     logprobs: Optional[CompletionLogprobs] = None
     finish_reason: Optional[str] = None
     stop_reason: Union[int, str, None] = None
+    trace: Optional[list[TokenTrace]] = None  # with steering.trace: per answer token (a chunk: its own)
     prompt_logprobs: Optional[PromptLogprobs] = None
 
 

@@ -11,6 +11,7 @@ from vllm.entrypoints.openai.chat_completion import protocol as vllm_chat
 from steering_server.protocol import (
     NEUTRAL_FIELDS,
     TEMPLATE_KWARGS,
+    TRACE_FIELD,
     Answer,
     ChatMessage,
     ChatRendering,
@@ -20,6 +21,7 @@ from steering_server.protocol import (
     StrictRequest,
     TemplateKwargs,
     Text,
+    TokenTrace,
     refusal,
     response_id,
 )
@@ -124,6 +126,7 @@ class ChatChoice(BaseModel):
     stop_reason: int | str | None = Field(
         default=None, description="vLLM extension: the stop string or stop token id that ended the answer; "
         "null where it ended otherwise (end of sequence, length, a withheld or decided answer).")
+    trace: list[TokenTrace] | None = TRACE_FIELD
 
 
 class ChatCompletion(Answer):
@@ -149,6 +152,7 @@ class ChatChunkChoice(BaseModel):
     stop_reason: int | str | None = Field(
         default=None, description="vLLM extension: the stop string or stop token id that ended the answer; "
         "null where it ended otherwise (end of sequence, length, a withheld or decided answer).")
+    trace: list[TokenTrace] | None = TRACE_FIELD
 
 
 class ChatCompletionChunk(StreamChunk):

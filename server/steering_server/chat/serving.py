@@ -25,7 +25,7 @@ from steering_server.chat.protocol import (
     TopLogprob,
 )
 from steering_server.generation import GenerationServing
-from steering_server.protocol import prompt_logprobs_body
+from steering_server.protocol import prompt_logprobs_body, trace_body
 
 
 class ChatServing(GenerationServing):
@@ -46,7 +46,7 @@ class ChatServing(GenerationServing):
                              max_tokens=body.token_limit, token_limit_field=body.token_limit_field,
                              num_logprobs=body.num_logprobs,
                              scores_prompt="prompt_logprobs" if body.prompt_logprobs is not None else None,
-                             constraint=body.constraint, collect=body.collect)
+                             constraint=body.constraint, collect=body.collect, trace=body.trace)
 
     def response(self, body: ChatCompletionRequest, plan: Plan, pieces: list[Piece]) -> ChatCompletion:
         choices = []
@@ -54,7 +54,7 @@ class ChatServing(GenerationServing):
             logprobs = self._logprobs(plan, p)
             message, finish_reason = self._message(plan, p)
             choices.append(ChatChoice(index=p.index, message=message, logprobs=logprobs, finish_reason=finish_reason,
-                                      stop_reason=p.stop_reason))
+                                      stop_reason=p.stop_reason, trace=trace_body(p.trace)))
         prompt_logprobs = next((p.prompt_logprobs for p in pieces if p.prompt_logprobs is not None), None)
         return ChatCompletion(model=plan.name, choices=choices, usage=self.usage(plan), steering=self.steering(plan),
                               prompt_logprobs=prompt_logprobs_body(prompt_logprobs) if prompt_logprobs else None)
@@ -68,7 +68,10 @@ class ChatServing(GenerationServing):
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)],
                     usage=self.chunk_usage(body, plan))
         streams: dict[int, ToolStream] = {}  # by choice, where the request has tools
+        traced: dict[int, list] = {}  # by choice: the trace of tokens the tool parser holds back
         async for p in self.pieces(plan):
+            if p.trace is not None:
+                traced[p.index] = [*traced.get(p.index, []), *p.trace]
             logprobs = self._logprobs(plan, p)
             delta, finish_reason = ChatDelta(content=p.text), p.finish_reason
             if plan.tools is not None:
@@ -79,7 +82,7 @@ class ChatServing(GenerationServing):
             if delta == ChatDelta() and finish_reason is None:
                 continue  # the parser holds it back (a tool call being read)
             yield chunk([ChatChunkChoice(index=p.index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
-                                         stop_reason=p.stop_reason)],
+                                         stop_reason=p.stop_reason, trace=trace_body(traced.pop(p.index, None)))],
                         usage=self.chunk_usage(body, plan))
         yield chunk([], usage=self.stream_usage(body, plan), steering=self.steering(plan))
 

@@ -8,11 +8,13 @@ from pydantic import BaseModel, Field, model_validator
 
 from steering_server.protocol import (
     NEUTRAL_FIELDS,
+    TRACE_FIELD,
     Answer,
     GenerationRequest,
     PromptLogprobs,
     StreamChunk,
     Text,
+    TokenTrace,
     refusal,
     response_id,
 )
@@ -71,6 +73,7 @@ class CompletionChoice(BaseModel):
     stop_reason: int | str | None = Field(
         default=None, description="vLLM extension: the stop string or stop token id that ended the answer; "
         "null where it ended otherwise (end of sequence, length, a withheld or decided answer).")
+    trace: list[TokenTrace] | None = TRACE_FIELD
     prompt_logprobs: PromptLogprobs | None = Field(
         default=None, description="With prompt_logprobs: one entry per prompt token, the first null.")
 

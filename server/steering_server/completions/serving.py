@@ -17,7 +17,7 @@ from steering_server.completions.protocol import (
     CompletionRequest,
 )
 from steering_server.generation import GenerationServing
-from steering_server.protocol import prompt_logprobs_body
+from steering_server.protocol import prompt_logprobs_body, trace_body
 
 
 class CompletionServing(GenerationServing):
@@ -30,7 +30,7 @@ class CompletionServing(GenerationServing):
         scores_prompt = "echo" if body.echo else "prompt_logprobs" if body.prompt_logprobs is not None else None
         return PolicyRequest(body.model, body.prompts(), overrides=body.overrides(), sampling=sampling,
                              max_tokens=body.max_tokens, num_logprobs=body.num_logprobs, scores_prompt=scores_prompt,
-                             constraint=body.constraint, collect=body.collect)
+                             constraint=body.constraint, collect=body.collect, trace=body.trace)
 
     def response(self, body: CompletionRequest, plan: Plan, pieces: list[Piece]) -> Completion:
         return Completion(model=plan.name, choices=[self._choice(body, plan, p, echo=body.echo) for p in pieces],
@@ -55,22 +55,23 @@ class CompletionServing(GenerationServing):
                 prompt_logprobs=None) -> CompletionChoice:
         """One choice's piece; with `echo`, the prompt (and its logprobs) goes first, as in vLLM."""
         prompt_logprobs = p.prompt_logprobs or prompt_logprobs
-        text, token_ids, logprobs = p.text, list(p.token_ids), p.logprobs
+        text, token_ids, logprobs, trace = p.text, list(p.token_ids), p.logprobs, p.trace
         if body.max_tokens == 0:  # echo only: the one token generated is left out
             text, token_ids, logprobs = "", [], None if logprobs is None else []
+            trace = None if trace is None else []
         decode = self.lifecycle.ready().engine.prompts.decode
         if echo:
             prompt = plan.prompts[p.prompt_index]
             given = body.prompts()[p.prompt_index]
             text = (given if isinstance(given, str) else decode(prompt)) + text
             token_ids = [*prompt, *token_ids]
-            if logprobs is not None:
+            if logprobs is not None and prompt_logprobs is not None:  # None: only a trace read logprobs
                 logprobs = [*prompt_logprobs, *logprobs]
         shown = None
         if plan.num_logprobs is not None and logprobs is not None:
             shown = completion_logprobs(token_ids, logprobs, plan.num_logprobs, decode=lambda token: decode([token]))
         return CompletionChoice(index=p.prompt_index * body.n + p.index, text=text, logprobs=shown,
-                                finish_reason=p.finish_reason, stop_reason=p.stop_reason,
+                                finish_reason=p.finish_reason, stop_reason=p.stop_reason, trace=trace_body(trace),
                                 prompt_logprobs=prompt_logprobs_body(prompt_logprobs)
                                 if body.prompt_logprobs is not None and prompt_logprobs else None)
 

@@ -13,9 +13,10 @@ inter-token and end-to-end latency. The FLOPs-ideal ratio `base / (base + expert
 parameter counts.
 
 A third, `decisions`, prices the decision layer on one steered server: a yes/no decision and a
-claim check against one plain steered step, and an answer under each first-step abstention score
-against the same answer unscored. Each is made of single-token engine requests
-(`SteeringEngine.next_token_logprobs`), so its cost is latency, which no count of requests shows.
+claim check against one plain steered step, and an answer under each first-step abstention score,
+and the same answer traced (`steering.trace`), against the same answer unscored. The scores are
+made of single-token engine requests (`SteeringEngine.next_token_logprobs`), the trace of one
+prefill per view, so their cost is latency, which no count of requests shows.
 """
 
 from __future__ import annotations
@@ -255,6 +256,7 @@ DECISION_CALLS = {
     f"yes/no decision ({len(LABELS)} requests)": Call("decide", {}, False, PLAIN_STEP),
     "claim check (1 per end token)": Call("check", {"steering": {"claim": " yes"}}, False, PLAIN_STEP),
     PLAIN_ANSWER: Call("bench", {}, True, None),
+    "traced answer (+2 prefills of prompt + answer)": Call("bench", {"steering": {"trace": True}}, True, PLAIN_ANSWER),
     **{f"abstain on {score} (+{extra_requests(score)})": Call(f"abstain-{score}", {}, True, PLAIN_ANSWER)
        for score in TIMED_SCORES},
 }
