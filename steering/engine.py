@@ -25,7 +25,7 @@ from vllm.renderers.inputs.preprocess import parse_model_prompt
 from vllm.utils.cpu_resource_utils import get_visible_memory_node
 from vllm.v1.engine.async_llm import AsyncLLM
 
-from steering.config import Deployment, checkpoint_name
+from steering.config import Deployment, checkpoint_name, tuned_checkpoint
 from steering.config.checks import check_policies_on_runner
 from steering.errors import ConfigError, EngineStartError, InvalidRequest, SteeringError, vllm_refusal
 from steering.memory import (
@@ -52,8 +52,10 @@ RUNNER_VARIABLE = "VLLM_USE_V2_MODEL_RUNNER"
 
 
 def composite_spec(deployment: Deployment) -> CompositeSpec:
-    """The expert pairs, as the composite model reads them from vLLM's HF config."""
-    return CompositeSpec(tuple(ExpertPairSpec(name, p.tuned, p.untuned) for name, p in deployment.experts.items()))
+    """The expert pairs, as the composite model reads them from vLLM's HF config; a tuned LoRA
+    adapter as the checkpoint it is merged into (`steering.config.adapters`)."""
+    return CompositeSpec(tuple(ExpertPairSpec(name, tuned_checkpoint(name, p), p.untuned)
+                               for name, p in deployment.experts.items()))
 
 
 def engine_args(deployment: Deployment) -> AsyncEngineArgs:
@@ -94,7 +96,7 @@ def _size_cpu_kv_cache(vllm_config: VllmConfig, deployment: Deployment, node: No
     """Give the CPU worker an explicit KV cache size in bytes, or refuse a size that cannot fit."""
     options = deployment.engine
     # Each distinct checkpoint once: pairs that share one share its sub-model.
-    experts = list(dict.fromkeys(path for pair in deployment.experts.values() for path in (pair.tuned, pair.untuned)))
+    experts = list(dict.fromkeys(path for _, path in composite_spec(deployment).expert_checkpoints))
     model = model_memory(vllm_config, experts)
     if options.kv_cache_size is not None:
         plan = check_kv_cache_bytes(*options.kv_cache_size, model, node)

@@ -1,6 +1,8 @@
 """The deployment config: its schema (`schema`), vLLM's engine options (`engine_options`), the checks
-made before an engine starts (`checks`), and what a reload may change (`reload`)."""
+made before an engine starts (`checks`), LoRA adapters as tuned experts (`adapters`), and what a
+reload may change (`reload`)."""
 
+from steering.config.adapters import tuned_checkpoint
 from steering.config.checks import load_deployment
 from steering.config.engine_options import EngineOptions
 from steering.config.reload import PolicyChanges, check_reloadable, digest
@@ -35,4 +37,5 @@ __all__ = [
     "load_deployment",
     "parse_deployment",
     "read_deployment",
+    "tuned_checkpoint",
 ]

@@ -1,7 +1,7 @@
 """What `load_deployment` checks beyond the schema, before any engine starts: every checkpoint
-opens and runs in vLLM (architecture, tokenizer, quantization, sharding), and vLLM's executor can
-place its workers; and which policies the engine's model runner can serve. Each refusal is a
-`ConfigError` naming the field.
+opens and runs in vLLM (architecture, tokenizer, quantization, sharding), a LoRA adapter fits its
+untuned model (and is merged, `adapters`), and vLLM's executor can place its workers; and which
+policies the engine's model runner can serve. Each refusal is a `ConfigError` naming the field.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import importlib.util
 import re
 from pathlib import Path
 
+from steering.config.adapters import tuned_checkpoint
 from steering.config.schema import Deployment, read_deployment
 from steering.errors import ConfigError
 from steering.rules.decisions import label_first_tokens
@@ -42,15 +43,16 @@ def check_executor(deployment: Deployment) -> None:
 
 def check_checkpoints(deployment: Deployment) -> None:
     """Every checkpoint loads and runs in vLLM (and shards, under tensor parallelism), experts share
-    the base's tokenizer and quantization, labels are separable."""
+    the base's tokenizer and quantization, labels are separable. A tuned adapter is checked as
+    the checkpoint it is merged into."""
     tensor_parallel = deployment.engine.tensor_parallel_size
     base_config, base_tokenizer = _open_checkpoint("base", deployment.base)
     _check_shards("base", base_config, tensor_parallel)
     base_vocab = base_tokenizer.get_vocab()
     for name, pair in deployment.experts.items():
-        for role in ("tuned", "untuned"):
+        for role, path in (("tuned", tuned_checkpoint(name, pair)), ("untuned", pair.untuned)):
             field = f"experts.{name}.{role}"
-            config, tokenizer = _open_checkpoint(field, getattr(pair, role))
+            config, tokenizer = _open_checkpoint(field, path)
             _check_shards(field, config, tensor_parallel)
             _compare_vocab(field, tokenizer.get_vocab(), base_vocab)
             _compare_quantization(field, config, base_config)

@@ -189,6 +189,22 @@ def save_model(shape: Shape, tokenizer, path: Path, seed: int, *, start: Path | 
     tokenizer.save_pretrained(path)
 
 
+def save_lora_adapter(untuned: str | Path, path: Path, seed: int) -> Path:
+    """A rank-4 PEFT LoRA adapter on every linear layer of `untuned`, as fine-tuning leaves one: B
+    random (PEFT starts it at zero, which would change nothing), so the merge changes the model."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(untuned, dtype=torch.float32)
+    adapted = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, param in adapted.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    adapted.save_pretrained(path)
+    return Path(path)
+
+
 def build_family(spec: FamilySpec, root: Path, *, tokenizer=None) -> dict:
     """Write base and expert checkpoints under `root`; return their paths as a config dict.
 
