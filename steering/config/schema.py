@@ -227,9 +227,11 @@ class Deployment(_Strict):
     )
     feedback: FeedbackConfig | None = Field(default=None, description="Outcomes fed back (off if unset).")
     tool_strict_level: Literal["auto", "function", "parameter"] = Field(
-        default="auto", description="vLLM's --tool-strict-level: auto holds a call's arguments to its schema only "
-        "for functions marked strict; parameter, for every function; function constrains the call's envelope "
-        "on every request with tools.",
+        default="parameter", description="vLLM's --tool-strict-level, with another default: parameter holds every "
+        "call's arguments to its function's schema; auto (vLLM's default) only those of functions marked strict, "
+        "leaving the rest free to be any JSON value, which weak bases answer with a bare number and clients that "
+        "send no strict (LangChain) then fail to parse; function, as auto but with the call's envelope constrained on "
+        "every request with tools.",
     )
 
     @field_validator("tool_call_parser")

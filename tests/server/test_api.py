@@ -223,7 +223,7 @@ def test_a_json_schema_shapes_a_steered_answer(server):
         assert response.steering["alpha"] == {"chat": alpha}
 
 
-# The live deployment's tool_strict_level "parameter" holds arguments to the schema, strict or not.
+# The default tool_strict_level, parameter, holds arguments to the schema, strict or not.
 WEATHER = {"type": "function", "function": {
     "name": "weather", "description": "the weather in a city", "strict": True,
     "parameters": {"type": "object", "additionalProperties": False, "required": ["city"],

@@ -26,3 +26,24 @@ def test_an_auto_answer_that_calls_is_read_by_vllms_parser(tokenizer):
     (call,) = message.tool_calls
     assert (call.function.name, json.loads(call.function.arguments)) == ("weather", {"city": "paris"})
     assert message.content.strip() == "the moon"
+
+
+def test_the_default_holds_arguments_to_the_schema_where_vllms_leaves_them_free(tokenizer):
+    """LangChain marks no function strict. vLLM's default level (auto) then lets a named call's
+    arguments be any JSON value, a bare number even; ours (parameter) holds them to the schema."""
+    note = {"type": "function", "function": {"name": "note", "parameters": {
+        "type": "object", "required": ["n"], "properties": {"n": {"type": "integer", "minimum": 0, "maximum": 9}}}}}
+
+    def arguments_grammars(**level) -> set[str]:
+        """The grammars vLLM's structural tag holds a forced call's arguments to (one per call format)."""
+        deployment = parse_deployment({"base": "fake/base", "policies": {"chat": {}}, "tool_call_parser": "hermes",
+                                       **level})
+        forced = {"type": "function", "function": {"name": "note"}}
+        calling = admit_tools("chat", MESSAGES, [note], forced, None, parser_class(deployment, tokenizer), tokenizer,
+                              None)
+        tags = json.loads(calling.structured_outputs.structural_tag)["format"]["tags"]
+        return {json.dumps(tag["content"]["json_schema"]) for tag in tags}
+
+    assert parse_deployment({"base": "fake/base", "policies": {"chat": {}}}).tool_strict_level == "parameter"
+    assert arguments_grammars() == {json.dumps(note["function"]["parameters"])}
+    assert arguments_grammars(tool_strict_level="auto") == {"true"}  # any JSON value
