@@ -22,8 +22,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml
 	[ $(EXTRA) = gpu ] || $(PY) -m pip uninstall -y -q torchvision torchaudio torchcodec
 	touch $(STAMP)
 
-test: install
+test: install /usr/bin/chromium
 	$(PY) -m pytest tests
+
+# Headless Chromium for the playground's browser tests (tests/playground), from Debian's packages;
+# as root, as CI runs. The demo does not need it.
+/usr/bin/chromium:
+	apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
 
 demo: install
 	$(STEER) demo run

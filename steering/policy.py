@@ -55,11 +55,7 @@ class Policy:
             )
         if config.abstain is not None:
             abstain = config.abstain
-            threshold = abstain.threshold
-            if threshold is None and config.calibration is not None:
-                threshold = config.calibration.threshold
-            # Still None: a stated risk before its first fit (`steer calibrate` only), withholding nothing.
-            return AbstentionRule.of(abstain.score, config.calibration, threshold, abstain.message)
+            return AbstentionRule.of(abstain.score, config.calibration, config.abstain_threshold, abstain.message)
         return Plain()
 
     @property

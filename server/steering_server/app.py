@@ -25,6 +25,7 @@ from steering_server.lifecycle import Lifecycle
 from steering_server.metrics import ServerMetrics
 from steering_server.models.api_router import router as models
 from steering_server.openapi import openapi_schema
+from steering_server.playground.api_router import router as playground
 from steering_server.reload import Reloader
 from steering_server.settings import ServerSettings
 from steering_server.tokenize.api_router import router as tokenize
@@ -53,7 +54,7 @@ def create_app(settings: ServerSettings, *, engine: SteeringEngine | None = None
     shared = {"keyed": settings.api_key is not None, "feedback": feedback}
     app.state.server = Server(settings, metrics, lifecycle, reloader, ChatServing(lifecycle, metrics, **shared),
                               CompletionServing(lifecycle, metrics, **shared), feedback)
-    for router in (health, models, admin, tokenize, chat, completions, feedback_router):
+    for router in (health, models, admin, tokenize, chat, completions, feedback_router, playground):
         app.include_router(router)
     install_error_handlers(app)
     app.add_middleware(Gate, api_key=settings.api_key, max_body_bytes=settings.max_body_bytes)

@@ -200,6 +200,16 @@ class PolicyConfig(_Strict):
         default=None, description="Path to a calibration file written by `steer calibrate`."
     )
 
+    @property
+    def abstain_threshold(self) -> float | None:
+        """The threshold an abstention serves: the config's, else its calibration's (None: no abstention,
+        or a stated risk before its first fit, withholding nothing)."""
+        if self.abstain is None:
+            return None
+        if self.abstain.threshold is not None or self.calibration is None:
+            return self.abstain.threshold
+        return self.calibration.threshold
+
 
 class FeedbackConfig(_Strict):
     """Outcomes fed back: every decision and abstention response carries a signed feedback id, and

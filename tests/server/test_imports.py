@@ -48,3 +48,4 @@ def test_a_wheel_holds_the_four_packages_by_their_own_names_and_no_fixture_in_th
     assert packages == {"steering", "steering_server", "steering_tools", "steering_cli"}
     assert not [name for name in names if name.startswith("steering/") and "fixture" in name]
     assert "steering_tools/fixtures.py" in names and "steering_server/chat/api_router.py" in names
+    assert {f"steering_server/playground/static/{name}" for name in ("index.html", "app.js", "app.css")} <= set(names)

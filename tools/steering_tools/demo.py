@@ -218,6 +218,7 @@ def run(family: Path, port: int) -> int:
     else:
         print(f"\n(the server already running at {url} takes no feedback: stop it and rerun to see the loop)")
     print(f"\nThe server keeps running at {url} (policies: base, chat, qa, verify, check).")
+    print(f"Playground: {url}/playground")
     question = plain_question(read_questions(family / "questions" / "answerable-test.jsonl")[0]["prompt"])
     body = {"model": "chat", "messages": [{"role": "user", "content": question}], "max_tokens": 8}
     print(f"Try: curl -s {url}/v1/chat/completions -H 'content-type: application/json' -d '{json.dumps(body)}'")
