@@ -32,4 +32,5 @@ def test_the_from_python_example_answers_as_the_reference(llama_family, llama_re
     want = llama_reference.generate([tokenizer.encode("the model answers")], [{"chat": 2.0}], max_tokens=16)[0]
     assert list(piece.token_ids) == want
     assert outcome.report()["alpha"] == {"chat": 2.0}
-    assert printed.getvalue().startswith(piece.text)
+    # vLLM's own log lines may reach the captured stdout too (run alone, vLLM's logging is set up inside the capture).
+    assert any(line.startswith(piece.text) for line in printed.getvalue().splitlines())
