@@ -4,8 +4,8 @@ calibration job, the benchmarks), in this order:
 
 1. resolve the policy, and the request's overrides within its bounds;
 2. the kind's refusals (what an abstention or decision policy cannot serve), by field;
-3. tools: vLLM's parser adjusts the request;
-4. render the prompts;
+3. chat: vLLM's parser (tool calls, a reasoning base's thinking) adjusts the request;
+4. render the prompts; a decision on a reasoning base needs a prompt that has ended the thinking;
 5. sampling parameters, only for kinds that sample;
 6. the engine's limits: the context, and vLLM's own checks of the parameters.
 
@@ -26,10 +26,11 @@ from steering.config.checks import check_policies_on_runner
 from steering.engine import SteeringEngine
 from steering.errors import InvalidRequest
 from steering.kinds import Plan
+from steering.parsing import admit_parsing, parser_class
 from steering.policy import Overrides, Policies
 from steering.prompts import Conversation
+from steering.reasoning import Thinking
 from steering.sampling import sampling_params
-from steering.tool_calls import admit_tools, parser_class
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,7 @@ class Admission:
         check_policies_on_runner(deployment, logprobs_at_temperature_one=engine.logprobs_at_temperature_one)
         self.policies = Policies.build(deployment, engine.prompts.encode_text)
         # A parser the base's tokenizer cannot serve fails the start-up; it changes only with a restart.
-        self.tool_parser = parser_class(engine.deployment, engine.llm.renderer.tokenizer)
+        self.parser = parser_class(engine.deployment, engine.llm.renderer.tokenizer)
 
     @property
     def deployment(self) -> Deployment:
@@ -94,15 +95,24 @@ class Admission:
         if refused is not None:
             raise InvalidRequest(rule.refuses[refused].format(field=refused), param=refused)
         chat = request.prompt if isinstance(request.prompt, Conversation) else None
-        tools = None
-        if chat is not None and chat.tools:
-            tools = admit_tools(request.policy, chat.messages, chat.tools, chat.tool_choice, chat.parallel_tool_calls,
-                                self.tool_parser, engine.llm.renderer.tokenizer, engine.llm.model_config)
+        tokenizer = engine.llm.renderer.tokenizer
+        parsing = None
+        if chat is not None and rule.samples:  # a decision answers with a label: nothing of it to parse
+            parsing = admit_parsing(request.policy, chat, self.parser, tokenizer, engine.llm.model_config)
+        thinking = None
+        if self.parser is not None and self.parser.reasoning_parser_cls is not None:
+            thinking = Thinking(self.parser.reasoning_parser_cls, tokenizer, chat.chat_template_kwargs if chat else {})
         if request.trace and not engine.logprobs_at_temperature_one:
             raise InvalidRequest("a trace reads each model's prompt logprobs, which are steered on vLLM's V1 model "
                                  "runner only; this engine runs Model Runner V2", param="steering.trace")
         prompts = engine.prompts.prompt_ids(request.prompt)
         prompt_field = "messages" if chat else "prompt"
+        if thinking is not None and not rule.samples and not all(map(thinking.ended_by, prompts)):
+            raise InvalidRequest(
+                f"a decision scores its labels as the answer's first token, right after the prompt, and this base "
+                f"thinks first ({engine.deployment.reasoning_parser}): its prompt must end the thinking (a chat "
+                "template variable that turns thinking off, or an assistant prefill that closes it)",
+                param=prompt_field)
         params = []
         # A traced answer's last token is read by its views as prompt: they need one more position.
         reads_logprobs = (rule.reads_logprobs or 0) if request.trace else rule.reads_logprobs
@@ -116,13 +126,13 @@ class Admission:
                     f"{engine.max_model_len}", param=request.token_limit_field if asked else prompt_field)
             limit = request.max_tokens if request.max_tokens is not None else room
             params.append(sampling_params(request.sampling, max_tokens=limit, reads_logprobs=reads_logprobs,
-                                          tools=tools))
+                                          parsing=parsing))
         for i, prompt in enumerate(prompts):
             engine.check_request(prompt, params[i] if params else None, limit_field=request.token_limit_field,
                                  claim_tokens=len(steering.claim_ids), prompt_field=prompt_field,
                                  constraint=request.constraint)
-        return Plan(steering, prompts, params, request.num_logprobs, tools, request.constraint, request.collect,
-                    trace=request.trace, digest=self.policies.digest)
+        return Plan(steering, prompts, params, request.num_logprobs, parsing, request.constraint, request.collect,
+                    trace=request.trace, thinking=thinking, digest=self.policies.digest)
 
     def reload(self, deployment: Deployment) -> PolicyChanges:
         """Serve `deployment`'s policies from the next admission on, or raise (`ConfigError`, or

@@ -11,12 +11,13 @@ import gc
 import logging
 import os
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import nullcontext
+from typing import Any
 
 from transformers import AutoTokenizer
 from vllm import SamplingParams
-from vllm.config import VllmConfig
+from vllm.config import StructuredOutputsConfig, VllmConfig
 from vllm.engine.arg_utils import AsyncEngineArgs
 from vllm.exceptions import VLLMClientError
 from vllm.outputs import RequestOutput
@@ -63,6 +64,10 @@ def engine_args(deployment: Deployment) -> AsyncEngineArgs:
     # vLLM labels its metrics with the served model name, by default the base's path.
     options = {"disable_log_stats": True, "served_model_name": checkpoint_name(deployment.base),
                **deployment.engine.engine_kwargs()}
+    if isinstance(options.get("structured_outputs_config"), Mapping):  # built from YAML as vLLM's CLI builds it
+        options["structured_outputs_config"] = StructuredOutputsConfig(**options["structured_outputs_config"])
+    if deployment.reasoning_parser is not None:  # as `vllm serve --reasoning-parser`: grammars hold the final answer
+        options["reasoning_parser"] = deployment.reasoning_parser
     return AsyncEngineArgs(
         model=deployment.base, hf_overrides=composite_spec(deployment).hf_overrides(), **options
     )
@@ -166,10 +171,12 @@ class SteeringEngine:
 
     async def generate(
         self, prompt: Sequence[int], params: SamplingParams, *, alpha_row: Sequence[float],
-        request_id: str | None = None, view: int | None = None,
+        request_id: str | None = None, view: int | None = None, reasoning: Mapping[str, Any] | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream outputs of one request, steered by `alpha_row` (one alpha per pair, in pair order);
-        with a trace's `view`, its prompt logprobs are of that one sub-model alone."""
+        with a trace's `view`, its prompt logprobs are of that one sub-model alone. `reasoning` is
+        what vLLM's chat serving tells the engine of a reasoning base's request (`reasoning_ended`,
+        `reasoning_parser_kwargs`): where its grammar starts."""
         if params.logprob_token_ids is not None and self.logprobs_at_temperature_one:
             # vLLM 0.32's V1 sampler prefers token-id logprobs batch-wide: every request in a step
             # with one that asks would get them, its own top logprobs lost (see `steering.scoring`).
@@ -183,7 +190,7 @@ class SteeringEngine:
         parsed = parse_model_prompt(self.llm.model_config, {"prompt_token_ids": list(prompt)})
         (engine_input,) = self.llm.renderer.render_cmpl([parsed])
         request_id = request_id or uuid.uuid4().hex
-        stream = self.llm.generate(engine_input, params, request_id)
+        stream = self.llm.generate(engine_input, params, request_id, **(reasoning or {}))
         try:
             async for output in stream:
                 yield output

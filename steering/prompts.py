@@ -32,6 +32,13 @@ class Conversation:
     tool_choice: str | Mapping[str, Any] | None = None
     parallel_tool_calls: bool | None = None
 
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any]:
+        """The chat template's variables but the messages and tools, as vLLM gives them to the
+        template and to its parsers (a reasoning parser may read whether thinking is on)."""
+        return {**(self.template_kwargs or {}), "add_generation_prompt": self.add_generation_prompt,
+                "continue_final_message": self.continue_final_message}
+
 
 class Prompts:
     """Text, token ids and conversations, through the base's tokenizer and vLLM's renderer."""

@@ -78,19 +78,20 @@ async def decision_logprobs(engine: SteeringEngine, prompt: Sequence[int], label
 
 
 async def first_step(engine: SteeringEngine, prompt: Sequence[int], token_ids: Sequence[int],
-                     logprobs: Sequence[Mapping[int, Any]], *, num_pairs: int,
-                     familiarity: bool = False) -> FirstStep | None:
+                     logprobs: Sequence[Mapping[int, Any]], *, num_pairs: int, familiarity: bool = False,
+                     thought: Sequence[int] = ()) -> FirstStep | None:
     """An answer's first step as the steered distribution (the answer's own logprobs) and the base
     alone see it, and with `familiarity` the base alone's prompt logprobs; None for an empty
     answer. Single-token requests with every alpha 0, so the steered sum is exactly the base's
-    logits: one per token of the steered step."""
+    logits: one per token of the steered step. A reasoning base's `thought` (its thinking, up to
+    the final answer) is read by the base as context, and is not part of the prompt familiarity reads."""
     if not token_ids:
         return None
     steered = {token: entry.logprob for token, entry in logprobs[0].items()}
-    base, first = await next_token_logprobs(engine, prompt, list(steered), (0.0,) * num_pairs,
+    base, first = await next_token_logprobs(engine, [*prompt, *thought], list(steered), (0.0,) * num_pairs,
                                             prompt_logprobs=familiarity)
     known = None
     if familiarity:  # entry 0 is None: the first token has no context
-        steps = zip(first.prompt_logprobs[1:], first.prompt_token_ids[1:])
+        steps = zip(first.prompt_logprobs[1:len(prompt)], first.prompt_token_ids[1:len(prompt)])
         known = [entry[token].logprob for entry, token in steps]
     return FirstStep(token_ids[0], steered, {token: base[token] for token in steered}, known)

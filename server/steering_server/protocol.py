@@ -292,11 +292,26 @@ class ChatMessage(StrictRequest):
     name: Text | None = None
     tool_calls: list[AssistantToolCall] | None = Field(default=None, description="Assistant turns: the calls made.")
     tool_call_id: Text | None = Field(default=None, description="Tool turns: the call this answers.")
+    reasoning: Text | None = Field(default=None, description="vLLM extension, assistant turns: a reasoning base's "
+                                   "thinking, as its answer carried it, for the chat template (reasoning_content, "
+                                   "its older name, is taken too, as vLLM takes it).")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _older_name(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "reasoning_content" in data:  # vLLM renames it so
+            data = dict(data)
+            older = data.pop("reasoning_content")
+            if data.get("reasoning") is None:
+                data["reasoning"] = older
+        return data
 
     @model_validator(mode="after")
     def _fields_of_its_role(self) -> ChatMessage:
         if self.tool_calls is not None and self.role != "assistant":
             raise ValueError("tool_calls belong to assistant messages")
+        if self.reasoning is not None and self.role != "assistant":
+            raise ValueError("reasoning belongs to assistant messages")
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("tool messages, and only they, name the tool_call_id they answer")
         if self.content is None and not self.tool_calls:

@@ -13,6 +13,7 @@ from pathlib import Path
 from steering.config.adapters import tuned_checkpoint
 from steering.config.schema import Deployment, read_deployment
 from steering.errors import ConfigError
+from steering.reasoning import reasoning_parser_class
 from steering.rules.decisions import label_first_tokens
 from steering.spec import describe_quantization, quantization
 
@@ -48,6 +49,7 @@ def check_checkpoints(deployment: Deployment) -> None:
     tensor_parallel = deployment.engine.tensor_parallel_size
     base_config, base_tokenizer = _open_checkpoint("base", deployment.base)
     _check_shards("base", base_config, tensor_parallel)
+    reasoning_parser_class(deployment, base_tokenizer)
     base_vocab = base_tokenizer.get_vocab()
     for name, pair in deployment.experts.items():
         for role, path in (("tuned", tuned_checkpoint(name, pair)), ("untuned", pair.untuned)):

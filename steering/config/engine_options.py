@@ -27,6 +27,8 @@ from steering.memory import GiB
 RESERVED_ENGINE_OPTIONS = frozenset(
     {"model", "tokenizer", "hf_overrides", "logits_processors", "logprobs_mode", "skip_tokenizer_init"}
 )
+# Engine options the deployment sets at its top level, since the service reads them too.
+TOP_LEVEL_OPTIONS = frozenset({"reasoning_parser"})
 KV_CACHE_SIZES = ("kv_cache_gib", "kv_cache_memory_bytes", "gpu_memory_utilization")
 
 
@@ -93,6 +95,9 @@ class EngineOptions(BaseModel):
         for name in self.model_extra or {}:
             if name in RESERVED_ENGINE_OPTIONS:
                 raise ConfigError(f"engine.{name}", "is set by the steering service, not the config")
+            if name in TOP_LEVEL_OPTIONS:
+                raise ConfigError(f"engine.{name}", f"is set by the config's top-level {name}, which the server reads "
+                                                    "too; set it there")
             if name not in known:
                 raise ConfigError(f"engine.{name}", "is not a vLLM engine option (AsyncEngineArgs)")
             _check_engine_option(name, self.model_extra[name])

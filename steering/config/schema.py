@@ -244,6 +244,12 @@ class Deployment(_Strict):
         "every request with tools.",
     )
 
+    reasoning_parser: str | None = Field(
+        default=None, description="vLLM's reasoning parser for a base that thinks before it answers (as `vllm serve "
+        "--reasoning-parser`), e.g. qwen3, deepseek_r1: chat answers carry the thinking as `reasoning`, and "
+        "abstentions score the final answer after it.",
+    )
+
     @field_validator("tool_call_parser")
     @classmethod
     def _vllm_has_the_parser(cls, name: str | None) -> str | None:
@@ -251,6 +257,16 @@ class Deployment(_Strict):
 
         if name is not None and name not in ToolParserManager.list_registered():
             raise ValueError(f"vLLM has no tool parser {name!r}; it has {ToolParserManager.list_registered()}")
+        return name
+
+    @field_validator("reasoning_parser")
+    @classmethod
+    def _vllm_has_the_reasoning_parser(cls, name: str | None) -> str | None:
+        from vllm.reasoning import ReasoningParserManager  # vLLM's registry, as for tool parsers
+
+        if name is not None and name not in ReasoningParserManager.list_registered():
+            raise ValueError(f"vLLM has no reasoning parser {name!r}; it has "
+                             f"{ReasoningParserManager.list_registered()}")
         return name
 
     @model_validator(mode="after")

@@ -4,7 +4,8 @@ Nothing of an answer that is abstained on is ever sent, so the answer is held ba
 score is known: after the first token for `first_prob` and the ensemble scores (the rest then
 streams live, or the generation is aborted when abstaining), at the end for `mean_prob` and
 `min_prob`. The ensemble scores ask the engine for the base alone's view of the first step
-meanwhile, while the answer goes on generating.
+meanwhile, while the answer goes on generating. A reasoning base's thinking is not scored: the
+score reads the final answer after it (`steering.reasoning`), and the thinking is held back with it.
 
 A rule being calibrated (`collecting`) withholds nothing: it keeps what its score reads, for the fit.
 """
@@ -83,8 +84,9 @@ class AbstentionRule:
     async def run(self, engine: SteeringEngine, plan: Plan) -> AsyncIterator[Piece | Outcome]:
         """The one answer, once its calibrated confidence clears the threshold; else the message."""
         outcome, evidence = plan.outcome, plan.outcome.evidence
+        final = plan.thinking.final_answer(plan.prompts[0]) if plan.thinking else None
         held: list[Piece] = []
-        logprobs: list[float] = []
+        logprobs: list[float] = []  # of every answer token, the thinking's too
         judged = False
         async with aclosing(generate(engine, plan)) as stream:
             async for piece in stream:
@@ -93,15 +95,20 @@ class AbstentionRule:
                     continue
                 held.append(piece)
                 logprobs += answer_logprobs(piece.token_ids, piece.logprobs)
-                if not ((self.at_first_token and logprobs) or piece.finish_reason is not None):
+                start = final.read(piece.token_ids) if final else 0  # where the final answer begins
+                answered = logprobs[start:] if start is not None else []
+                if not ((self.at_first_token and answered) or piece.finish_reason is not None):
                     continue
                 judged = True
                 (whole,) = joined(held)
-                evidence.token_logprobs = logprobs[:1] if self.at_first_token else logprobs
+                start = len(whole.token_ids) if start is None else start  # it never stopped thinking: no answer
+                evidence.token_logprobs = answered[:1] if self.at_first_token else answered
                 if self.uses_base:
-                    evidence.first_step = await first_step(engine, plan.prompts[0], whole.token_ids, whole.logprobs,
+                    evidence.first_step = await first_step(engine, plan.prompts[0], whole.token_ids[start:],
+                                                           whole.logprobs[start:],
                                                            num_pairs=len(plan.steering.alpha_row),
-                                                           familiarity=self.uses_prompt)
+                                                           familiarity=self.uses_prompt,
+                                                           thought=whole.token_ids[:start])
                 if self.threshold is not None:
                     outcome.abstention = self.assess(evidence.token_logprobs, evidence.first_step)
                     outcome.certified = self.certificate

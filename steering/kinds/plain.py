@@ -36,8 +36,9 @@ class Plain:
 async def generate(engine: SteeringEngine, plan: Plan) -> AsyncIterator[Piece]:
     """Pieces of every choice of every prompt, interleaved as they arrive; their tokens are counted
     in the plan's outcome as they come (an aborted answer's too)."""
-    alpha_row = plan.steering.alpha_row
-    streams = [engine.generate(prompt, params, alpha_row=alpha_row, request_id=f"{plan.request_id}-{i}")
+    alpha_row, thinking = plan.steering.alpha_row, plan.thinking
+    streams = [engine.generate(prompt, params, alpha_row=alpha_row, request_id=f"{plan.request_id}-{i}",
+                               reasoning=thinking.engine_hints(prompt) if thinking else None)
                for i, (prompt, params) in enumerate(zip(plan.prompts, plan.params))]
     async for prompt_index, output in merge_async_iterators(*streams):
         for c in output.outputs:

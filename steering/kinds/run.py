@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from vllm import SamplingParams
 
+from steering.parsing import ChatParsing
+from steering.reasoning import Thinking
 from steering.rules.abstention import Abstention, FirstStep
 from steering.rules.calibration import Certificate
 from steering.rules.decisions import Decision
-from steering.tool_calls import ToolCalls
 
 if TYPE_CHECKING:
     from steering.engine import SteeringEngine
@@ -55,10 +56,11 @@ class Plan:
     prompts: list[list[int]]
     params: list[SamplingParams]  # one per prompt; none for a kind that does not sample
     num_logprobs: int | None = None
-    tools: ToolCalls | None = None
+    parsing: ChatParsing | None = None  # chat: how vLLM's parser reads the answers (thinking, tool calls)
     constraint: str | None = None
     collect: str | None = None  # a calibration's: "score" or "every_score" (the rule withholds nothing)
     trace: bool = False  # each answer token's trace goes with it (steering.trace)
+    thinking: Thinking | None = None  # a reasoning base's: where its final answers begin
     digest: str = ""  # of the config whose policies admitted it
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     created: int = field(default_factory=lambda: int(time.time()))

@@ -69,6 +69,8 @@ def test_relative_paths_are_relative_to_the_yaml_file(llama_family, tmp_path):
         ({"extra": 1}, "extra", "Extra inputs"),
         ({"tool_call_parser": "hermez"}, "tool_call_parser", "vLLM has no tool parser 'hermez'"),
         ({"tool_strict_level": "always"}, "tool_strict_level", "'auto', 'function' or 'parameter'"),
+        ({"reasoning_parser": "qwen4"}, "reasoning_parser", "vLLM has no reasoning parser 'qwen4'"),
+        ({"engine": {"reasoning_parser": "qwen3"}}, "engine.reasoning_parser", "top-level reasoning_parser"),
     ],
 )
 def test_schema_errors_name_the_field(llama_family, change, field, reason):
@@ -91,6 +93,13 @@ def test_vllm_names_the_engine_by_the_base_folder_not_its_path(llama_family):
     assert engine_args(deployment).served_model_name == "base" == llama_family["base"].rsplit("/", 1)[1]
     named = parse_deployment(config_of(llama_family, engine={"served_model_name": "prod-base"}))
     assert engine_args(named).served_model_name == "prod-base"
+
+
+def test_a_reasoning_parser_the_base_tokenizer_cannot_serve_is_refused_before_the_engine(llama_family, tmp_path):
+    """deepseek_r1 looks its markers up as tokens; the fixture tokenizer has none."""
+    with pytest.raises(ConfigError) as caught:
+        load_deployment(write(tmp_path, config_of(llama_family, reasoning_parser="deepseek_r1")))
+    assert caught.value.field == "reasoning_parser" and "could not locate think start/end tokens" in str(caught.value)
 
 
 def test_missing_checkpoint_names_the_field(llama_family, tmp_path):

@@ -17,12 +17,17 @@ checks, vLLM's own checks of sampling parameters) runs for real. The fake model,
 - a prompt with the BEL character (id 7) ends its answers with vLLM's finish_reason "error".
 - the chat template is a real Jinja template: `role: content` a line, the template variable
   `persona` said first; vLLM's renderer joins text parts with newlines, and tools are not shown.
+  `enable_thinking` (as Qwen3's templates take it) opens the answer's thinking, `<think>`, or
+  closes it at once where false, `<think></think>`: each marker one token (THINK, END_THINK), as
+  vLLM's reasoning parsers (qwen3, deepseek_r1) want them. A prompt that leaves a thinking open
+  thinks THOUGHT letters, then ends it: the answer's token THOUGHT is END_THINK instead of a letter.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -42,6 +47,9 @@ BOS = 1
 EOS = 3
 BEL = 7
 ANSWER_LEN = 6
+THINK, END_THINK = 0xD7FE, 0xD7FF  # the last code points before the surrogates: no test types them
+MARKERS = {"<think>": THINK, "</think>": END_THINK}
+THOUGHT = 2  # the letters a thinking answer thinks before its END_THINK
 PROMPT_PROB = 0.5
 FLIP, FLIP_PROB = ord("?"), 0.6
 
@@ -56,6 +64,29 @@ def answer(prompt_ids: Sequence[int], alpha_row: Sequence[float], choice: int = 
     return "".join(chr(ord("a") + (start + 3 * k) % 26) for k in range(ANSWER_LEN))
 
 
+def thinks(prompt_ids: Sequence[int]) -> bool:
+    """Whether the prompt leaves a thinking open (its last marker is THINK)."""
+    markers = [t for t in prompt_ids if t in (THINK, END_THINK)]
+    return bool(markers) and markers[-1] == THINK
+
+
+def answer_ids(prompt_ids: Sequence[int], alpha_row: Sequence[float], choice: int = 0) -> list[int]:
+    """The whole answer's token ids: `answer`'s letters, with END_THINK at THOUGHT where the prompt thinks."""
+    ids = [ord(c) for c in answer(prompt_ids, alpha_row, choice)]
+    if thinks(prompt_ids):
+        ids[THOUGHT] = END_THINK
+    return ids
+
+
+def piece(token: int) -> str:
+    """A token's text: its character, or a marker's text."""
+    return next((text for text, marker in MARKERS.items() if marker == token), chr(token))
+
+
+def decode(token_ids: Sequence[int]) -> str:
+    return "".join(piece(t) for t in token_ids if t != BOS)
+
+
 def token_prob(k: int) -> float:
     """Probability of the k-th answer token: 0.9, 0.45, 0.3, ..."""
     return 0.9 / (k + 1)
@@ -68,9 +99,9 @@ def view_prob(view: int) -> float:
 
 def _prompt_step(token: int, view: int | None) -> dict[int, Logprob]:
     if view is None:
-        return {token: Logprob(math.log(PROMPT_PROB), rank=1, decoded_token=chr(token))}
+        return {token: Logprob(math.log(PROMPT_PROB), rank=1, decoded_token=piece(token))}
     flips = view == 0 and token % 2 == 0 and token != FLIP
-    step = {token: Logprob(math.log(view_prob(view)), rank=2 if flips else 1, decoded_token=chr(token))}
+    step = {token: Logprob(math.log(view_prob(view)), rank=2 if flips else 1, decoded_token=piece(token))}
     return {FLIP: Logprob(math.log(FLIP_PROB), rank=1, decoded_token=chr(FLIP)), **step} if flips else step
 
 
@@ -83,11 +114,15 @@ class CharTokenizer:
     """Characters as tokens, with a one-line-per-message chat template."""
 
     chat_template = ("{% if persona %}{{ persona }}\n{% endif %}{% for m in messages %}{{ m['role'] }}: "
-                     "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
+                     "{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}assistant: "
+                     "{% if enable_thinking is defined %}<think>{% if not enable_thinking %}</think>{% endif %}"
+                     "{% endif %}{% endif %}")
     eos_token_id = EOS
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return [BOS] * add_special_tokens + [ord(c) for c in text]
+        parts = re.split("(</?think>)", text)
+        return [BOS] * add_special_tokens + [i for part in parts for i in ([MARKERS[part]] if part in MARKERS
+                                                                            else map(ord, part))]
 
     def apply_chat_template(self, messages, *, add_generation_prompt: bool, tokenize: bool = True,
                             return_dict: bool = False, **variables):
@@ -98,11 +133,15 @@ class CharTokenizer:
     def __len__(self) -> int:
         return 0xD800  # the code points below the surrogates: every id decodes to valid text
 
-    def decode(self, token_ids: Sequence[int]) -> str:
-        return "".join(chr(t) for t in token_ids if t != BOS)
+    def decode(self, token_ids: Sequence[int], **options) -> str:
+        return decode(token_ids)
 
     def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
-        return ["<s>" if t == BOS else chr(t) for t in token_ids]
+        return ["<s>" if t == BOS else piece(t) for t in token_ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        """What vLLM's reasoning parsers look up: their markers' ids."""
+        return dict(MARKERS)
 
 
 @dataclass(frozen=True)
@@ -153,15 +192,19 @@ class FakeLLM:
                                            structured_outputs_config=None,
                                            cache_config=SimpleNamespace(block_size=16, enable_prefix_caching=False))
         self.running = 0
+        self.hints: dict = {}  # what the last request told of a reasoning base's grammar start
         self.errored = False  # a test sets it: vLLM's engine core has died
         self.is_shut_down = False
 
-    async def generate(self, engine_input, params: SamplingParams, request_id: str) -> AsyncIterator[RequestOutput]:
-        """vLLM's stream: one delta per token (all choices), or the final output alone."""
+    async def generate(self, engine_input, params: SamplingParams, request_id: str,
+                       **reasoning) -> AsyncIterator[RequestOutput]:
+        """vLLM's stream: one delta per token (all choices), or the final output alone. (`reasoning`,
+        where a grammar starts, means nothing to a fake without grammars; `hints` keeps it.)"""
+        self.hints = reasoning
         prompt_ids = list(engine_input["prompt_token_ids"])
         alpha_row = params.extra_args[ALPHA_KEY]
         length = min(ANSWER_LEN, params.max_tokens)
-        answers = [[ord(c) for c in answer(prompt_ids, alpha_row, j)[:length]] for j in range(params.n)]
+        answers = [answer_ids(prompt_ids, alpha_row, j)[:length] for j in range(params.n)]
         if params.allowed_token_ids:  # a forced sample: the label's own step
             length, answers = 1, [params.allowed_token_ids[:1]] * params.n
         finish = "error" if BEL in prompt_ids else "length" if length < ANSWER_LEN else "stop"
@@ -209,13 +252,13 @@ def _completion(index: int, token_ids: list[int], start: int, params: SamplingPa
                 finish: str | None) -> CompletionOutput:
     wants_logprobs = params.logprobs is not None
     logprobs = [_step(t, start + i, params, alpha_row) for i, t in enumerate(token_ids)] if wants_logprobs else None
-    return CompletionOutput(index, "".join(map(chr, token_ids)), token_ids, None, logprobs, finish_reason=finish)
+    return CompletionOutput(index, decode(token_ids), token_ids, None, logprobs, finish_reason=finish)
 
 
 def _step(token: int, k: int, params: SamplingParams, alpha_row: Sequence[float]) -> dict[int, Logprob]:
     """One position's logprobs: the chosen token (rank 1), or a forced label, and top-N alternatives."""
     p = label_prob(token, alpha_row) if params.allowed_token_ids else token_prob(k)
-    step = {token: Logprob(math.log(p), rank=1, decoded_token=chr(token))}
+    step = {token: Logprob(math.log(p), rank=1, decoded_token=piece(token))}
     for rank in range(2, (params.logprobs or 0) + 1):
         step[ord("A") + rank] = Logprob(math.log((1 - p) / 20), rank=rank, decoded_token=chr(ord("A") + rank))
     return step

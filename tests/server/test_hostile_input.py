@@ -167,9 +167,9 @@ class FailingEngine(FakeEngine):
 
     after = 2
 
-    async def generate(self, prompt, params, *, alpha_row, request_id=None):
+    async def generate(self, prompt, params, *, alpha_row, request_id=None, **options):
         count = 0
-        async for output in super().generate(prompt, params, alpha_row=alpha_row, request_id=request_id):
+        async for output in super().generate(prompt, params, alpha_row=alpha_row, request_id=request_id, **options):
             if count == self.after:
                 raise RuntimeError("the engine died")
             count += 1

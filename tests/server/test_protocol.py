@@ -501,9 +501,10 @@ def test_chat_template_kwargs_reach_the_template_and_unread_ones_are_refused(cli
     assert given["usage"]["prompt_tokens"] == plain + len("pirate\n")
     tokens = client.post("/tokenize", json={"messages": MESSAGES, "chat_template_kwargs": {"persona": "pirate"}}).json()
     assert tokens["count"] == given["usage"]["prompt_tokens"], "counted as generation renders it"
-    for key in ("enable_thinking", "add_generation_prompt", "messages"):
+    for key in ("thinking_budget", "add_generation_prompt", "messages"):
         assert_error(chat(client, "chat", chat_template_kwargs={key: True}), 400, type=INVALID,
-                     param=f"chat_template_kwargs.{key}", code="invalid_request", says="it reads ['persona']")
+                     param=f"chat_template_kwargs.{key}", code="invalid_request",
+                     says="it reads ['enable_thinking', 'persona']")
 
 
 def test_an_answer_the_engine_ends_with_an_error_is_a_500_or_the_constraints_400(client):

@@ -7,7 +7,8 @@ import json
 from steering_server.chat.protocol import ChatCompletionRequest
 
 from steering.config import parse_deployment
-from steering.tool_calls import ToolCalls, admit_tools, parser_class
+from steering.parsing import ChatParsing, admit_parsing, parser_class
+from steering.prompts import Conversation
 from tests.server.test_api import MESSAGES, WEATHER
 
 
@@ -16,10 +17,11 @@ def test_an_auto_answer_that_calls_is_read_by_vllms_parser(tokenizer):
     deployment = parse_deployment({"base": "fake/base", "policies": {"chat": {}}, "tool_call_parser": "hermes"})
     parser = parser_class(deployment, tokenizer)  # built on the real tokenizer
     request = ChatCompletionRequest.model_validate({"model": "chat", "messages": MESSAGES, "tools": [WEATHER]})
-    calling = admit_tools("chat", [m.model_dump(exclude_none=True) for m in request.messages],
-                          [tool.model_dump() for tool in request.tools], request.tool_choice,
-                          request.parallel_tool_calls, parser, tokenizer, None)
-    assert isinstance(calling, ToolCalls) and calling.choice == "auto"
+    conversation = Conversation([m.model_dump(exclude_none=True) for m in request.messages],
+                                tools=[tool.model_dump() for tool in request.tools], tool_choice=request.tool_choice,
+                                parallel_tool_calls=request.parallel_tool_calls)
+    calling = admit_parsing("chat", conversation, parser, tokenizer, None)
+    assert isinstance(calling, ChatParsing) and calling.choice == "auto"
     text = 'the moon <tool_call>\n{"name": "weather", "arguments": {"city": "paris"}}\n</tool_call>'
     message, finish = calling.message(calling.parser([1, 2]), text, tokenizer.encode(text), "stop")
     assert finish == "tool_calls"
@@ -39,8 +41,8 @@ def test_the_default_holds_arguments_to_the_schema_where_vllms_leaves_them_free(
         deployment = parse_deployment({"base": "fake/base", "policies": {"chat": {}}, "tool_call_parser": "hermes",
                                        **level})
         forced = {"type": "function", "function": {"name": "note"}}
-        calling = admit_tools("chat", MESSAGES, [note], forced, None, parser_class(deployment, tokenizer), tokenizer,
-                              None)
+        calling = admit_parsing("chat", Conversation(MESSAGES, tools=[note], tool_choice=forced),
+                                parser_class(deployment, tokenizer), tokenizer, None)
         tags = json.loads(calling.structured_outputs.structural_tag)["format"]["tags"]
         return {json.dumps(tag["content"]["json_schema"]) for tag in tags}
 

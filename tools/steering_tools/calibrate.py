@@ -26,7 +26,7 @@ from steering.config import AbstainConfig, Deployment, PolicyConfig, RiskTarget
 from steering.engine import SteeringEngine
 from steering.errors import ConfigError, UnknownPolicy
 from steering.feedback import CORRECT, merged
-from steering.kinds import Evidence, answer
+from steering.kinds import Evidence, Piece, Plan, answer
 from steering.policy import Overrides
 from steering.prompts import Conversation
 from steering.rules.abstention import FITTED_SCORES, FirstStep, confidence_score, familiarity_profile, fitted_score
@@ -242,10 +242,20 @@ async def abstention_answers(
                                              collect=collect))
         (piece,), outcome = await answer(admission.engine, plan)
         evidence = outcome.evidence
-        return (evidence.token_logprobs, evidence.first_step), correct(piece.text, row.answer)
+        return (evidence.token_logprobs, evidence.first_step), correct(said(plan, piece), row.answer)
 
     answered = await _gather([one(row) for row in rows], "answering")
     return [a for a, _ in answered], np.asarray([c for _, c in answered], dtype=float)
+
+
+def said(plan: Plan, piece: Piece) -> str:
+    """What an answer says as the server shows it: a chat answer's content as vLLM's parser reads it
+    (a reasoning base's thinking set apart), as `ServerScores` reads it; else its text."""
+    if plan.parsing is None:
+        return piece.text
+    message, _ = plan.parsing.message(plan.parsing.parser(plan.prompts[0]), piece.text, piece.token_ids,
+                                      piece.finish_reason)
+    return message.content or ""
 
 
 @dataclass
@@ -309,7 +319,7 @@ class ServerScores:
 
 def _text(answer: dict) -> str:
     choice = answer["choices"][0]
-    return choice["message"]["content"] if "message" in choice else choice["text"]
+    return (choice["message"]["content"] or "") if "message" in choice else choice["text"]
 
 
 def _message(response: httpx.Response) -> str:

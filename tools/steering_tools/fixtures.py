@@ -74,6 +74,27 @@ def train_tokenizer(
     return tokenizer
 
 
+# A base that thinks before it answers, as Qwen3's templates have it: the generation prompt opens
+# the thinking, or opens and closes it where `enable_thinking` is false. Its markers are tokens of
+# their own, as vLLM's reasoning parsers (qwen3, deepseek_r1) look them up, and not special ones, so
+# they stay in the decoded text, where the parsers read them.
+THINKING_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|><think>"
+    "{% if enable_thinking is defined and not enable_thinking %}</think>{% endif %}{% endif %}"
+)
+THINKING_MARKERS = ["<think>", "</think>"]
+
+
+def train_thinking_tokenizer() -> PreTrainedTokenizerFast:
+    """The corpus's own characters (so '<', '/' and '>' are in no token, and a marker is spelled one
+    way only: its token), the thinking markers, and THINKING_TEMPLATE."""
+    tokenizer = train_tokenizer(texts=corpus())
+    tokenizer.add_tokens(THINKING_MARKERS)
+    tokenizer.chat_template = THINKING_TEMPLATE
+    return tokenizer
+
+
 @dataclass(frozen=True)
 class Architecture:
     """How to write a checkpoint of one transformers model type."""
@@ -166,6 +187,12 @@ LLAMA_FAMILY = FamilySpec(
         "code": Shape("qwen2", hidden=96, heads=3, kv_heads=1, vocab_pad=16),
     },
     seed=1,
+)
+# A small reasoning base (a Qwen3, over `train_thinking_tokenizer`) and one pair.
+THINKING_FAMILY = FamilySpec(
+    base=Shape("qwen3", hidden=64, heads=2, kv_heads=1),
+    experts={"chat": Shape("llama", hidden=64, heads=2, kv_heads=2)},
+    seed=4,
 )
 QWEN2_FAMILY = FamilySpec(
     base=Shape("qwen2", hidden=128, heads=4, kv_heads=4),

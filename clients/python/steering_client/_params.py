@@ -73,6 +73,7 @@ class ChatMessage(_Message, total=False):
     name: str
     tool_calls: list[ToolCall]  # assistant turns
     tool_call_id: str  # tool turns
+    reasoning: str  # assistant turns: a reasoning base's thinking, as its answer carried it
 
 
 class _Function(TypedDict):

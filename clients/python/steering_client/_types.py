@@ -122,6 +122,7 @@ class ToolCall(_Model):
 
 class ChatCompletionMessage(_Model):
     role: str
+    reasoning: Optional[str] = None  # a reasoning base's thinking (the deployment's reasoning_parser)
     content: Optional[str] = None
     tool_calls: Optional[list[ToolCall]] = None
 
@@ -166,6 +167,7 @@ class DeltaToolCall(_Model):
 
 class ChatDelta(_Model):
     role: Optional[str] = None
+    reasoning: Optional[str] = None  # a piece of a reasoning base's thinking
     content: Optional[str] = None
     tool_calls: Optional[list[DeltaToolCall]] = None
 

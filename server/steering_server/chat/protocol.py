@@ -1,4 +1,5 @@
-"""POST /v1/chat/completions: OpenAI's chat request and response, with tools and the `steering` block."""
+"""POST /v1/chat/completions: OpenAI's chat request and response, with tools, a reasoning base's
+thinking (`reasoning`, as vLLM 0.32 names it) and the `steering` block."""
 
 from __future__ import annotations
 
@@ -112,8 +113,14 @@ class ChatLogprobs(BaseModel):
     content: list[TokenLogprob]
 
 
+REASONING_FIELD = Field(default=None, exclude_if=lambda reasoning: reasoning is None,
+                        description="vLLM extension, with the deployment's reasoning_parser: the base's thinking "
+                        "before its answer, as vLLM 0.32 names it (older vLLM: reasoning_content).")
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
+    reasoning: str | None = REASONING_FIELD
     content: str | None
     tool_calls: list[vllm_generate.ToolCall] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 
@@ -140,6 +147,7 @@ class ChatCompletion(Answer):
 
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
+    reasoning: str | None = REASONING_FIELD
     content: str | None = None
     tool_calls: list[vllm_generate.DeltaToolCall] | None = Field(default=None, exclude_if=lambda calls: calls is None)
 

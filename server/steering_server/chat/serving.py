@@ -1,5 +1,5 @@
 """POST /v1/chat/completions: a conversation to its policy, and the pieces back as OpenAI's chat
-response or chunks (tool calls read by vLLM's parser)."""
+response or chunks (a reasoning base's thinking and tool calls read by vLLM's parser)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from vllm.logprobs import Logprob
 
 from steering.admission import PolicyRequest
 from steering.kinds import Piece, Plan
+from steering.parsing import ParsedStream
 from steering.prompts import Conversation
-from steering.tool_calls import ToolStream
 from steering_server.chat.protocol import (
     AssistantMessage,
     ChatChoice,
@@ -67,31 +67,40 @@ class ChatServing(GenerationServing):
 
         yield chunk([ChatChunkChoice(index=i, delta=ChatDelta(role="assistant", content="")) for i in range(body.n)],
                     usage=self.chunk_usage(body, plan))
-        streams: dict[int, ToolStream] = {}  # by choice, where the request has tools
-        traced: dict[int, list] = {}  # by choice: the trace of tokens the tool parser holds back
+        streams: dict[int, ParsedStream] = {}  # by choice, where vLLM's parser reads the answer
+        traced: dict[int, list] = {}  # by choice: the trace of tokens the parser holds back
         async for p in self.pieces(plan):
             if p.trace is not None:
                 traced[p.index] = [*traced.get(p.index, []), *p.trace]
             logprobs = self._logprobs(plan, p)
             delta, finish_reason = ChatDelta(content=p.text), p.finish_reason
-            if plan.tools is not None:
+            if self._parsed(plan):
                 if p.index not in streams:
-                    streams[p.index] = ToolStream(plan.tools, plan.prompts[0])
+                    streams[p.index] = ParsedStream(plan.parsing, plan.prompts[0])
                 read, finish_reason = streams[p.index].read(p.text, p.token_ids, p.finish_reason)
-                delta = ChatDelta() if read is None else ChatDelta(content=read.content, tool_calls=read.tool_calls)
-            if delta == ChatDelta() and finish_reason is None:
-                continue  # the parser holds it back (a tool call being read)
+                delta = ChatDelta() if read is None else ChatDelta(reasoning=read.reasoning, content=read.content,
+                                                                   tool_calls=read.tool_calls)
+            if delta == ChatDelta() and finish_reason is None and logprobs is None:
+                continue  # the parser holds it back (a tool call being read, the thinking's end), as vLLM does
             yield chunk([ChatChunkChoice(index=p.index, delta=delta, logprobs=logprobs, finish_reason=finish_reason,
                                          stop_reason=p.stop_reason, trace=trace_body(traced.pop(p.index, None)))],
                         usage=self.chunk_usage(body, plan))
         yield chunk([], usage=self.stream_usage(body, plan), steering=self.steering(plan))
 
     def _message(self, plan: Plan, p: Piece) -> tuple[AssistantMessage, str | None]:
-        if plan.tools is None:
+        if not self._parsed(plan):
             return AssistantMessage(content=p.text), p.finish_reason
-        read, finish_reason = plan.tools.message(plan.tools.parser(plan.prompts[p.prompt_index]), p.text, p.token_ids,
-                                                 p.finish_reason)
-        return AssistantMessage(content=read.content, tool_calls=read.tool_calls), finish_reason
+        parsing = plan.parsing
+        read, finish_reason = parsing.message(parsing.parser(plan.prompts[p.prompt_index]), p.text, p.token_ids,
+                                              p.finish_reason)
+        message = AssistantMessage(reasoning=read.reasoning, content=read.content, tool_calls=read.tool_calls)
+        return message, finish_reason
+
+    @staticmethod
+    def _parsed(plan: Plan) -> bool:
+        """Whether vLLM's parser reads the pieces: it does the model's answer, not an abstention's
+        message (the outcome says it abstained before the message is sent)."""
+        return plan.parsing is not None and not plan.outcome.abstained
 
     @staticmethod
     def _logprobs(plan: Plan, piece: Piece) -> ChatLogprobs | None:
