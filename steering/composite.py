@@ -6,6 +6,8 @@ states; `compute_logits` splits them, computes each pair's `tuned - untuned` log
 the base logits with each request's alphas through `steering.steer.LINK`.
 
 Every sub-model runs on every token, always: a prefix-cached block must hold expert KV too.
+Each sub-model has its own quantization (a quantized base beside full-precision experts, or the
+reverse); what vLLM's CPU kernels would get wrong is refused (`steering.quantization`).
 
 Besides the sampler's rows (one per request, in batch order), vLLM's V1 runner asks
 `compute_logits` for prompt logprobs with a slice of one request's rows of this step's hidden
@@ -29,7 +31,8 @@ from vllm.forward_context import get_forward_context, is_forward_context_availab
 from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
 from vllm.model_executor.model_loader.utils import initialize_model
 
-from steering.spec import CompositeSpec, describe_quantization, quantization
+from steering.quantization import CpuKernels, checked_codes, cpu_refusal, int8_code_limit, quantization
+from steering.spec import CompositeSpec
 from steering.steer import LINK, fit_vocab
 
 
@@ -94,21 +97,45 @@ def _sub_model_config(engine: ModelConfig, checkpoint: str) -> ModelConfig:
     return config
 
 
-def _check_quantization(configs: dict[str, ModelConfig]) -> None:
-    """Every sub-model is built under the engine's one quantization config, the base's: one
-    quantized otherwise would load and compute garbage (`steering.config` refuses it at load)."""
-    base = quantization(configs["base"].hf_config)
+def _refuse_what_this_cpu_gets_wrong(configs: dict[str, ModelConfig]) -> dict[str, int]:
+    """Refuse a sub-model whose quantization vLLM's CPU build cannot run here (`steering.config`
+    refuses it at load already; this is for callers who skip that). Returns the bound on the int8
+    weight codes of each sub-model that must keep within one here, checked as its weights load."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():
+        return {}
+    kernels = CpuKernels.detect()
+    limits = {}
     for name, config in configs.items():
-        if quantization(config.hf_config) != base:
-            raise ValueError(f"{name} is {describe_quantization(quantization(config.hf_config))} and the base is "
-                             f"{describe_quantization(base)}: every sub-model runs under the base's quantization")
+        found = quantization(config.hf_config)
+        reason = cpu_refusal(found, kernels)
+        if reason is not None:
+            raise ValueError(f"{name} {reason}")
+        limit = int8_code_limit(found, kernels)
+        if limit is not None:
+            limits[name] = limit
+    return limits
 
 
 def _sub_model(vllm_config: VllmConfig, model_config: ModelConfig, name: str) -> nn.Module:
+    """One sub-model, its layers built with its own quantization config (None: full precision).
+
+    vLLM derives one `quant_config` per engine, from the base's checkpoint; an expert built under
+    it would get the base's kernels for weights of another kind. vLLM's loader then runs each
+    layer's own `process_weights_after_loading` (the repacking into its kernel's layout) over the
+    whole composite, so every sub-model's layers are prepared by their own method.
+    """
+    try:  # vLLM's own checks of a quantization (the device's capability, the dtype), named
+        own = vllm_config.quant_config if name == "base" else VllmConfig.get_quantization_config(
+            model_config, vllm_config.load_config)
+    except ValueError as error:
+        raise ValueError(f"{name}: {error}") from error
     # A distinct model tag per sub-model keeps torch.compile caches from colliding. The other
     # configs (cache, compilation) stay shared: every attention layer registers in one KV cache.
     with set_model_tag(name):
-        return initialize_model(vllm_config=dataclasses.replace(vllm_config, model_config=model_config), prefix=name)
+        config = dataclasses.replace(vllm_config, model_config=model_config, quant_config=own)
+        return initialize_model(vllm_config=config, prefix=name)
 
 
 class ProxyTunedForCausalLM(nn.Module):
@@ -128,7 +155,8 @@ class ProxyTunedForCausalLM(nn.Module):
         for name, path in [("base", vllm_config.model_config.model), *self.spec.expert_checkpoints]:
             owners.setdefault(path, name)
         configs = {name: _sub_model_config(vllm_config.model_config, path) for path, name in owners.items()}
-        _check_quantization(configs)
+        # sub-model name -> bound on its int8 weight codes, where this CPU needs one (load_weights checks it).
+        self.code_limits = _refuse_what_this_cpu_gets_wrong(configs)
         self.base = _sub_model(vllm_config, configs["base"], "base")
         self.experts = nn.ModuleDict({pair.name: nn.ModuleDict() for pair in self.spec.pairs})
         for name in list(owners.values())[1:]:
@@ -187,8 +215,11 @@ class ProxyTunedForCausalLM(nn.Module):
         """Route each source's weights to its sub-model; sources arrive one after another."""
         loaded: set[str] = set()
         for prefix, group in itertools.groupby(weights, key=lambda item: self._route(item[0])):
-            model = self.get_submodule(prefix.rstrip("."))
-            names = model.load_weights((name.removeprefix(prefix), tensor) for name, tensor in group)
+            sub_model = prefix.rstrip(".")
+            if sub_model in self.code_limits:
+                group = checked_codes(sub_model, group, self.code_limits[sub_model], CpuKernels.detect())
+            names = self.get_submodule(sub_model).load_weights(
+                (name.removeprefix(prefix), tensor) for name, tensor in group)
             loaded |= {prefix + name for name in names}
         return loaded
 

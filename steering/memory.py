@@ -148,28 +148,42 @@ def kv_bytes_per_token(text_configs: Sequence, dtype_bytes: int, tensor_parallel
     return total
 
 
-def checkpoint_parameters(path: str) -> int:
-    """Parameters stored in a local checkpoint's safetensors files (headers only); 0 if none are local."""
+def checkpoint_bytes(path: str, dtype) -> int:
+    """Bytes of a local checkpoint's weights once loaded (safetensors headers only; 0 if none are
+    local): floating tensors in the engine's `dtype`, quantized codes (integers, float8) at their
+    own width, so a quantized checkpoint counts what it really takes."""
     from safetensors import safe_open
 
     total = 0
     for file in sorted(Path(path).glob("*.safetensors")):
         with safe_open(str(file), "pt") as weights:
-            total += sum(math.prod(weights.get_slice(name).get_shape()) for name in weights.keys())
+            for name in weights.keys():
+                stored = weights.get_slice(name)
+                width = dtype.itemsize if stored.get_dtype() in _CAST_TO_MODEL_DTYPE else _width(stored.get_dtype())
+                total += math.prod(stored.get_shape()) * width
     return total
 
 
+_CAST_TO_MODEL_DTYPE = frozenset({"F64", "F32", "F16", "BF16"})  # vLLM loads these in the engine's dtype
+
+
+def _width(stored: str) -> int:
+    """Bytes per element of a safetensors dtype name (`I8`, `I32`, `F8_E4M3`, `BOOL`, ...)."""
+    bits = "".join(c for c in stored.split("_")[0] if c.isdigit())
+    return max(int(bits) // 8, 1) if bits else 1
+
+
 def model_memory(vllm_config, expert_paths: Sequence[str]) -> ModelMemory:
-    """Weights and per-token KV bytes of the base (vLLM's primary model) and every expert checkpoint."""
+    """Weights and per-token KV bytes of the base (vLLM's primary model) and every expert checkpoint,
+    each at its own precision: a quantized base counts its quantized bytes."""
     from transformers import AutoConfig
     from vllm.utils.torch_utils import kv_cache_dtype_str_to_dtype
 
     model_config, parallel = vllm_config.model_config, vllm_config.parallel_config
     kv_dtype = kv_cache_dtype_str_to_dtype(vllm_config.cache_config.cache_dtype, model_config)
     texts = [model_config.hf_text_config] + [AutoConfig.from_pretrained(p).get_text_config() for p in expert_paths]
-    parameters = sum(checkpoint_parameters(path) for path in (model_config.model, *expert_paths))
     return ModelMemory(
-        weight_bytes=parameters * model_config.dtype.itemsize,
+        weight_bytes=sum(checkpoint_bytes(path, model_config.dtype) for path in (model_config.model, *expert_paths)),
         kv_bytes_per_token=kv_bytes_per_token(texts, kv_dtype.itemsize, parallel.tensor_parallel_size),
         max_model_len=model_config.max_model_len,
         block_size=vllm_config.cache_config.block_size,

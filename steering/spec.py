@@ -7,7 +7,6 @@ engine process reads it back from the HF config.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Any
 
 ARCHITECTURE = "ProxyTunedForCausalLM"  # the name vLLM knows the composite model by
 ROLES = ("tuned", "untuned")
@@ -38,17 +37,3 @@ class CompositeSpec:
         """(module name, checkpoint path) of every expert model: pair by pair, tuned first."""
         return [(f"experts.{pair.name}.{role}", getattr(pair, role)) for pair in self.pairs for role in ROLES]
 
-
-def quantization(hf_config) -> dict[str, Any] | None:
-    """A checkpoint's quantization as its config states it (vLLM reads the same fields); None if
-    it has none. Every sub-model runs under the base's quantization config (vLLM derives one per
-    engine), so a sub-model may only be quantized exactly as the base is."""
-    found = getattr(hf_config, "quantization_config", None) or getattr(hf_config, "compression_config", None)
-    return found.to_dict() if hasattr(found, "to_dict") else found
-
-
-def describe_quantization(found: dict[str, Any] | None) -> str:
-    if found is None:
-        return "not quantized"
-    detail = ", ".join(str(found[key]) for key in ("format", "bits") if found.get(key) is not None)
-    return f"quantized by {found.get('quant_method', 'an unnamed method')}" + (f" ({detail})" if detail else "")

@@ -13,9 +13,17 @@ from pathlib import Path
 from steering.config.adapters import tuned_checkpoint
 from steering.config.schema import Deployment, read_deployment
 from steering.errors import ConfigError
+from steering.quantization import (
+    CpuKernels,
+    checkpoint_int8_weights,
+    codes_refusal,
+    cpu_refusal,
+    first_code_beyond,
+    int8_code_limit,
+    quantization,
+)
 from steering.reasoning import reasoning_parser_class
 from steering.rules.decisions import label_first_tokens
-from steering.spec import describe_quantization, quantization
 
 
 def load_deployment(path: str | Path, *, calibrating: bool = False) -> Deployment:
@@ -43,12 +51,13 @@ def check_executor(deployment: Deployment) -> None:
 
 
 def check_checkpoints(deployment: Deployment) -> None:
-    """Every checkpoint loads and runs in vLLM (and shards, under tensor parallelism), experts share
-    the base's tokenizer and quantization, labels are separable. A tuned adapter is checked as
-    the checkpoint it is merged into."""
+    """Every checkpoint loads and runs in vLLM (and shards, under tensor parallelism), its
+    quantization runs right on this CPU, experts share the base's tokenizer, labels are separable.
+    A tuned adapter is checked as the checkpoint it is merged into."""
     tensor_parallel = deployment.engine.tensor_parallel_size
     base_config, base_tokenizer = _open_checkpoint("base", deployment.base)
     _check_shards("base", base_config, tensor_parallel)
+    _check_quantization("base", deployment.base, base_config)
     reasoning_parser_class(deployment, base_tokenizer)
     base_vocab = base_tokenizer.get_vocab()
     for name, pair in deployment.experts.items():
@@ -57,7 +66,7 @@ def check_checkpoints(deployment: Deployment) -> None:
             config, tokenizer = _open_checkpoint(field, path)
             _check_shards(field, config, tensor_parallel)
             _compare_vocab(field, tokenizer.get_vocab(), base_vocab)
-            _compare_quantization(field, config, base_config)
+            _check_quantization(field, path, config)
     for name, policy in deployment.policies.items():
         if policy.decision:
             try:
@@ -121,15 +130,23 @@ def _compare_vocab(field: str, vocab: dict[str, int], base_vocab: dict[str, int]
         )
 
 
-def _compare_quantization(field: str, config, base_config) -> None:
-    """One quantization config serves every sub-model (vLLM derives it from the base), so an expert
-    quantized otherwise than the base would run on kernels meant for other weights: garbage, not
-    an error. Refused until each sub-model gets its own."""
-    mine, base = quantization(config), quantization(base_config)
-    if mine != base:
-        raise ConfigError(field, f"is {describe_quantization(mine)} and the base is {describe_quantization(base)}: "
-                                 "every sub-model runs under the base's quantization, so it would answer garbage; "
-                                 "serve experts quantized exactly as the base, or a base of the experts' precision")
+def _check_quantization(field: str, path: str, config) -> None:
+    """Each sub-model runs with its own quantization; refuse what vLLM's CPU kernels cannot run
+    here, or would compute wrongly (`steering.quantization`). On a GPU, vLLM's own checks apply.
+    The int8 codes of a checkpoint that is not local are checked by the composite as it loads."""
+    from vllm.platforms import current_platform
+
+    found = quantization(config)
+    if found is None or not current_platform.is_cpu():
+        return
+    kernels = CpuKernels.detect()
+    reason = cpu_refusal(found, kernels)
+    if reason is not None:
+        raise ConfigError(field, reason)
+    limit = int8_code_limit(found, kernels)
+    beyond = None if limit is None else first_code_beyond(checkpoint_int8_weights(path), limit)
+    if beyond is not None:
+        raise ConfigError(field, codes_refusal(*beyond, limit, kernels))
 
 
 def check_policies_on_runner(deployment: Deployment, *, logprobs_at_temperature_one: bool) -> None:

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import yaml
-from steering_tools.fixtures import QWEN2_FAMILY, Shape, quantize_w8a8, save_model, train_tokenizer
+from steering_tools.fixtures import QWEN2_FAMILY, Shape, save_model, train_tokenizer
 
 from steering.config import load_deployment, parse_deployment
 from steering.errors import ConfigError, InvalidSteering, UnknownPolicy
@@ -126,42 +126,6 @@ def test_a_tokenizer_mismatch_is_refused(llama_family, tmp_path):
         load_deployment(write(tmp_path, config_of(llama_family, experts=experts)))
     assert caught.value.field == "experts.chat.tuned"
     assert "tokenizer differs from the base's" in caught.value.reason
-
-
-@pytest.fixture(scope="module")
-def quantized_base(llama_family, tmp_path_factory) -> str:
-    return str(quantize_w8a8(llama_family["base"], tmp_path_factory.mktemp("w8a8") / "base"))
-
-
-def test_a_quantized_base_beside_full_precision_experts_is_refused_at_load(llama_family, quantized_base, tmp_path):
-    # Every sub-model runs under the base's quantization config: vLLM built the float32 experts as
-    # int8 layers and answered token 0 to every prompt, as a 200. Refused until each has its own.
-    with pytest.raises(ConfigError) as caught:
-        load_deployment(write(tmp_path, config_of(llama_family, base=quantized_base)))
-    assert caught.value.field == "experts.chat.tuned"
-    assert caught.value.reason.startswith("is not quantized and the base is quantized by compressed-tensors "
-                                          "(int-quantized): every sub-model runs under the base's quantization")
-
-
-def test_a_quantized_expert_beside_a_full_precision_base_is_refused_at_load(llama_family, quantized_base, tmp_path):
-    experts = {**llama_family["experts"], "code": {"tuned": quantized_base, "untuned": quantized_base}}
-    with pytest.raises(ConfigError) as caught:
-        load_deployment(write(tmp_path, config_of(llama_family, experts=experts)))
-    assert caught.value.field == "experts.code.tuned"
-    assert caught.value.reason.startswith("is quantized by compressed-tensors (int-quantized) and the base is not "
-                                          "quantized")
-
-
-def test_the_engine_refuses_mixed_quantization_where_load_checks_were_skipped(llama_family, quantized_base):
-    # `parse_deployment` checks the schema only: the composite itself refuses to build such a model.
-    from steering.engine import SteeringEngine
-    from steering.errors import EngineStartError
-
-    deployment = parse_deployment(config_of(llama_family, base=quantized_base,
-                                            engine={"dtype": "float32", "max_model_len": 256, "enforce_eager": True,
-                                                    "kv_cache_memory_bytes": 64 * 2**20}))
-    with pytest.raises(EngineStartError):
-        SteeringEngine.start(deployment)
 
 
 def test_padded_expert_vocabulary_is_accepted(qwen2_family, tmp_path):

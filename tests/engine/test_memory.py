@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from steering_tools.fixtures import write_deployment
 
@@ -22,7 +23,7 @@ from steering.memory import (
     ModelMemory,
     NodeMemory,
     check_fraction,
-    checkpoint_parameters,
+    checkpoint_bytes,
     default_kv_cache,
     model_memory,
 )
@@ -50,8 +51,8 @@ def test_per_token_kv_bytes_count_every_sub_model(llama_family):
     model = model_memory(config, experts)
     assert model.kv_bytes_per_token == base + 2 * chat + 2 * code == 3072
     assert model.one_sequence_bytes == 512 * 3072  # 512 tokens: 4 whole blocks of 128
-    # Weights: float32 parameters of the five checkpoints, read from their safetensors headers.
-    assert model.weight_bytes == 4 * sum(checkpoint_parameters(path) for path in [llama_family["base"], *experts])
+    # Weights: the five float32 checkpoints, read from their safetensors headers.
+    assert model.weight_bytes == sum(checkpoint_bytes(path, torch.float32) for path in [llama_family["base"], *experts])
     wanted = DEFAULT_SEQUENCES * 512 * 3072  # 24 MiB: below the floor for tiny models
     assert config.cache_config.kv_cache_memory_bytes == max(wanted, MIN_DEFAULT_BYTES) == MIN_DEFAULT_BYTES
 

@@ -269,29 +269,40 @@ def write_deployment(family: dict, path: Path, *, engine: dict | None = None) ->
     return path
 
 
-def quantize_w8a8(source: str | Path, dest: str | Path) -> Path:
+def quantize_w8a8(source: str | Path, dest: str | Path, *, max_code: int = 127) -> Path:
     """Write `source` as a compressed-tensors W8A8 int8 checkpoint (weights int8 per output channel,
-    activations int8 per token, dynamic; lm_head kept), as vLLM serves quantized checkpoints."""
+    activations int8 per token, dynamic; lm_head kept), as vLLM serves quantized checkpoints. Each
+    row's largest weight maps to `max_code`: 64 computes exactly on a CPU without VNNI
+    (`steering.quantization`), 127 only on one with it."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    weights = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel")
+    activations = QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True)
+    return _quantize(source, dest, weights, activations, "int-quantized", max_code)
+
+
+def quantize_weights_only(source: str | Path, dest: str | Path, *, bits: int, group_size: int = 32) -> Path:
+    """Write `source` as a compressed-tensors weight-only checkpoint (W4A16 or W8A16: int weights in
+    groups of `group_size` along the input, packed into int32; activations unquantized)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=True, strategy="group", group_size=group_size)
+    return _quantize(source, dest, weights, None, "pack-quantized", 2 ** (bits - 1) - 1)
+
+
+def _quantize(source, dest, weights, activations, quantization_format: str, max_code: int) -> Path:
     from compressed_tensors.compressors import ModelCompressor
-    from compressed_tensors.quantization import (
-        QuantizationArgs,
-        QuantizationConfig,
-        QuantizationScheme,
-        apply_quantization_config,
-    )
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
 
     model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
-    scheme = QuantizationScheme(
-        targets=["Linear"],
-        weights=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="channel"),
-        input_activations=QuantizationArgs(num_bits=8, type="int", symmetric=True, strategy="token", dynamic=True),
-    )
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
     apply_quantization_config(model, QuantizationConfig(config_groups={"group_0": scheme}, ignore=["lm_head"]))
     with torch.no_grad():
         for module in model.modules():
-            if hasattr(module, "weight_scale"):  # symmetric: the largest weight of a row maps to 127
-                module.weight_scale.copy_(module.weight.abs().amax(dim=1, keepdim=True).clamp(min=1e-8) / 127)
-    compressor = ModelCompressor.from_pretrained_model(model, quantization_format="int-quantized")
+            if hasattr(module, "weight_scale"):  # symmetric: the largest weight of a row (or group) maps to max_code
+                rows = module.weight.reshape(*module.weight_scale.shape[:2], -1)  # [N, groups or 1, K / groups]
+                module.weight_scale.copy_(rows.abs().amax(dim=-1).clamp(min=1e-8) / max_code)
+    compressor = ModelCompressor.from_pretrained_model(model, quantization_format=quantization_format)
     compressor.compress_model(model)
     dest = Path(dest)
     model.save_pretrained(dest)

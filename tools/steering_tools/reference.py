@@ -2,17 +2,21 @@
 
 No vLLM here. Each model keeps its own KV cache; a batch is left-padded; every step computes
 `base + sum_i alpha_i * (tuned_i - untuned_i)` over the base's vocabulary with the serving
-path's own `apply_alpha` and `fit_vocab`, so float32 sums agree by construction.
+path's own `apply_alpha` and `fit_vocab`, so float32 sums agree by construction. A W8A8 int8
+checkpoint runs with its linear layers emulated as vLLM computes them; `steer_over` takes any
+model's logits from elsewhere (a quantized base served by vLLM alone).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, DynamicCache
 
+from steering.quantization import Scheme, describe, quantization, schemes
 from steering.steer import apply_alpha, fit_vocab
 
 
@@ -25,11 +29,56 @@ class _Stream:
 
 
 def _load(path: str, dtype: torch.dtype) -> torch.nn.Module:
+    config = AutoConfig.from_pretrained(path)
+    found = quantization(config)
+    if found is not None:
+        if schemes(found) != (Scheme("int", 8, 8),):
+            raise ValueError(f"the reference runs W8A8 int8 checkpoints only; {path} is {describe(found)}")
+        return _load_w8a8(path, config, dtype)
     # transformers' default attention (sdpa) drops attention logit soft-capping (Gemma-2);
     # its eager attention computes it, as vLLM does.
-    soft_capped = getattr(AutoConfig.from_pretrained(path).get_text_config(), "attn_logit_softcapping", None)
+    soft_capped = getattr(config.get_text_config(), "attn_logit_softcapping", None)
     attention = {"attn_implementation": "eager"} if soft_capped else {}
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **attention).eval()
+
+
+class _W8A8Linear(torch.nn.Module):
+    """vLLM's W8A8 int8 linear layer in plain torch: activations quantized per token as it does
+    (symmetric, scale max|x| / 127, rounded to nearest), integer products summed exactly (float64
+    holds them), then both scales applied. What a CPU with VNNI computes, at any weight codes."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.register_buffer("codes", codes.double())  # [N, K]
+        self.register_buffer("scale", scale.reshape(-1).double())  # [N]
+        self.bias = bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # x: [..., K] -> [..., N]
+        x_scale = (x.abs().amax(dim=-1, keepdim=True) / 127).clamp(min=torch.finfo(x.dtype).tiny)  # [..., 1]
+        x_codes = torch.round(x / x_scale).clamp(-127, 127)
+        out = (x_codes.double() @ self.codes.T * x_scale.double() * self.scale).to(x.dtype)
+        return out if self.bias is None else out + self.bias
+
+
+def _load_w8a8(path: str, config, dtype: torch.dtype) -> torch.nn.Module:
+    """A compressed-tensors W8A8 int8 checkpoint with every quantized linear layer emulated."""
+    from safetensors.torch import load_file
+
+    state = {name: tensor for file in sorted(Path(path).glob("*.safetensors"))
+             for name, tensor in load_file(file).items()}
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.Linear) and f"{name}.weight_scale" in state:
+            parent, _, child = name.rpartition(".")
+            bias = state.pop(f"{name}.bias").to(dtype) if f"{name}.bias" in state else None
+            emulated = _W8A8Linear(state.pop(f"{name}.weight"), state.pop(f"{name}.weight_scale"), bias)
+            setattr(model.get_submodule(parent), child, emulated)
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False)
+    if unexpected or [key for key in missing if not key.endswith((".codes", ".scale"))]:
+        raise ValueError(f"{path}: weights the reference cannot place: {unexpected or missing}")
+    return model
 
 
 class ReferenceSteerer:
@@ -106,6 +155,26 @@ class ReferenceSteerer:
         row = torch.tensor([[float(alpha.get(name, 0.0)) for name in self.pairs]]).expand(len(prompt) - 1, -1)
         steered = apply_alpha(logits[0].clone(), row, deltas).log_softmax(dim=-1)
         return steered.gather(1, input_ids[0, 1:, None])[:, 0].tolist()
+
+    @torch.inference_mode()
+    def steer_over(self, tokens: Sequence[int], alpha: Mapping[str, float],
+                   given: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[L, V] steered log-probabilities of the token after each of `tokens`, in one forward
+        pass per model. `given` holds [L, V] logits computed elsewhere, by role (`base`,
+        `<pair>.tuned`, `<pair>.untuned`), e.g. a quantized checkpoint served by vLLM alone; this
+        reference computes the others. Log-probabilities serve as logits: a row's constant cancels."""
+        input_ids = torch.tensor([list(tokens)])  # [1, L]
+
+        def logits(role: str, model: torch.nn.Module) -> torch.Tensor:
+            if role in given:
+                return fit_vocab(given[role].float(), self.vocab_size)
+            return fit_vocab(model(input_ids=input_ids).logits[0].float(), self.vocab_size)
+
+        base = logits("base", self.base).clone()
+        deltas = [logits(f"{name}.tuned", tuned) - logits(f"{name}.untuned", untuned)
+                  for name, (tuned, untuned) in self.pairs.items()]
+        row = torch.tensor([[float(alpha.get(name, 0.0)) for name in self.pairs]]).expand(len(tokens), -1)
+        return apply_alpha(base, row, deltas).log_softmax(dim=-1)
 
     @torch.inference_mode()
     def trace(self, prompt: Sequence[int], completion: Sequence[int], alpha: Mapping[str, float]) -> list[dict]:
