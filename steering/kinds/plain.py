@@ -50,10 +50,14 @@ async def generate(engine: SteeringEngine, plan: Plan) -> AsyncIterator[Piece]:
 
 
 def _failure(plan: Plan) -> Exception:
-    """vLLM ended an answer with an error of its own. Under a format constraint that is the
-    constraint asking for what the base's tokenizer cannot spell (the grammar left no token):
-    the request's to change, not the server's to retry."""
-    if plan.constraint is not None:
-        return InvalidRequest(f"the base's tokenizer cannot spell what {plan.constraint} requires: the grammar left "
-                              "no token of its vocabulary, and the engine ended the answer", param=plan.constraint)
+    """vLLM ended an answer with an error of its own. Under a format constraint (a tool call's
+    format too) that is the constraint asking for what the base's tokenizer cannot spell (the
+    grammar left no token): the request's to change, not the server's to retry."""
+    constraint = plan.constraint
+    parsing = plan.parsing
+    if constraint is None and parsing is not None and parsing.request.tools and parsing.structured_outputs is not None:
+        constraint = "tools"
+    if constraint is not None:
+        return InvalidRequest(f"the base's tokenizer cannot spell what {constraint} requires: the grammar left "
+                              "no token of its vocabulary, and the engine ended the answer", param=constraint)
     return GenerationFailed("the engine ended the answer with an error of its own; the server log says why")

@@ -247,6 +247,16 @@ def test_a_named_tool_choice_constrains_the_steered_answer_to_a_call(server):
         assert json.loads(call.function.arguments) in allowed
 
 
+def test_a_tool_name_the_base_cannot_spell_is_the_request_s_error(server):
+    """The fixture tokenizer has no capital letters: the call format's grammar leaves no token (a
+    400 naming tools, as for structured_outputs; LangChain names tools after their classes)."""
+    capital = {"type": "function", "function": {**NOTE["function"], "name": "Note"}}
+    with pytest.raises(openai.BadRequestError) as refused:
+        server.openai().chat.completions.create(model="chat", messages=MESSAGES, max_tokens=32, tools=[capital],
+                                                tool_choice={"type": "function", "function": {"name": "Note"}})
+    assert refused.value.body["param"] == "tools" and "cannot spell" in refused.value.body["message"]
+
+
 def test_required_tools_stream_the_calls_they_answer_whole(server):
     client = server.openai()
     ask = {"model": "mix", "messages": MESSAGES, "temperature": 0.0, "max_tokens": 128, "tools": [WEATHER, NOTE],
