@@ -1,4 +1,4 @@
-"""`steer bench`: quality on the demo family, speed on random models."""
+"""`steer bench`: quality on the demo family, speed on random models, and vLLM's own `vllm bench`."""
 
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ def add_to(commands) -> None:
                          help="an earlier report over seeds (its quality.json, e.g. docs/bench/quality.json): say "
                               "which figures of this run fall outside its spread")
     perf = bench_commands.add_parser("perf", help="tokens/s and latency: vllm serve, steer serve, the reference")
-    perf.add_argument("--preset", choices=["cpu", "tiny", "gpu"], default="cpu", help="model sizes (base ~10x experts)")
+    perf.add_argument("--preset", choices=["cpu", "cpu-hd64", "tiny", "gpu"], default="cpu",
+                      help="model sizes (base ~10x experts); cpu-hd64: cpu's experts in half the heads, of 64 dims")
     perf.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 16, 32],
                       help="levels; at each, at most this many requests in flight (the reference's batch size)")
     perf.add_argument("--requests", type=int, default=32, help="requests per concurrency level")
@@ -34,8 +35,10 @@ def add_to(commands) -> None:
                            "arrivals at --rate; decisions: what yes/no decisions, claim checks and abstention scores "
                            "cost against plain steered calls, on one steered server; router: one steered replica "
                            "direct against vLLM's router in front of one and of two, over --rounds interleaved rounds")
-    perf.add_argument("--rounds", type=int, default=5, help="router: interleaved rounds (the order reversed every "
-                      "other round); ratios are reported as median and spread over them")
+    perf.add_argument("--rounds", type=_rounds, default=5,
+                      help="equal, mixed, router: rounds in which every system is measured, interleaved (the order "
+                           "reversed every other round); each ratio is reported as its median and spread over them "
+                           "(fewer than 5 cannot resolve a few percent: 1 is for smoke runs)")
     perf.add_argument("--lengths", type=int, nargs=2, default=[16, 512], metavar=("MIN", "MAX"),
                       help="mixed: prompt and output lengths, each uniform in MIN..MAX tokens")
     perf.add_argument("--rate", type=float, default=float("inf"),
@@ -52,10 +55,25 @@ def add_to(commands) -> None:
     for command in (quality, perf):
         command.add_argument("--json", action="store_true", help="print the report as JSON")
         command.add_argument("--out", type=Path, help="write the JSON report and PNG plots into this folder")
+    vllm = bench_commands.add_parser("vllm", help="vLLM's own `vllm bench` (e.g. `serve` against `steer serve`), which "
+                                                  "the `vllm` script of the CPU build cannot start")
+    vllm.add_argument("bench_type", help="`vllm bench`'s command: serve, latency, throughput, ...")
+    vllm.add_argument("args", nargs=argparse.REMAINDER, help="its arguments, as `vllm bench` takes them")
     bench.set_defaults(handler=run)
 
 
+def _rounds(text: str) -> int:
+    rounds = int(text)
+    if rounds < 1:
+        raise argparse.ArgumentTypeError(f"at least 1 round, got {rounds}")
+    return rounds
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.bench_command == "vllm":
+        from steering_tools.bench import vllm_bench
+
+        return vllm_bench.main([args.bench_type, *args.args])
     if args.bench_command == "quality":
         from steering_tools.bench import quality as job
 
@@ -83,7 +101,7 @@ def run(args: argparse.Namespace) -> int:
                          prompt_tokens=args.prompt_tokens, max_tokens=args.max_tokens, workload=args.workload,
                          lengths=tuple(args.lengths), rate=args.rate, vllm_serve=args.vllm_serve,
                          base_only=args.base_only, sharing=args.sharing, reference=args.reference, eager=args.eager,
-                         block_size=args.block_size)
+                         block_size=args.block_size, rounds=args.rounds)
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / f"{args.bench_command}.json").write_text(json.dumps(report, indent=2))

