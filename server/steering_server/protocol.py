@@ -379,6 +379,11 @@ class SteeringInfo(BaseModel):
         "POST /v1/feedback {\"id\": …, \"outcome\": …}.")
 
 
+def json_logprob(logprob: float) -> float:
+    """A logprob as vLLM sends it: -inf clamped to -9999 (JSON has no -inf)."""
+    return max(logprob, -9999.0)
+
+
 class TraceFlip(BaseModel):
     """The base alone's likeliest token, where steering chose another."""
 
@@ -400,14 +405,13 @@ class TokenTrace(BaseModel):
 
 
 def trace_body(entries) -> list[TokenTrace] | None:
-    """A piece's `steering.trace.TraceEntry`s as the response shows them (None: no trace asked);
-    -inf clamped as vLLM clamps logprobs."""
+    """A piece's `steering.trace.TraceEntry`s as the response shows them (None: no trace asked)."""
     if entries is None:
         return None
-    return [TokenTrace(token=e.token, token_id=e.token_id, logprob=max(e.logprob, -9999.0),
-                       base_logprob=max(e.base_logprob, -9999.0), contributions=e.contributions,
+    return [TokenTrace(token=e.token, token_id=e.token_id, logprob=json_logprob(e.logprob),
+                       base_logprob=json_logprob(e.base_logprob), contributions=e.contributions,
                        flip=None if e.flip is None else TraceFlip(token=e.flip.token, token_id=e.flip.token_id,
-                                                                  base_logprob=max(e.flip.base_logprob, -9999.0)))
+                                                                  base_logprob=json_logprob(e.flip.base_logprob)))
             for e in entries]
 
 
@@ -433,10 +437,10 @@ PromptLogprobs = list[dict[str, PromptLogprob] | None]
 
 
 def prompt_logprobs_body(prompt_logprobs) -> PromptLogprobs:
-    """vLLM's `prompt_logprobs` shape, with -inf clamped as vLLM clamps it (JSON has no -inf)."""
+    """vLLM's `prompt_logprobs` shape."""
     return [
         None if step is None else {
-            str(token): PromptLogprob(logprob=max(lp.logprob, -9999.0), rank=lp.rank, decoded_token=lp.decoded_token)
+            str(token): PromptLogprob(logprob=json_logprob(lp.logprob), rank=lp.rank, decoded_token=lp.decoded_token)
             for token, lp in step.items()
         }
         for step in prompt_logprobs

@@ -425,18 +425,24 @@ def run(
     warm_up = _warm_up(jobs)
     systems = _serving_rounds(commands, root, warm_up, fresh_prompts(rng, models["tokens"], jobs, rounds, concurrency),
                               mixed=mixed, reference=_reference(models, warm_up[:2]) if reference else None)
-    base_params, expert_params = machine["base_parameters"], machine["expert_pair_parameters"]
     report = machine | {
+        "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "workload": workload,
+        **(_mixed_lengths(jobs, lengths, rate) if mixed else {}), "rounds": rounds,
+        **_measured(machine, systems, sharing=sharing),
+    }
+    return summarize_rounds(report)
+
+
+def _measured(machine: dict, systems: dict, *, sharing: bool) -> dict:
+    """Every system's loads, round by round and level by level; with `sharing`, its FLOPs-ideal speed-up."""
+    base_params, expert_params = machine["base_parameters"], machine["expert_pair_parameters"]
+    return {
         # Two pairs: base + 4 expert models unshared, base + 3 shared (the experts are one size).
         **({"sharing_flops_ideal_speedup": (base_params + 2 * expert_params) / (base_params + 1.5 * expert_params)}
            if sharing else {}),
-        "requests": requests, "prompt_tokens": prompt_tokens, "max_tokens": max_tokens, "workload": workload,
-        **(_mixed_lengths(jobs, lengths, rate) if mixed else {}),
-        "rounds": rounds,
         "systems": {name: [[asdict(r) | {"tokens_per_second": r.tokens_per_second} for r in levels] for levels in runs]
                     for name, runs in systems.items()},
     }
-    return summarize_rounds(report)
 
 
 def _check_workload(workload: str, *, sharing: bool, rounds: int) -> None:
